@@ -1,0 +1,182 @@
+"""GPTConfig and the presets of every GPT generation.
+
+One dataclass describes GPT-1, GPT-2 and GPT-3; the differences are fields, not
+subclasses:
+
+- ``norm_position``: ``"post"`` (GPT-1: LayerNorm after each residual add, no
+  final LayerNorm) or ``"pre"`` (GPT-2/3: LayerNorm before each sub-layer plus
+  a final LayerNorm).
+- ``attention_pattern``: a short string tiled over the layers, ``"D"`` for a
+  dense causal layer and ``"L"`` for a locally banded one (GPT-3 alternates:
+  ``"DL"``). In a local layer position i attends to j only when
+  ``i - attn_window < j <= i``.
+- ``activation``: ``"gelu"`` (exact, GPT-1) or ``"gelu_tanh"`` (GPT-2's
+  approximation).
+
+GPT-3 (Table 2.1 of "Language Models are Few-Shot Learners") is internally
+inconsistent in two rows, where n_heads * d_head != d_model:
+
+- GPT-3 XL lists d_model 2048, 24 heads, d_head 128. We keep d_model 2048 and
+  d_head 128, so 16 heads (2048 / 24 is not an integer, so d_model and n_heads
+  cannot both be kept).
+- GPT-3 13B lists d_model 5140, 40 heads, d_head 128. We keep 40 heads and
+  d_head 128, so d_model 5120 (5140 is not divisible by 40).
+
+Both choices keep the parameter count within 2% of the nominal size (the
+tests check every preset). The paper does not give the local band's width; we
+use 256 tokens (an eighth of the 2048 context), configurable via
+``attn_window``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    norm_position: Literal["pre", "post"] = "pre"
+    attention_pattern: str = "D"
+    attn_window: int = 256
+    activation: str = "gelu_tanh"
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    # GPT-2's init: residual output projections get std 0.02 / sqrt(2 * n_layer).
+    scale_residual_init: bool = True
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_window"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"config field {key}={value!r} must be a positive integer")
+        need(self.n_embd % self.n_head == 0,
+             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+             f"choose n_head among the divisors of n_embd")
+        need(self.norm_position in ("pre", "post"),
+             f"norm_position={self.norm_position!r} must be 'pre' (GPT-2/3) or 'post' (GPT-1)")
+        need(isinstance(self.attention_pattern, str) and len(self.attention_pattern) > 0
+             and set(self.attention_pattern) <= {"D", "L"},
+             f"attention_pattern={self.attention_pattern!r} must be a string of 'D' (dense) "
+             f"and 'L' (local band), e.g. 'DL'")
+        if "L" in self.attention_pattern:
+            need(self.attn_window < self.block_size,
+                 f"attn_window={self.attn_window} must be smaller than block_size="
+                 f"{self.block_size} (a band as wide as the context is dense attention: "
+                 f"use attention_pattern='D')")
+        need(self.activation in ACTIVATIONS,
+             f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
+        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+             f"dropout={self.dropout!r} must be in [0, 1)")
+
+    # ------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer ``layer`` uses the locally banded attention."""
+        pattern = self.attention_pattern
+        return pattern[layer % len(pattern)] == "L"
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "GPTConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown model field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(known)}")
+        for key, value in data.items():
+            expected = type(getattr(cls(), key)) if key != "name" else str
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"{source}: field {key}={value!r} should be of type "
+                                  f"{expected.__name__}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str) -> "GPTConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh), source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; run `gptlab presets` to list them "
+                              f"({', '.join(PRESETS)})")
+        data = dict(PRESETS[name], name=name)
+        data.update(overrides)
+        return cls.from_dict(data, source=f"preset {name}")
+
+
+def _gpt1(**kw: Any) -> dict[str, Any]:
+    base = dict(norm_position="post", activation="gelu", block_size=512, vocab_size=40478,
+                scale_residual_init=False)
+    return {**base, **kw}
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int) -> dict[str, Any]:
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=1024, vocab_size=50257)
+
+
+def _gpt3(n_layer: int, n_embd: int, n_head: int) -> dict[str, Any]:
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=2048, vocab_size=50257,
+                attention_pattern="DL", attn_window=256)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt1": _gpt1(n_layer=12, n_embd=768, n_head=12),
+    "gpt2": _gpt2(12, 768, 12),
+    "gpt2-medium": _gpt2(24, 1024, 16),
+    "gpt2-large": _gpt2(36, 1280, 20),
+    "gpt2-xl": _gpt2(48, 1600, 25),
+    # Table 2.1 of the GPT-3 paper (see the module docstring for XL and 13B).
+    "gpt3-small": _gpt3(12, 768, 12),
+    "gpt3-medium": _gpt3(24, 1024, 16),
+    "gpt3-large": _gpt3(24, 1536, 16),
+    "gpt3-xl": _gpt3(24, 2048, 16),
+    "gpt3-2.7b": _gpt3(32, 2560, 32),
+    "gpt3-6.7b": _gpt3(32, 4096, 32),
+    "gpt3-13b": _gpt3(40, 5120, 40),
+    "gpt3-175b": _gpt3(96, 12288, 96),
+    # Small CPU presets for tests, demos and laptops.
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048),
+    "tiny-gpt1": _gpt1(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048),
+    "tiny-gpt3": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048,
+                      attention_pattern="DL", attn_window=32),
+    "small": dict(n_layer=6, n_embd=384, n_head=6, block_size=256, vocab_size=8192),
+}
+
+# Nominal sizes the presets must match within 2%.
+NOMINAL_PARAMS: dict[str, int] = {
+    "gpt3-small": 125_000_000, "gpt3-medium": 350_000_000, "gpt3-large": 760_000_000,
+    "gpt3-xl": 1_300_000_000, "gpt3-2.7b": 2_700_000_000, "gpt3-6.7b": 6_700_000_000,
+    "gpt3-13b": 13_000_000_000, "gpt3-175b": 175_000_000_000,
+}

@@ -1,0 +1,317 @@
+"""The GPT model: one file for GPT-1, GPT-2 and GPT-3.
+
+The generations differ only through ``GPTConfig``: post- vs pre-LayerNorm
+blocks, dense vs locally banded attention layers, the GELU variant. The KV
+cache is an object passed into ``forward`` (see ``KVCache``), so the module
+itself stays stateless and training code never sees inference buffers.
+
+    model = GPT(GPTConfig.from_preset("tiny"))
+    logits = model(idx)                  # (B, T, vocab)
+    logits, loss = model(idx, targets)   # cross-entropy, ignore_index=-100
+
+Attention masks: ``attention_mask`` is the single dense reference rule (causal,
+optionally banded, optionally with padded keys); every fast path (SDPA's
+``is_causal``, FlexAttention block masks on CUDA) is tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .errors import UserError
+
+
+# --------------------------------------------------------------------- masks
+def attention_mask(q_start: int, q_len: int, k_len: int, window: int | None = None,
+                   key_valid: torch.Tensor | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask of allowed (query, key) pairs; True means "may attend".
+
+    Queries sit at cache positions ``q_start .. q_start + q_len - 1`` and keys at
+    ``0 .. k_len - 1``. Query i sees key j when ``j <= i`` and, in a banded layer,
+    ``i - window < j``. ``key_valid`` (B, k_len) marks real tokens (False at left
+    padding); a padded query still sees itself so no softmax row is empty.
+    Returns (q_len, k_len) or, with ``key_valid``, (B, 1, q_len, k_len).
+    """
+    i = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    if key_valid is None:
+        return allowed
+    allowed = allowed[None] & key_valid[:, None, :]
+    allowed = allowed | (j == i)[None]
+    return allowed[:, None]
+
+
+def _flex_band_block_mask(q_len: int, window: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+
+    return create_block_mask(band, B=None, H=None, Q_LEN=q_len, KV_LEN=q_len, device=device)
+
+
+_flex_cache: dict[tuple[int, int, str], Any] = {}
+_flex_fn: Any = None
+
+
+def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Banded causal attention through FlexAttention's block-sparse kernel (used on CUDA).
+
+    Only blocks that intersect the band are computed, so a local layer costs
+    O(T * window) instead of O(T^2).
+    """
+    global _flex_fn
+    from torch.nn.attention.flex_attention import flex_attention
+
+    key = (q.shape[-2], window, str(q.device))
+    if key not in _flex_cache:
+        _flex_cache[key] = _flex_band_block_mask(q.shape[-2], window, q.device)
+    if _flex_fn is None:
+        _flex_fn = torch.compile(flex_attention) if q.is_cuda else flex_attention
+    return _flex_fn(q, k, v, block_mask=_flex_cache[key])
+
+
+# -------------------------------------------------------------------- cache
+class KVCache:
+    """Preallocated keys and values for all layers: (n_layer, B, n_head, max_len, head_dim).
+
+    Written in place during decoding, never re-allocated. ``length`` is the number
+    of filled positions (shared by the batch; prompts of different lengths are
+    left-padded and ``valid`` is False at the padding).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.padded = False
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def set_padding(self, valid: torch.Tensor) -> None:
+        """Mark which of the first ``valid.shape[1]`` positions hold real tokens."""
+        self.valid[:, : valid.shape[1]] = valid
+        self.padded = bool((~valid).any())
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        self.k[layer, :, :, self.length : self.length + t] = k
+        self.v[layer, :, :, self.length : self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (a finished sequence leaves the batch)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.valid = self.valid[rows]
+
+
+# ------------------------------------------------------------------- layers
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.window = config.attn_window if config.is_local(layer) else None
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, masks: dict[str, Any]) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        kind = "L" if self.window is not None else "D"
+        mask = masks[kind]
+        p = self.attn_dropout if self.training else 0.0
+        if mask == "flex":
+            y = flex_band_attention(q, k, v, self.window)
+        elif mask == "causal":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:  # a boolean mask, or None when every key is visible (one-token decode step)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    """One transformer block; the only branch between GPT-1 and GPT-2/3 is where LayerNorm sits."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, masks: dict[str, Any]) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2/3
+            x = x + self.attn(self.ln_1(x), cache, masks)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, cache, masks))  # GPT-1
+        return self.ln_2(x + self.mlp(x))
+
+
+# -------------------------------------------------------------------- model
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        pre = config.norm_position == "pre"
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias) if pre else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weights, zero biases; GPT-2 scales residual projections by 1/sqrt(2 * n_layer)."""
+        cfg = self.config
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if cfg.scale_residual_init:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer)
+            for block in self.h:
+                nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
+
+    # ---------------------------------------------------------------- sizes
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once; ``non_embedding`` drops token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    @staticmethod
+    def count_params(config: GPTConfig) -> int:
+        """Parameter count of a config without allocating it (meta device): instant even for 175B."""
+        with torch.device("meta"):
+            return GPT(config).num_params()
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward) for MFU.
+
+        6 * N for the weight matmuls (N = non-embedding parameters plus the LM
+        head, which is a matmul even when tied) plus 12 * n_layer * d * T_eff for
+        attention scores and values, where T_eff is the context a query sees
+        (seq_len for dense layers, the window for banded ones).
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        attn = sum(12 * cfg.n_embd * (min(T, cfg.attn_window) if cfg.is_local(i) else T)
+                   for i in range(cfg.n_layer))
+        return 6.0 * n + attn
+
+    # -------------------------------------------------------------- forward
+    def _masks(self, T: int, cache: KVCache | None, valid: torch.Tensor | None,
+               device: torch.device) -> dict[str, Any]:
+        cfg = self.config
+        start = cache.length if cache is not None else 0
+        k_len = start + T
+        if cache is not None and valid is None and cache.padded:
+            valid = cache.valid[:, :k_len]
+        masks: dict[str, Any] = {}
+        for kind in set(cfg.attention_pattern):
+            window = cfg.attn_window if kind == "L" else None
+            if valid is None and start == 0:
+                if window is None:
+                    masks[kind] = "causal"
+                    continue
+                if device.type == "cuda" and cache is None:
+                    masks[kind] = "flex"
+                    continue
+            if valid is None and T == 1 and (window is None or k_len <= window):
+                masks[kind] = None  # one new token that sees the whole cache
+                continue
+            masks[kind] = attention_mask(start, T, k_len, window, valid, device=device)
+        return masks
+
+    def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
+                      valid: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd), after ``ln_f`` for pre-LN models; heads read these.
+
+        ``valid`` (B, T) marks real tokens when rows are left-padded (without a
+        cache); ``positions`` (B, T) overrides the default 0..T-1 positions.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
+                                f"{self.config.block_size}: shorten the prompt or lower max tokens")
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        masks = self._masks(T, cache, valid, idx.device)
+        for block in self.h:
+            x = block(x, cache, masks)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
+        """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (ignore_index=-100)."""
+        logits = self.lm_head(self.hidden_states(idx, cache=cache, valid=valid, positions=positions))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # ----------------------------------------------------------------- I/O
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> "GPT":
+        """Load a run directory or ``"hf:DIR"`` (a transformers GPT-2 / OpenAI-GPT directory)."""
+        from .checkpoint import load_model
+
+        return load_model(path, device=device)
