@@ -35,7 +35,7 @@ def add_presets(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import Engine, SamplingParams
 
-    engine = Engine.from_spec(args.model)
+    engine = Engine.from_spec(args.model, precision=args.precision)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, stop=args.stop or [], seed=args.seed)
     if args.stream:
@@ -57,6 +57,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="int8: weights in 8 bits for faster CPU decoding (see docs/BENCHMARKS.md)")
     p.set_defaults(func=cmd_generate)
 
 

@@ -1,0 +1,225 @@
+"""Inference engine: KV-cache generation for the CLI, evaluation, RL rollouts and the server.
+
+    engine = Engine.from_spec("runs/shakespeare")          # or Engine(model, tokenizer)
+    engine.complete("ROMEO:", SamplingParams(max_new_tokens=50, temperature=0.8)).text
+    for piece in engine.stream_text("ROMEO:", params): print(piece, end="")
+
+Prompts of different lengths are left-padded into one batch and decoded in
+lock-step through one preallocated ``KVCache``. Log-probs are those of the
+distribution sampled from: ``log_softmax(logits / T)`` (T = 1 when greedy), so
+RL rollouts get log-probs at their sampling temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import UserError
+from .model import GPT, KVCache
+from .quantize import with_precision
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int = 0  # how many top alternatives to return per token
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (stop string or EOS) or "length"
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str | None = None
+    finish: str | None = None
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from (B, V) logits; returns (tokens (B,), log-probs (B, V))."""
+    if params.temperature == 0:
+        return logits.argmax(-1), torch.log_softmax(logits.float(), -1)
+    logits = logits.float() / params.temperature
+    logprobs = torch.log_softmax(logits, -1)
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), logprobs
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string (or are a partial UTF-8 char)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+class Engine:
+    """Generation over a model; ``precision="int8"`` decodes through int8 weights on CPU (quantize.py)."""
+
+    def __init__(self, model: GPT, tokenizer: Any = None, precision: str = "fp32"):
+        self.model = with_precision(model.eval(), precision)
+        self.tokenizer = tokenizer
+        self.config = model.config
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> "Engine":
+        from .checkpoint import load_run
+
+        model, tokenizer, _ = load_run(spec, device=device)
+        return cls(model, tokenizer, precision)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    # -------------------------------------------------------------- public
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer: pass token ids, or convert/train with a tokenizer")
+        return self.tokenizer.encode(text)
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        return self.generate([prompt], params)[0]
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+        return self.generate_ids([self.encode(p) for p in prompts], params)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        rows: list[_Row] = []
+        for rows in self._decode(prompts, params):
+            pass
+        return [self._completion(r) for r in rows]
+
+    def stream_text(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Yield the continuation's text piece by piece; a stop string never appears, even partially."""
+        emitted = 0
+        row = None
+        for (row,) in self._decode([self.encode(prompt)], params, track_text=True):
+            text = row.text or ""
+            safe = len(text) if row.finish else len(text) - _held_back(text, params.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+
+    # ------------------------------------------------------------- internals
+    def _completion(self, row: _Row) -> Completion:
+        text = row.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(row.ids)
+        return Completion(token_ids=row.ids, text=text, finish_reason=row.finish or "length",
+                          logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                track_text: bool = False) -> Iterator[list[_Row]]:
+        """The decoding loop; yields the rows after every step (the last yield is final)."""
+        cfg, device = self.config, self.device
+        if not prompts:
+            return
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise UserError("empty prompt: give at least one token (e.g. the end-of-text token)")
+        if max(lengths) >= cfg.block_size:
+            raise UserError(f"prompt of {max(lengths)} tokens does not fit the model's context of "
+                            f"{cfg.block_size} with room to generate: shorten it")
+        max_new = min(params.max_new_tokens, cfg.block_size - max(lengths))
+        track_text = track_text or bool(params.stop)
+        if track_text and self.tokenizer is None:
+            raise UserError("stop strings and streaming need a tokenizer")
+        eos = self.tokenizer.eos_id if (self.tokenizer is not None and params.stop_at_eos) else None
+
+        B, T = len(prompts), max(lengths)
+        idx = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            idx[b, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            valid[b, T - len(p):] = True
+        idx, valid = idx.to(device), valid.to(device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        next_pos = positions[:, -1:] + 1
+        cache = KVCache(cfg, B, max_len=T + max_new, device=device, dtype=self.model.wte.weight.dtype)
+        cache.set_padding(valid)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+
+        rows = [_Row(prompt_len=n) for n in lengths]
+        if max_new == 0:
+            for r in rows:
+                r.finish, r.text = "length", "" if track_text else None
+            yield rows
+            return
+        logits = self.model(idx, cache=cache, positions=positions)[:, -1]
+        for step in range(max_new):
+            tokens, logprobs = sample_next(logits, params, generator)
+            chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            top = torch.topk(logprobs, params.logprobs, dim=-1) if params.logprobs else None
+            for b, (r, tok) in enumerate(zip(rows, tokens.tolist())):
+                if r.finish:
+                    continue
+                r.ids.append(tok)
+                r.logprobs.append(chosen[b])
+                if top is not None:
+                    r.top.append(list(zip(top.indices[b].tolist(), top.values[b].tolist())))
+                if tok == eos:
+                    r.ids.pop(), r.logprobs.pop()
+                    if top is not None:
+                        r.top.pop()
+                    r.finish = "stop"
+                if track_text:
+                    r.text = self.tokenizer.decode(r.ids)
+                    cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
+                    if cut >= 0:
+                        r.text, r.finish = r.text[:cut], "stop"
+            if step == max_new - 1:
+                for r in rows:
+                    r.finish = r.finish or "length"
+            yield rows
+            if all(r.finish for r in rows):
+                return
+            logits = self.model(tokens[:, None], cache=cache, positions=next_pos)[:, -1]
+            next_pos = next_pos + 1
