@@ -43,7 +43,7 @@ def test_gpt3_table_inconsistencies_resolved_as_documented():
 
 def test_generations_differ_only_by_config():
     g1, g2 = GPTConfig.from_preset("gpt1"), GPTConfig.from_preset("gpt2")
-    assert (g1.norm_position, g1.activation, g1.block_size, g1.scale_residual_init) == ("post", "gelu", 512, False)
+    assert (g1.norm_position, g1.activation, g1.block_size, g1.scale_residual_init) == ("post", "gelu_tanh", 512, False)
     assert (g2.norm_position, g2.activation, g2.block_size, g2.scale_residual_init) == ("pre", "gelu_tanh", 1024, True)
     assert GPT(GPTConfig.from_preset("tiny-gpt1")).ln_f is None
 
@@ -236,6 +236,8 @@ def test_flops_per_token_counts_band_as_window():
     assert banded.flops_per_token(256) < dense.flops_per_token(256)
     n = dense.num_params(non_embedding=True) + 2048 * 128
     assert dense.flops_per_token(256) == 6 * n + 12 * 4 * 128 * 256
+    untied = GPT(GPTConfig.from_preset("tiny", tie_embeddings=False))
+    assert untied.flops_per_token(256) == dense.flops_per_token(256)
 
 
 def test_presets_cover_every_generation():

@@ -62,11 +62,39 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+# ----------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import export_hf, import_hf, prepare_out_dir, save_model
+
+    out = prepare_out_dir(args.out, args.force)
+    if args.from_hf:
+        src = args.from_hf[3:] if args.from_hf.startswith("hf:") else args.from_hf
+        model, tok = import_hf(src)
+        save_model(out, model, tok, stage="pretrain", extra={"source": f"hf:{src}"})
+        kind = "openai-gpt" if model.config.norm_position == "post" else "gpt2"
+        print(f"wrote run directory {out} from {kind} {src} ({model.num_params():,} params, "
+              f"tokenizer: {tok.spec if tok is not None else 'none'})")
+    else:
+        export_hf(args.to_hf, out)
+        print(f"wrote transformers directory {out} (load with from_pretrained({str(out)!r}))")
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/OpenAI-GPT directory, or export a run to one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="transformers directory (gpt2 / openai-gpt) to import")
+    src.add_argument("--to-hf", metavar="RUN_DIR", help="run directory to export as a transformers directory")
+    p.add_argument("--out", required=True, help="output directory (run dir for --from-hf, HF dir for --to-hf)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files are replaced)")
+    p.set_defaults(func=cmd_convert)
+
+
 # ------------------------------------------------------------------ parser
 # Each sub-command contributes one add_* function; keep them in this list.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_presets,
     add_generate,
+    add_convert,
 ]
 
 

@@ -10,8 +10,8 @@ subclasses:
   dense causal layer and ``"L"`` for a locally banded one (GPT-3 alternates:
   ``"DL"``). In a local layer position i attends to j only when
   ``i - attn_window < j <= i``.
-- ``activation``: ``"gelu"`` (exact, GPT-1) or ``"gelu_tanh"`` (GPT-2's
-  approximation).
+- ``activation``: ``"gelu_tanh"`` (the tanh approximation that both OpenAI's
+  GPT-1 and GPT-2 code use) or ``"gelu"`` (exact erf form).
 
 GPT-3 (Table 2.1 of "Language Models are Few-Shot Learners") is internally
 inconsistent in two rows, where n_heads * d_head != d_model:
@@ -137,7 +137,7 @@ class GPTConfig:
 
 
 def _gpt1(**kw: Any) -> dict[str, Any]:
-    base = dict(norm_position="post", activation="gelu", block_size=512, vocab_size=40478,
+    base = dict(norm_position="post", block_size=512, vocab_size=40478,
                 scale_residual_init=False)
     return {**base, **kw}
 

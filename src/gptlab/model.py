@@ -119,12 +119,6 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.length += t
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` (a finished sequence leaves the batch)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        self.valid = self.valid[rows]
-
 
 # ------------------------------------------------------------------- layers
 class CausalSelfAttention(nn.Module):
@@ -246,7 +240,9 @@ class GPT(nn.Module):
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        n = self.num_params(non_embedding=True)
+        if cfg.tie_embeddings:  # the tied head is a matmul too, but num_params counted it as wte
+            n += cfg.vocab_size * cfg.n_embd
         attn = sum(12 * cfg.n_embd * (min(T, cfg.attn_window) if cfg.is_local(i) else T)
                    for i in range(cfg.n_layer))
         return 6.0 * n + attn
@@ -266,7 +262,8 @@ class GPT(nn.Module):
                 if window is None:
                     masks[kind] = "causal"
                     continue
-                if device.type == "cuda" and cache is None:
+                # FlexAttention has no dropout: fall back to the masked SDPA when it is on.
+                if device.type == "cuda" and cache is None and not (self.training and cfg.dropout > 0):
                     masks[kind] = "flex"
                     continue
             if valid is None and T == 1 and (window is None or k_len <= window):
@@ -285,10 +282,10 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:  # left padding only lowers positions, so this bounds them too
+            raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
+                            f"{self.config.block_size}: shorten the prompt or lower max tokens")
         if positions is None:
-            if start + T > self.config.block_size:
-                raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
-                                f"{self.config.block_size}: shorten the prompt or lower max tokens")
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         masks = self._masks(T, cache, valid, idx.device)
