@@ -1,0 +1,1028 @@
+"""Tokenizers behind one small interface, so data prep, training and inference never care which is in use.
+
+Three back ends cover the GPT lineage: the real GPT-2 vocabulary through `tiktoken`
+(the fastest encoder, and the one the pretrained weights need), byte-level BPE
+trained on your own text through Hugging Face `tokenizers` (also wraps any HF
+`tokenizer.json` or GPT-2 style vocab/merges pair), and a character vocabulary
+for the nanoGPT-style Shakespeare demo.
+
+Every tokenizer saves to a self-contained directory (`tokenizer_config.json`
+plus its vocabulary files), so a run directory can always re-create the exact
+ids it was trained on without a network.  Special tokens such as `<|endoftext|>`
+are only recognised in text when the caller asks (`allow_special=True`): user
+data that happens to contain them is encoded as ordinary text.
+
+The GPT-2 ranks <-> encoder.json/vocab.bpe converters exist so the two BPE
+implementations can check each other (tests) and so GPT-2 vocabularies from
+either OpenAI or Hugging Face naming can be used.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import binascii
+import codecs
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import TokenizerError
+
+__all__ = [
+    "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
+    "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
+    "CharTokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
+    "save_ranks", "load_gpt2_pair", "save_gpt2_pair",
+]
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+START = "<|start|>"  # GPT-1 fine-tuning: start of an input
+DELIM = "<|delim|>"  # GPT-1 fine-tuning: between the parts of an input
+EXTRACT = "<|extract|>"  # GPT-1 fine-tuning: the position the classifier head reads
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"
+SPECIAL_TOKENS: list[str] = [EOS, PAD, START, DELIM, EXTRACT, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+
+# GPT-2's pre-tokenization regex in the possessive form tiktoken uses: the same splits as OpenAI's
+# encoder.py / HF's ByteLevel `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+# (the tests check that against HF's implementation), about 10% faster because it never backtracks.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+CONFIG_FILE = "tokenizer_config.json"
+_FORMAT_VERSION = 1
+_GPT2_ENV = "GPTLAB_GPT2_TIKTOKEN"
+_GPT2_HINT = (
+    "pass a path to gpt2.tiktoken (e.g. from `pip download --no-deps --no-binary :all: "
+    "openai-whisper==20250625`, file whisper/assets/gpt2.tiktoken) or set " + _GPT2_ENV
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (used in encoder.json / vocab.bpe / HF ByteLevel)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+_BYTE_TO_CHAR = _gpt2_byte_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _bytes_to_gpt2_str(token: bytes) -> str:
+    return "".join(_BYTE_TO_CHAR[b] for b in token)
+
+
+def _gpt2_str_to_bytes(token: str) -> bytes | None:
+    """Inverse of `_bytes_to_gpt2_str`; None when `token` holds a character outside the byte alphabet."""
+    try:
+        return bytes(_CHAR_TO_BYTE[c] for c in token)
+    except KeyError:
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and os.replace (no torn files)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: file not found; save the tokenizer again or point at the right directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid UTF-8 JSON ({e}); re-save or re-download this file") from None
+
+
+def _as_ids(ids: Any) -> Sequence[int]:
+    """Accept lists, tuples, numpy arrays and torch tensors of ids."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return ids
+
+
+def _bad_id(ids: Iterable[int], vocab_size: int, valid: Any = None) -> TokenizerError:
+    for i in ids:
+        if not isinstance(i, int) or i < 0 or i >= vocab_size or (valid is not None and not valid(i)):
+            return TokenizerError(
+                f"token id {i!r} is not in the vocabulary (ids 0..{vocab_size - 1}); "
+                "mask logits beyond tokenizer.vocab_size or re-encode with this tokenizer"
+            )
+    return TokenizerError("token ids could not be decoded; re-encode the text with this tokenizer")
+
+
+def _check_special_names(tokens: Sequence[str]) -> list[str]:
+    if isinstance(tokens, str):
+        raise TokenizerError(f"add_special_tokens takes a list of strings, got the string {tokens!r}; wrap it in a list")
+    out = []
+    for t in tokens:
+        if not isinstance(t, str) or not t:
+            raise TokenizerError(f"special token {t!r} must be a non-empty string, e.g. {START!r}")
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _validated_specials(specials: Any, where: str) -> dict[str, int]:
+    if not isinstance(specials, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in specials.items()
+    ):
+        raise TokenizerError(f"{where}: 'special_tokens' must map token strings to non-negative integer ids")
+    if len(set(specials.values())) != len(specials):
+        raise TokenizerError(f"{where}: 'special_tokens' gives two tokens the same id; fix or re-save the tokenizer")
+    return dict(specials)
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class Tokenizer(abc.ABC):
+    """What the rest of gptlab relies on; see the module docstring for the implementations."""
+
+    kind: str = ""
+    spec: str = ""
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings in `text` are parsed only when `allow_special` is True."""
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        """Encode many texts (multithreaded where the back end supports it)."""
+        return [self.encode(t, allow_special=allow_special) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; bytes that are not valid UTF-8 (a split multi-byte character) become U+FFFD."""
+        ids = _as_ids(ids)
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    @abc.abstractmethod
+    def token_bytes(self, id: int) -> bytes:
+        """The raw bytes of one token (special tokens: their UTF-8 string), for streaming decode."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (max id + 1)."""
+
+    @property
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """The special tokens this vocabulary has, string -> id."""
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens[EOS]
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.special_tokens.get(PAD)
+
+    @abc.abstractmethod
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add the tokens not yet present with ids after the current vocab; return the ids of all of them."""
+
+    @abc.abstractmethod
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        """Write the vocabulary files; return the kind-specific config fields."""
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write a self-contained tokenizer directory (vocabulary files + tokenizer_config.json)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        extra = self._save_files(directory)
+        config = {
+            "kind": self.kind,
+            "spec": self.spec,
+            "format_version": _FORMAT_VERSION,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            **extra,
+        }
+        # The config goes last: a directory with a config always has the files it names.
+        _write_json(directory / CONFIG_FILE, config)
+        return directory
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------- tiktoken (GPT-2)
+
+
+def load_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file (`base64(token) rank` per line), validating every line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: ranks file not found; {_GPT2_HINT}") from None
+    except IsADirectoryError:
+        raise TokenizerError(f"{path}: is a directory, expected a .tiktoken ranks file; {_GPT2_HINT}") from None
+    ranks: dict[bytes, int] = {}
+    seen_ranks: set[int] = set()
+    fix = "regenerate the file or use the genuine gpt2.tiktoken"
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        shown = line[:60].decode("utf-8", errors="replace")
+        if len(parts) != 2:
+            raise TokenizerError(f"{path} line {lineno}: expected '<base64 token> <rank>', got {shown!r}; {fix}")
+        try:
+            token = base64.b64decode(parts[0], validate=True)
+        except (binascii.Error, ValueError):
+            raise TokenizerError(f"{path} line {lineno}: {parts[0][:40].decode('ascii', 'replace')!r} is not base64; {fix}") from None
+        try:
+            rank = int(parts[1])
+        except ValueError:
+            rank = -1
+        if rank < 0 or not parts[1].isdigit():
+            raise TokenizerError(f"{path} line {lineno}: rank {parts[1][:20].decode('ascii', 'replace')!r} is not a non-negative integer; {fix}")
+        if not token:
+            raise TokenizerError(f"{path} line {lineno}: empty token; {fix}")
+        if token in ranks:
+            raise TokenizerError(f"{path} line {lineno}: token {token!r} appears twice; {fix}")
+        if rank in seen_ranks:
+            raise TokenizerError(f"{path} line {lineno}: rank {rank} appears twice; {fix}")
+        ranks[token] = rank
+        seen_ranks.add(rank)
+    if not ranks:
+        raise TokenizerError(f"{path}: ranks file is empty; {_GPT2_HINT}")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"{path}: {len(missing)} single-byte tokens are missing (e.g. {bytes([missing[0]])!r}), "
+            f"so not every text can be encoded; {fix}"
+        )
+    return ranks
+
+
+def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike[str]) -> Path:
+    """Write `ranks` as a tiktoken ranks file, in rank order (atomic)."""
+    path = Path(path)
+    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    _atomic_write(path, b"\n".join(lines) + b"\n")
+    return path
+
+
+def _is_gpt2(ranks: dict[bytes, int]) -> bool:
+    return len(ranks) == 50256 and ranks.get(b"Hello") == 15496 and ranks.get(b" world") == 995
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A mergeable-ranks BPE (the real GPT-2 vocabulary) encoded by `tiktoken`."""
+
+    kind = "tiktoken"
+
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        special_tokens: dict[str, int] | None = None,
+        *,
+        name: str | None = None,
+        pat_str: str = GPT2_PATTERN,
+    ) -> None:
+        import tiktoken
+
+        if not ranks:
+            raise TokenizerError("ranks are empty; load a genuine ranks file such as gpt2.tiktoken")
+        n = max(ranks.values()) + 1
+        if special_tokens is None:
+            special_tokens = {EOS: n}
+        special_tokens = _validated_specials(special_tokens, "TiktokenTokenizer")
+        clash = [t for t, i in special_tokens.items() if i < n]
+        if clash:
+            raise TokenizerError(f"special token {clash[0]!r} has id {special_tokens[clash[0]]}, inside the BPE ranks (0..{n - 1}); give it an id >= {n}")
+        if EOS not in special_tokens:
+            raise TokenizerError(f"special_tokens must include {EOS!r}; add it with id {max([n - 1, *special_tokens.values()]) + 1}")
+        self._ranks = ranks
+        self._special = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
+        self.name = name or ("gpt2" if _is_gpt2(ranks) else "bpe")
+        self.pat_str = pat_str
+        self.spec = self.name
+        self._special_bytes = {i: t.encode("utf-8") for t, i in self._special.items()}
+        self._enc = tiktoken.Encoding(
+            name=self.name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=self._special
+        )
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], *, special_tokens: dict[str, int] | None = None, name: str | None = None
+    ) -> TiktokenTokenizer:
+        ranks = load_ranks(path)
+        return cls(ranks, special_tokens, name=name or ("gpt2" if _is_gpt2(ranks) else Path(path).stem))
+
+    @classmethod
+    def from_encoding(cls, enc: Any) -> TiktokenTokenizer:
+        """Wrap a `tiktoken.Encoding` (e.g. `tiktoken.get_encoding("gpt2")`) using only its public API."""
+        ranks = {b: enc.encode_single_token(b) for b in enc.token_byte_values()}
+        specials = {t: enc.encode_single_token(t) for t in enc.special_tokens_set}
+        return cls(ranks, specials, name=enc.name, pat_str=getattr(enc, "_pat_str", GPT2_PATTERN))
+
+    @property
+    def encoding(self) -> Any:
+        """The underlying `tiktoken.Encoding`."""
+        return self._enc
+
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        return self._ranks
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        threads = max(1, min(8, os.cpu_count() or 1))
+        if allow_special:
+            return self._enc.encode_batch(texts, allowed_special="all", num_threads=threads)
+        return self._enc.encode_ordinary_batch(texts, num_threads=threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _as_ids(ids)
+        try:
+            return self._enc.decode(ids, errors="replace")
+        except (KeyError, OverflowError, TypeError):
+            raise _bad_id(ids, self.vocab_size, self._is_token) from None
+
+    def _is_token(self, id: int) -> bool:
+        try:
+            self._enc.decode_single_token_bytes(id)
+            return True
+        except (KeyError, OverflowError, TypeError):
+            return False
+
+    def token_bytes(self, id: int) -> bytes:
+        special = self._special_bytes.get(id)
+        if special is not None:
+            return special
+        try:
+            return self._enc.decode_single_token_bytes(id)
+        except (KeyError, OverflowError, TypeError):
+            raise _bad_id([id], self.vocab_size) from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        import tiktoken
+
+        tokens = _check_special_names(tokens)
+        new = [t for t in tokens if t not in self._special]
+        if new:
+            next_id = self.vocab_size
+            for t in new:
+                self._special[t] = next_id
+                self._special_bytes[next_id] = t.encode("utf-8")
+                next_id += 1
+            self._enc = tiktoken.Encoding(
+                name=self.name, pat_str=self.pat_str, mergeable_ranks=self._ranks, special_tokens=self._special
+            )
+        return [self._special[t] for t in tokens]
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        fname = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) + ".tiktoken"
+        save_ranks(self._ranks, directory / fname)
+        return {"name": self.name, "ranks_file": fname, "pat_str": self.pat_str}
+
+
+# --------------------------------------------------------------------------- GPT-2 encoder.json / vocab.bpe pairs
+
+
+def _pair_paths(dir_or_files: Any) -> tuple[Path, Path]:
+    """(vocab, merges) from a directory (OpenAI or HF naming) or an explicit pair of files."""
+    if isinstance(dir_or_files, (list, tuple)):
+        if len(dir_or_files) != 2:
+            raise TokenizerError("pass (encoder.json, vocab.bpe) or (vocab.json, merges.txt) as two paths, or their directory")
+        return Path(dir_or_files[0]), Path(dir_or_files[1])
+    d = Path(dir_or_files)
+    for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        if (d / vocab).is_file() and (d / merges).is_file():
+            return d / vocab, d / merges
+    raise TokenizerError(f"{d}: no encoder.json+vocab.bpe or vocab.json+merges.txt pair found; point at a GPT-2 vocabulary directory")
+
+
+def _read_gpt2_pair(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int]]:
+    """Parse and cross-check a GPT-2 pair. Returns (vocab, merges, special tokens = vocab entries no merge builds)."""
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in vocab.items()
+    ):
+        raise TokenizerError(f"{vocab_path}: expected a JSON object mapping token strings to non-negative integer ids")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TokenizerError(f"{merges_path}: merges file not found; it must sit next to {vocab_path.name}") from None
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{merges_path}: not UTF-8 text; re-download the GPT-2 merges file") from None
+    merges: list[tuple[str, str]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip() or (lineno == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise TokenizerError(f"{merges_path} line {lineno}: expected two tokens separated by one space, got {line[:60]!r}")
+        a, b = parts
+        for t in (a, b, a + b):
+            if t not in vocab:
+                raise TokenizerError(f"{merges_path} line {lineno}: {t!r} is not in {vocab_path.name}; the two files do not belong together")
+        merges.append((a, b))
+    byte_chars = set(_CHAR_TO_BYTE)
+    missing = [c for c in byte_chars if c not in vocab]
+    if missing:
+        raise TokenizerError(f"{vocab_path}: {len(missing)} of the 256 byte tokens are missing (e.g. {missing[0]!r}); not a GPT-2 byte-level vocabulary")
+    built = byte_chars | {a + b for a, b in merges}
+    specials = {t: i for t, i in vocab.items() if t not in built}
+    return vocab, merges, specials
+
+
+def load_gpt2_pair(dir_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[bytes, int]:
+    """Ranks from a GPT-2 `encoder.json`+`vocab.bpe` (or HF `vocab.json`+`merges.txt`) pair.
+
+    Tokens no merge builds (such as `<|endoftext|>`) are special, not ranks, and are left out.
+    """
+    vocab_path, merges_path = _pair_paths(dir_or_files)
+    vocab, merges, _ = _read_gpt2_pair(vocab_path, merges_path)
+    ranks: dict[bytes, int] = {}
+    for c, b in _CHAR_TO_BYTE.items():
+        ranks[bytes([b])] = vocab[c]
+    last = -1
+    for lineno, (a, b) in enumerate(merges, start=1):
+        token = a + b
+        tb = _gpt2_str_to_bytes(token)
+        assert tb is not None  # a merge of byte-alphabet tokens
+        if tb in ranks:
+            continue  # a second merge building the same token: tiktoken's rank rule already covers it
+        rank = vocab[token]
+        if rank <= last:
+            raise TokenizerError(
+                f"{merges_path}: merge {lineno} ({a!r} {b!r}) has id {rank} but an earlier merge has id {last}; "
+                "ranks need ids in merge order, load this pair as a BPE tokenizer instead"
+            )
+        last = rank
+        ranks[tb] = rank
+    return ranks
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Run rank-based BPE on `token` using only merges whose result ranks below `max_rank`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best, best_rank = -1, max_rank
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best, best_rank = i, r
+        if best < 0:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def save_gpt2_pair(
+    ranks: dict[bytes, int], directory: str | os.PathLike[str], special_tokens: dict[str, int] | None = None
+) -> tuple[Path, Path]:
+    """Write `ranks` as OpenAI's `encoder.json` + `vocab.bpe` (special tokens default to {EOS: max rank + 1}).
+
+    The merge that builds each multi-byte token is recovered by running BPE on its
+    bytes with only lower-ranked merges: the two parts left are the merge.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if special_tokens is None:
+        special_tokens = {EOS: max(ranks.values()) + 1}
+    merges: list[str] = []
+    ordered = sorted(ranks.items(), key=lambda kv: kv[1])
+    for token, rank in ordered:
+        if len(token) == 1:
+            continue
+        parts = _bpe_split(ranks, token, rank)
+        if len(parts) != 2:
+            raise TokenizerError(f"ranks: token {token!r} (rank {rank}) cannot be built by one merge of lower-ranked tokens; not a BPE vocabulary")
+        merges.append(_bytes_to_gpt2_str(parts[0]) + " " + _bytes_to_gpt2_str(parts[1]))
+    encoder = {_bytes_to_gpt2_str(t): r for t, r in ordered}
+    for t, i in special_tokens.items():
+        encoder[t] = i
+    enc_path, bpe_path = directory / "encoder.json", directory / "vocab.bpe"
+    _atomic_write(enc_path, json.dumps(encoder, ensure_ascii=False).encode("utf-8"))
+    _atomic_write(bpe_path, ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
+    return enc_path, bpe_path
+
+
+# --------------------------------------------------------------------------- Hugging Face byte-level BPE
+
+
+def _bytelevel_tokenizer(model: Any) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+
+    tok = HFTokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE run by Hugging Face `tokenizers` (trained here, or any HF tokenizer.json / GPT-2 pair)."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any, *, eos_token: str = EOS, spec: str | None = None, source: str = "tokenizer") -> None:
+        from tokenizers import decoders
+
+        self._tok = hf_tokenizer
+        self._byte_level = isinstance(hf_tokenizer.decoder, decoders.ByteLevel)
+        self._eos_token = eos_token
+        self._source = source
+        self._rebuild()
+        if eos_token not in self._special:
+            raise TokenizerError(
+                f"{source}: has no special token {eos_token!r}; add it to the vocabulary or name the "
+                "end-of-text token with eos_token="
+            )
+        self.spec = spec or f"bpe:{self.vocab_size}"
+
+    def _rebuild(self) -> None:
+        """Refresh the derived state after the HF tokenizer changed (init, add_special_tokens)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        added = self._tok.get_added_tokens_decoder()
+        self._special = {t.content: i for i, t in sorted(added.items()) if t.special}
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        # A second copy that treats special-token strings as ordinary text (allow_special=False).
+        self._plain = HFTokenizer.from_str(self._tok.to_str())
+        self._plain.encode_special_tokens = True
+        table: list[bytes | None] = [None] * self._vocab_size
+        for token, i in vocab.items():
+            if i in added:
+                table[i] = added[i].content.encode("utf-8")
+            elif self._byte_level:
+                table[i] = _gpt2_str_to_bytes(token)
+                if table[i] is None:
+                    table[i] = token.encode("utf-8")
+            else:
+                table[i] = self._tok.decode([i], skip_special_tokens=False).encode("utf-8")
+        self._table = table
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, eos_token: str | None = None) -> BPETokenizer:
+        """Wrap a Hugging Face `tokenizer.json` (its directory's transformers config may name the EOS token)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception for malformed files
+            raise TokenizerError(f"{path}: not a readable Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]}); re-save or re-download it") from None
+        if eos_token is None:
+            eos_token = EOS
+            if EOS not in {t.content for t in tok.get_added_tokens_decoder().values()}:
+                eos_token = _hf_config_eos(path.parent) or EOS
+        return cls(tok, eos_token=eos_token, source=str(path))
+
+    @classmethod
+    def from_gpt2_pair(cls, dir_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> BPETokenizer:
+        """Wrap a GPT-2 `encoder.json`+`vocab.bpe` / `vocab.json`+`merges.txt` pair with HF's BPE."""
+        from tokenizers import AddedToken, models
+
+        vocab_path, merges_path = _pair_paths(dir_or_files)
+        vocab, merges, specials = _read_gpt2_pair(vocab_path, merges_path)
+        tok = _bytelevel_tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
+        return cls(tok, source=str(vocab_path))
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying `tokenizers.Tokenizer` (special tokens parsed)."""
+        return self._tok
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        tok = self._tok if allow_special else self._plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        tok = self._tok if allow_special else self._plain
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _as_ids(ids)
+        table = self._table
+        try:
+            if ids and min(ids) < 0:
+                raise IndexError
+            return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace")  # type: ignore[misc]
+        except (IndexError, TypeError):
+            raise _bad_id(ids, self._vocab_size, lambda i: table[i] is not None) from None
+
+    def token_bytes(self, id: int) -> bytes:
+        if isinstance(id, int) and 0 <= id < self._vocab_size and self._table[id] is not None:
+            return self._table[id]  # type: ignore[return-value]
+        raise _bad_id([id], self._vocab_size, lambda i: self._table[i] is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def eos_id(self) -> int:
+        return self._special[self._eos_token]
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        from tokenizers import AddedToken
+
+        tokens = _check_special_names(tokens)
+        new = [t for t in tokens if t not in self._special]
+        for t in new:
+            if self._tok.token_to_id(t) is not None:
+                raise TokenizerError(f"{t!r} is already an ordinary token of this vocabulary; choose another special-token string")
+        if new:
+            start = self._vocab_size
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+            self._rebuild()
+            got = [self._special[t] for t in new]
+            if got != list(range(start, start + len(new))):  # HF fills holes in sparse vocabularies
+                raise TokenizerError(f"{self._source}: new special tokens got ids {got}, not {start}..; this vocabulary has gaps in its ids")
+        return [self._special[t] for t in tokens]
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        _atomic_write(directory / "tokenizer.json", self._tok.to_str().encode("utf-8"))
+        return {"tokenizer_file": "tokenizer.json", "eos_token": self._eos_token}
+
+
+def _hf_config_eos(directory: Path) -> str | None:
+    """The eos_token named by a transformers tokenizer_config.json / special_tokens_map.json, if any."""
+    for name in (CONFIG_FILE, "special_tokens_map.json"):
+        p = directory / name
+        if not p.is_file():
+            continue
+        try:
+            eos = json.loads(p.read_text(encoding="utf-8")).get("eos_token")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
+
+
+def _check_text_file(path: Path) -> None:
+    """Raise TokenizerError unless `path` is a non-empty UTF-8 text file."""
+    if not path.exists():
+        raise TokenizerError(f"{path}: input file not found; check the path given to --input")
+    if path.is_dir():
+        raise TokenizerError(f"{path}: is a directory; pass the text files inside it to --input")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text = False
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise TokenizerError(f"{path}: binary file (NUL byte at offset {offset + nul}); pass UTF-8 text files only")
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{path}: not UTF-8 text (bad byte at offset {offset + e.start}); convert it to UTF-8 or leave it out") from None
+            has_text = has_text or not text.isspace() and bool(text)
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: not UTF-8 text (truncated character at the end); convert it to UTF-8 or leave it out") from None
+    if not has_text:
+        raise TokenizerError(f"{path}: input file is empty; pass files that contain text")
+
+
+def _file_chunks(paths: Sequence[Path], chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """Stream files as ~1 MB pieces cut at line ends (newlines kept, so BPE sees whitespace runs as written)."""
+    for p in paths:
+        with open(p, encoding="utf-8", newline="") as f:
+            buf: list[str] = []
+            size = 0
+            for line in f:
+                buf.append(line)
+                size += len(line)
+                if size >= chunk_chars:
+                    yield "".join(buf)
+                    buf, size = [], 0
+            if buf:
+                yield "".join(buf)
+
+
+def train_bpe(
+    files_or_iterator: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    *,
+    show_progress: bool = False,
+) -> BPETokenizer:
+    """Train a byte-level BPE. A path, or a list/tuple of paths, is read as UTF-8 files;
+    any other iterable is taken as a stream of training texts. Special tokens get ids
+    0..len(special_tokens)-1, in order, so EOS is id 0 in every vocabulary trained here."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    special_tokens = _check_special_names(list(special_tokens))
+    if EOS not in special_tokens:
+        raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
+    minimum = 256 + len(special_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise TokenizerError(f"vocab_size {vocab_size!r} is too small: byte-level BPE needs at least {minimum} (256 bytes + special tokens)")
+    counted = [0]
+    length = None
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files_or_iterator = [files_or_iterator]
+    if isinstance(files_or_iterator, (list, tuple)):
+        paths = [Path(p) for p in files_or_iterator]
+        if not paths:
+            raise TokenizerError("no input files given; pass at least one UTF-8 text file")
+        for p in paths:
+            _check_text_file(p)
+        texts: Iterable[str] = _file_chunks(paths)
+        length = sum(p.stat().st_size // (1 << 20) + 1 for p in paths)
+    else:
+        def counting(it: Iterable[str]) -> Iterator[str]:
+            for t in it:
+                if not isinstance(t, str):
+                    raise TokenizerError(f"training texts must be strings, got {type(t).__name__}; pass file paths in a list")
+                if t.strip():
+                    counted[0] += 1
+                yield t
+
+        texts = counting(files_or_iterator)
+    tok = _bytelevel_tokenizer(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    if length is None and counted[0] == 0:
+        raise TokenizerError("the training text is empty; pass files or texts that contain text")
+    return BPETokenizer(tok, spec=f"bpe:{vocab_size}")
+
+
+def train_tokenizer_files(
+    inputs: Sequence[str | os.PathLike[str]], vocab_size: int, out_dir: str | os.PathLike[str], *, show_progress: bool = False
+) -> BPETokenizer:
+    """`gptlab tokenizer train`: train a byte-level BPE on UTF-8 text files and save it to `out_dir`."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    tok = train_bpe(list(inputs), vocab_size, show_progress=show_progress)
+    tok.save(out_dir)
+    return tok
+
+
+# --------------------------------------------------------------------------- characters
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of the training text (sorted), special tokens after them."""
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
+        chars = list(chars)
+        if not chars:
+            raise TokenizerError("a char vocabulary needs at least one character; build it with CharTokenizer.from_text(text)")
+        bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
+        if bad:
+            raise TokenizerError(f"char vocabulary entry {bad[0]!r} is not a single character; rebuild it with CharTokenizer.from_text")
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("char vocabulary lists a character twice; rebuild it with CharTokenizer.from_text")
+        special_tokens = _check_special_names(list(special_tokens))
+        if EOS not in special_tokens:
+            raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
+        self._chars = chars
+        self._stoi = {c: i for i, c in enumerate(chars)}
+        self._itos: list[str] = chars + special_tokens
+        self._special = {t: len(chars) + i for i, t in enumerate(special_tokens)}
+        self._special_re: re.Pattern[str] | None = None
+        self.spec = "char"
+
+    @classmethod
+    def from_text(cls, text: str, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> CharTokenizer:
+        """Vocabulary = sorted set of the characters in `text` (nanoGPT's shakespeare_char order)."""
+        if not text:
+            raise TokenizerError("cannot build a char vocabulary from empty text; pass the training text")
+        return cls(sorted(set(text)), special_tokens)
+
+    @property
+    def chars(self) -> list[str]:
+        return list(self._chars)
+
+    def _unknown(self, text: str) -> TokenizerError:
+        ch = next(c for c in text if c not in self._stoi)
+        return TokenizerError(
+            f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary of {len(self._chars)} characters; "
+            "rebuild it with CharTokenizer.from_text on text that contains it"
+        )
+
+    def _encode_plain(self, text: str) -> list[int]:
+        stoi = self._stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            raise self._unknown(text) from None
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self._encode_plain(text)
+        if self._special_re is None:
+            alts = sorted(self._special, key=len, reverse=True)
+            self._special_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+        ids: list[int] = []
+        for k, piece in enumerate(self._special_re.split(text)):
+            if k % 2:
+                ids.append(self._special[piece])
+            elif piece:
+                ids.extend(self._encode_plain(piece))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = _as_ids(ids)
+        itos = self._itos
+        try:
+            if ids and min(ids) < 0:
+                raise IndexError
+            return "".join([itos[i] for i in ids])
+        except (IndexError, TypeError):
+            raise _bad_id(ids, len(itos)) from None
+
+    def token_bytes(self, id: int) -> bytes:
+        if isinstance(id, int) and 0 <= id < len(self._itos):
+            return self._itos[id].encode("utf-8")
+        raise _bad_id([id], len(self._itos))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._itos)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        tokens = _check_special_names(tokens)
+        for t in tokens:
+            if t in self._stoi:
+                raise TokenizerError(f"{t!r} is already an ordinary character of this vocabulary; choose a multi-character special token")
+        for t in tokens:
+            if t not in self._special:
+                self._special[t] = len(self._itos)
+                self._itos.append(t)
+                self._special_re = None
+        return [self._special[t] for t in tokens]
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        # ensure_ascii keeps odd characters (lone surrogates, U+2028) loadable by any JSON reader.
+        _atomic_write(directory / "vocab.json", json.dumps(self._chars, ensure_ascii=True).encode("ascii"))
+        return {"vocab_file": "vocab.json"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
+    where = str(directory / CONFIG_FILE)
+    kind = config.get("kind")
+    specials = _validated_specials(config.get("special_tokens"), where)
+
+    def file_field(field: str, default: str) -> Path:
+        name = config.get(field, default)
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise TokenizerError(f"{where}: field {field!r} must be a file name inside the directory, got {name!r}")
+        p = directory / name
+        if not p.is_file():
+            raise TokenizerError(f"{where}: names {field} {name!r} but {p} is missing; copy the whole tokenizer directory")
+        return p
+
+    if kind == "tiktoken":
+        ranks_path = file_field("ranks_file", "gpt2.tiktoken")
+        pat = config.get("pat_str", GPT2_PATTERN)
+        if not isinstance(pat, str):
+            raise TokenizerError(f"{where}: field 'pat_str' must be a string")
+        return TiktokenTokenizer(load_ranks(ranks_path), specials, name=config.get("name") or ranks_path.stem, pat_str=pat)
+    if kind == "bpe":
+        tok = BPETokenizer.from_file(file_field("tokenizer_file", "tokenizer.json"), eos_token=config.get("eos_token", EOS))
+        if isinstance(config.get("spec"), str):
+            tok.spec = config["spec"]
+    elif kind == "char":
+        chars = _read_json(file_field("vocab_file", "vocab.json"))
+        if not isinstance(chars, list):
+            raise TokenizerError(f"{directory / 'vocab.json'}: expected a JSON list of characters")
+        order = sorted(specials, key=specials.get)
+        tok = CharTokenizer(chars, order)
+    else:
+        raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe' or 'char'")
+    if tok.special_tokens != specials:
+        raise TokenizerError(f"{where}: field 'special_tokens' disagrees with the vocabulary files; re-save the tokenizer")
+    return tok
+
+
+def _load_gpt2() -> TiktokenTokenizer:
+    env = os.environ.get(_GPT2_ENV)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise TokenizerError(f"{_GPT2_ENV}={env}: no such file; point it at gpt2.tiktoken or unset it")
+        return TiktokenTokenizer.from_file(p, name="gpt2")
+    try:
+        import tiktoken
+
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # network or cache failures come in many types
+        raise TokenizerError(f"could not load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); {_GPT2_HINT}") from None
+    return TiktokenTokenizer.from_encoding(enc)
+
+
+def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
+    """A tokenizer from a spec: "gpt2", a saved/HF tokenizer directory, a tokenizer.json, or a .tiktoken file.
+
+    The words "gpt2" and "char" are keywords even if a directory of that name exists
+    (write ./gpt2 for the directory). "gpt2" reads the file named by $GPTLAB_GPT2_TIKTOKEN
+    when set, else asks tiktoken (its cache, or the network).
+    """
+    if isinstance(spec, str):
+        if spec == "gpt2":
+            return _load_gpt2()
+        if spec == "char":
+            raise TokenizerError(
+                "a char vocabulary is built from the training data, not loaded by name: use "
+                "CharTokenizer.from_text(text), or pass the directory a char tokenizer was saved to"
+            )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        cfg_path = path / CONFIG_FILE
+        if cfg_path.is_file():
+            config = _read_json(cfg_path)
+            if isinstance(config, dict) and "kind" in config:
+                return _load_saved(path, config)
+            # else: a transformers tokenizer_config.json; fall through to the HF files beside it
+        if (path / "tokenizer.json").is_file():
+            return BPETokenizer.from_file(path / "tokenizer.json")
+        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if (path / vocab).is_file() and (path / merges).is_file():
+                return BPETokenizer.from_gpt2_pair((path / vocab, path / merges))
+        raise TokenizerError(
+            f"{path}: no {CONFIG_FILE}, tokenizer.json, vocab.json+merges.txt or encoder.json+vocab.bpe; "
+            "point at a saved tokenizer directory"
+        )
+    if path.suffix == ".tiktoken":
+        return TiktokenTokenizer.from_file(path)
+    if path.name.endswith("tokenizer.json") and path.is_file():
+        return BPETokenizer.from_file(path)
+    s = str(spec)
+    hint = ""
+    if s.startswith("bpe"):
+        hint = " (BPE vocabularies are trained: run `gptlab tokenizer train` and pass its output directory)"
+    elif path.suffix or os.sep in s:
+        hint = f" ({path} does not exist)"
+    raise TokenizerError(f"unknown tokenizer spec {s!r}{hint}; expected gpt2, char, a directory or a .tiktoken file")
