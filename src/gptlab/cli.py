@@ -89,12 +89,31 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# --------------------------------------------------------------- tokenizer
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .tokenizer import train_tokenizer_files
+
+    tok = train_tokenizer_files(args.input, args.vocab_size, args.out, show_progress=True)
+    print(f"trained byte-level BPE: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) -> {args.out}")
+
+
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="output tokenizer directory")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+
 # ------------------------------------------------------------------ parser
 # Each sub-command contributes one add_* function; keep them in this list.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_presets,
     add_generate,
     add_convert,
+    add_tokenizer,
 ]
 
 
