@@ -201,6 +201,8 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         """N(0, 0.02) weights, zero biases; GPT-2 scales residual projections by 1/sqrt(2 * n_layer)."""
         cfg = self.config
+        if self.wte.weight.is_meta:  # shapes only (parameter counts, loading with assign=True)
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
