@@ -1,8 +1,31 @@
-"""gptlab: the GPT lineage (GPT-1 → GPT-2 → GPT-3 → InstructGPT → ChatGPT) as one hackable tool."""
+"""gptlab: the GPT lineage (GPT-1 → GPT-2 → GPT-3 → InstructGPT → ChatGPT) as one hackable tool.
 
-from .config import PRESETS, GPTConfig
-from .errors import UserError
-from .model import GPT, KVCache
+Names are imported on first use, so processes that only tokenize (the workers of
+``gptlab prepare``) never pay for importing torch.
+"""
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "UserError"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "GPT": "model", "KVCache": "model", "GPTConfig": "config", "PRESETS": "config", "UserError": "errors",
+    "Engine": "engine", "SamplingParams": "engine", "load_tokenizer": "tokenizer", "train_bpe": "tokenizer",
+    "TokenData": "data", "prepare": "data", "TrainConfig": "trainer", "Trainer": "trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gptlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

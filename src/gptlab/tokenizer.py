@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gptlab.errors import TokenizerError
+from .errors import TokenizerError
 
 __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",

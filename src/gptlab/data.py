@@ -1,0 +1,392 @@
+"""Token data directories: ``gptlab prepare`` writes them, training and evaluation read them.
+
+    DATA_DIR/
+      tokenizer/             the tokenizer the shards were made with (the directory is self-contained)
+      train-00000.bin ...    flat token ids, uint16 when the vocabulary fits, else uint32;
+      val-00000.bin ...      every document is followed by <|endoftext|>
+      meta.json              written last: a directory with meta.json is complete
+
+``prepare`` streams its inputs (see ``corpus``) through a pool of tokenizer
+processes with a bounded number of chunks in flight, so memory stays flat
+whatever the input size, and builds everything in a temporary sibling directory
+that is renamed into place only when it is complete.
+
+Training batches are drawn statelessly: ``PretrainBatches.get(step, micro)``
+depends only on ``(seed, step, micro)``, so resuming needs no data cursor
+beyond the step, and every rank of a distributed run takes its rows of the same
+global batch (a run on N processes sees exactly the batches of one process).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .corpus import Piece, expand_inputs, iter_pieces
+from .errors import DataError
+from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
+
+__all__ = ["META_FILE", "TokenData", "ShardedTokens", "PretrainBatches", "eval_batches", "prepare"]
+
+META_FILE = "meta.json"
+FORMAT = "gptlab-tokens/1"
+SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MB of uint16 per shard
+_BATCH_BYTES = 1 << 20
+_PARALLEL_MIN_BYTES = 16 << 20
+
+
+# --------------------------------------------------------------------------- prepare
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_tok = load_tokenizer(tokenizer_dir)
+
+
+def _encode(items: list[tuple[str, str, bool]], dtype: str) -> list[tuple[str, np.ndarray, int, int]]:
+    """Encode pieces; consecutive pieces of a split become one array ``(split, ids, text bytes, documents)``."""
+    tok = _worker_tok
+    assert tok is not None
+    ids = tok.encode_batch([text for _, text, _ in items])
+    out: list[tuple[str, np.ndarray, int, int]] = []
+    run: list[int] = []
+    nbytes = docs = 0
+    for i, (split, text, doc_end) in enumerate(items):
+        run += ids[i]
+        nbytes += len(text.encode("utf-8"))
+        if doc_end:
+            run.append(tok.eos_id)
+            docs += 1
+        if i + 1 == len(items) or items[i + 1][0] != split:
+            out.append((split, np.asarray(run, dtype=dtype), nbytes, docs))
+            run, nbytes, docs = [], 0, 0
+    return out
+
+
+def _batches(pieces: Iterator[Piece]) -> Iterator[list[tuple[str, str, bool]]]:
+    batch: list[tuple[str, str, bool]] = []
+    size = 0
+    for p in pieces:
+        batch.append((p.split, p.text, p.doc_end))
+        size += len(p.text) + 64
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _SplitWriter:
+    """Appends token arrays to ``{split}-NNNNN.bin`` shards, hashing as it writes."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int) -> None:
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = self.bytes = self.documents = 0
+        self._f: Any = None
+        self._digest: Any = None
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._f, self._digest = open(self.directory / name, "wb"), hashlib.sha256()
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self.shards[-1]["sha256"] = self._digest.hexdigest()
+            self._f = None
+
+    def write(self, ids: np.ndarray, nbytes: int, documents: int) -> None:
+        self.bytes += nbytes
+        self.documents += documents
+        while len(ids):
+            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._close()
+                self._open()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, ids = ids[:room], ids[room:]
+            data = part.tobytes()
+            self._f.write(data)
+            self._digest.update(data)
+            self.shards[-1]["tokens"] += len(part)
+            self.tokens += len(part)
+
+    def finish(self) -> dict[str, Any]:
+        self._close()
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
+
+
+def _build_tokenizer(spec: str, sources: Sequence[Any], *, vocab_size: int | None, val_fraction: float,
+                     seed: int, text_field: str) -> Tokenizer:
+    def texts(train_only: bool) -> Iterator[str]:
+        for p in iter_pieces(sources, val_fraction=val_fraction, seed=seed, text_field=text_field):
+            if p.text and (p.split == "train" or not train_only):
+                yield p.text
+
+    if vocab_size is not None:  # --train-tokenizer: a byte-level BPE on the train split only
+        return train_bpe(texts(train_only=True), vocab_size, show_progress=True)
+    if spec == "char":
+        chars: set[str] = set()
+        for t in texts(train_only=False):  # every character must be encodable, val ones included
+            chars.update(t)
+        return CharTokenizer(sorted(chars))
+    return load_tokenizer(spec)
+
+
+def _input_bytes(sources: Sequence[Any]) -> int | None:
+    if any(s.kind == "hf" or s.gzipped for s in sources):
+        return None
+    return sum(os.path.getsize(s.path) for s in sources)
+
+
+def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer, out: str | os.PathLike[str], *,
+            val_fraction: float = 0.1, seed: int = 1337, text_field: str = "text", vocab_size: int | None = None,
+            dtype: str = "auto", workers: int | None = None, shard_tokens: int = SHARD_TOKENS,
+            progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``inputs`` into the data directory ``out``; returns its meta.
+
+    ``tokenizer`` is a spec (``gpt2``, ``char``, a directory, a ``.tiktoken`` file) or a
+    Tokenizer; with ``vocab_size`` a byte-level BPE of that size is trained on the
+    train split first. ``workers`` defaults to the number of cores (inputs under
+    16 MB are tokenized in this process: starting workers would cost more).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; choose another --out or remove it")
+    if dtype not in ("auto", "uint16", "uint32"):
+        raise DataError(f"dtype {dtype!r} must be auto, uint16 or uint32")
+    sources = expand_inputs(inputs)
+    spec = tokenizer if isinstance(tokenizer, str) else tokenizer.spec
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else _build_tokenizer(
+        tokenizer, sources, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed, text_field=text_field)
+    if vocab_size is not None:
+        spec = tok.spec
+    if dtype == "auto":
+        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    elif dtype == "uint16" and tok.vocab_size > 1 << 16:
+        raise DataError(f"the tokenizer has {tok.vocab_size} tokens, too many for uint16 shards (at most 65536); "
+                        "use --dtype uint32 (or auto)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok.save(tmp / "tokenizer")
+        writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        digests: dict[str, Any] = {}
+        batches = _batches(iter_pieces(sources, val_fraction=val_fraction, seed=seed, text_field=text_field,
+                                       digests=digests))
+        total = _input_bytes(sources)
+        nproc = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+                   disable=not progress, dynamic_ncols=True)
+
+        def write(results: list[tuple[str, np.ndarray, int, int]]) -> None:
+            for split, ids, nbytes, docs in results:
+                writers[split].write(ids, nbytes, docs)
+                bar.update(nbytes)
+            bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}", refresh=False)
+
+        if nproc == 1 or (total is not None and total < _PARALLEL_MIN_BYTES):
+            _init_worker(str(tmp / "tokenizer"))
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            for batch in batches:
+                write(_encode(batch, dtype))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork after torch/tokenizers threads start can hang
+            with ctx.Pool(nproc, initializer=_init_worker, initargs=(str(tmp / "tokenizer"),)) as pool:
+                pending: collections.deque[Any] = collections.deque()
+                for batch in batches:
+                    pending.append(pool.apply_async(_encode, (batch, dtype)))
+                    while len(pending) > 2 * nproc:  # bounded: the reader never runs far ahead
+                        write(pending.popleft().get())
+                while pending:
+                    write(pending.popleft().get())
+        bar.close()
+        splits = {s: w.finish() for s, w in writers.items()}
+        if splits["train"]["tokens"] == 0:
+            raise DataError(f"{', '.join(map(str, inputs))}: no training text after the split; pass more text")
+        if val_fraction > 0 and splits["val"]["tokens"] == 0:
+            raise DataError(f"the validation split is empty ({splits['train']['documents']} documents, "
+                            f"--val-fraction {val_fraction}); raise --val-fraction or add documents")
+        meta = {
+            "format": FORMAT,
+            "tokenizer": spec,
+            "tokenizer_dir": "tokenizer",
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "dtype": dtype,
+            "splits": splits,
+            "inputs": [{"path": s.path, "kind": s.kind, "sha256": digests[s.path].hexdigest()} for s in sources],
+            "val_fraction": val_fraction,
+            "split_seed": seed,
+            "text_field": text_field,
+            "gptlab_version": __version__,
+        }
+        from .checkpoint import atomic_write_json
+
+        atomic_write_json(tmp / META_FILE, meta)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class ShardedTokens:
+    """The shards of one split as one read-only sequence of token ids (memory-mapped)."""
+
+    def __init__(self, paths: Sequence[Path], dtype: str) -> None:
+        self.maps = [np.memmap(p, dtype=dtype, mode="r") for p in paths if os.path.getsize(p) > 0]
+        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` as int64, crossing shard boundaries when needed."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"window [{start}, {start + length}) outside {len(self)} tokens")
+        if length == 0:
+            return np.zeros(0, dtype=np.int64)
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        local = start - int(self.offsets[i])
+        if local + length <= len(self.maps[i]):
+            return self.maps[i][local:local + length].astype(np.int64)
+        parts, need = [], length
+        while need:
+            part = self.maps[i][local:local + need]
+            parts.append(part)
+            need -= len(part)
+            i, local = i + 1, 0
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens supports contiguous slices only")
+        return self.window(start, max(stop - start, 0))
+
+
+class TokenData:
+    """A data directory written by ``prepare``: its meta, splits and tokenizer."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            what = "does not exist" if not self.path.exists() else "is not a data directory (no meta.json)"
+            raise DataError(f"{self.path}: {what}; create it with `gptlab prepare --input FILES "
+                            f"--tokenizer SPEC --out {self.path}`")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path}: not valid JSON ({e}); re-run gptlab prepare") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: not a {FORMAT} data directory; re-run gptlab prepare")
+        self._splits: dict[str, ShardedTokens] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def split(self, name: str) -> ShardedTokens:
+        if name not in self._splits:
+            info = self.meta["splits"].get(name)
+            if info is None:
+                raise DataError(f"{self.path}: no split {name!r}; it has {', '.join(self.meta['splits'])}")
+            itemsize = np.dtype(self.meta["dtype"]).itemsize
+            paths = []
+            for shard in info["shards"]:
+                p = self.path / shard["file"]
+                if not p.is_file() or p.stat().st_size != shard["tokens"] * itemsize:
+                    raise DataError(f"{p}: missing or truncated (expected {shard['tokens']} tokens); "
+                                    "re-run gptlab prepare")
+                paths.append(p)
+            self._splits[name] = ShardedTokens(paths, self.meta["dtype"])
+        return self._splits[name]
+
+    def bytes_per_token(self, split: str) -> float:
+        info = self.meta["splits"][split]
+        return info["bytes"] / max(info["tokens"], 1)
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(str(self.path / self.meta.get("tokenizer_dir", "tokenizer")))
+
+    def verify(self) -> None:
+        """Check every shard against its sha256 (a full read; ``split`` only checks sizes)."""
+        for info in self.meta["splits"].values():
+            for shard in info["shards"]:
+                p = self.path / shard["file"]
+                digest = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                if digest.hexdigest() != shard.get("sha256"):
+                    raise DataError(f"{p}: checksum mismatch (the file changed after prepare); re-run gptlab prepare")
+
+
+class PretrainBatches:
+    """Random training windows; batch ``(step, micro)`` depends only on ``(seed, step, micro)``.
+
+    Each call draws the global batch (``batch_size * world_size`` windows) and
+    returns this rank's rows, so N processes together see one process's batch.
+    """
+
+    def __init__(self, tokens: ShardedTokens, batch_size: int, block_size: int, seed: int, *,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if len(tokens) < block_size + 1:
+            raise DataError(f"the train split has {len(tokens)} tokens, fewer than block_size + 1 = "
+                            f"{block_size + 1}; lower --block-size or prepare more text")
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def starts(self, step: int, micro: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, micro])
+        everyone = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def get(self, step: int, micro: int) -> tuple[Any, Any]:
+        import torch
+
+        rows = np.stack([self.tokens.window(int(s), self.block_size + 1) for s in self.starts(step, micro)])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+def eval_batches(tokens: ShardedTokens, batch_size: int, block_size: int,
+                 max_batches: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """Consecutive non-overlapping windows from the start of a split, ``batch_size`` at a time."""
+    import torch
+
+    n_windows = (len(tokens) - 1) // block_size
+    if max_batches is not None:
+        n_windows = min(n_windows, max_batches * batch_size)
+    for first in range(0, n_windows, batch_size):
+        rows = np.stack([tokens.window(w * block_size, block_size + 1)
+                         for w in range(first, min(first + batch_size, n_windows))])
+        t = torch.from_numpy(rows)
+        yield t[:, :-1], t[:, 1:]
