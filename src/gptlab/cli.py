@@ -107,6 +107,162 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_tokenizer_train)
 
 
+# ----------------------------------------------------------------- prepare
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    if args.train_tokenizer and args.vocab_size is None:
+        raise UserError("--train-tokenizer needs --vocab-size N (for example 4096)")
+    if args.vocab_size is not None and not args.train_tokenizer:
+        raise UserError("--vocab-size only applies with --train-tokenizer")
+    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   text_field=args.text_field, vocab_size=args.vocab_size, dtype=args.dtype, workers=args.workers)
+    s = meta["splits"]
+    print(f"{args.out}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens "
+          f"({meta['dtype']}, tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']:,})")
+
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into train/val token shards for `gptlab train`")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, directories, globs (.txt/.md/.jsonl, optionally .gz) or hf:NAME[:SPLIT]")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2, char, a tokenizer directory or a .tiktoken file (default gpt2)")
+    p.add_argument("--train-tokenizer", action="store_true",
+                   help="train a byte-level BPE on the train split first (with --vocab-size)")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --train-tokenizer")
+    p.add_argument("--out", required=True, help="data directory to create")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each text file / of records for val")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the record-level validation split")
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
+    p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.set_defaults(func=cmd_prepare)
+
+
+# ------------------------------------------------------------------- train
+# Flags that map onto TrainConfig fields; None means "not given" (the config file or the run keeps its value).
+_TRAIN_FLAGS = ("max_steps", "batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+                "lr_decay_steps", "weight_decay", "dropout", "grad_clip", "eval_every", "eval_batches",
+                "checkpoint_every", "keep_last", "sample_every", "sample_tokens", "log_every", "seed",
+                "device", "dtype")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .stages.pretrain import pretrain_configs, run_pretrain
+
+    overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    for flag in ("fsdp", "compile"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    model_cfg, train_cfg = pretrain_configs(args.data, args.out, config_file=args.config, preset=args.preset,
+                                            train_overrides=overrides, resume=args.resume)
+    result = run_pretrain(args.data, args.out, model_cfg, train_cfg, resume=args.resume)
+    return 128 + result.signal if result.signal else 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain a GPT on a prepared data directory (resumable; torchrun for DDP/FSDP)")
+    p.add_argument("--data", required=True, help="data directory from `gptlab prepare`")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png, final model)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="model preset (see `gptlab presets`)")
+    model.add_argument("--config", help="YAML/JSON file with model: and train: sections")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    for name, typ, hlp in (
+            ("max-steps", int, "optimizer steps"), ("batch-size", int, "micro batch per process"),
+            ("block-size", int, "context length (overrides the preset's)"),
+            ("grad-accum", int, "micro steps per optimizer step"), ("lr", float, "peak learning rate"),
+            ("min-lr", float, "floor of the cosine decay"), ("warmup-steps", int, "linear warmup steps"),
+            ("lr-decay-steps", int, "step where the cosine reaches --min-lr (default: --max-steps)"),
+            ("weight-decay", float, "AdamW weight decay on matrices and embeddings"),
+            ("dropout", float, "dropout probability"), ("grad-clip", float, "max gradient norm (0: off)"),
+            ("eval-every", int, "evaluate every N steps (0: only at the end)"),
+            ("eval-batches", int, "validation batches per evaluation"),
+            ("checkpoint-every", int, "checkpoint every N steps (0: only at the end / on Ctrl-C)"),
+            ("keep-last", int, "checkpoints to keep"),
+            ("sample-every", int, "print a sample every N steps (default: at each evaluation; 0: never)"),
+            ("sample-tokens", int, "tokens per sample"), ("log-every", int, "log every N steps"),
+            ("seed", int, "random seed"), ("device", str, "auto, cpu, cuda, cuda:N, mps"),
+    ):
+        p.add_argument(f"--{name}", type=typ, default=None, help=hlp)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="auto: bf16 autocast on CUDA when supported, fp32 otherwise")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.set_defaults(func=cmd_train)
+
+
+# -------------------------------------------------------------------- eval
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from .checkpoint import load_run
+    from .data import TokenData
+    from .evaluate import check_tokenizers_match, evaluate_ppl
+    from .trainer import resolve_device
+
+    data = TokenData(args.data)
+    model, tokenizer, config = load_run(args.model, device=resolve_device(args.device))
+    vocab = data.meta.get("vocab_size")
+    check_tokenizers_match(tokenizer, data.tokenizer(), model_vocab=model.config.vocab_size,
+                           data_vocab=int(vocab) if isinstance(vocab, int) else -1,
+                           model_name=os.fspath(args.model), data_name=os.fspath(args.data),
+                           model_spec=getattr(tokenizer, "spec", None), data_spec=data.meta.get("tokenizer"))
+    r = evaluate_ppl(model, data, split=args.split, batch_size=args.batch_size, block_size=args.block_size,
+                     max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.split}: {r['tokens']:,} tokens  loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
+              f"bits/byte {r['bits_per_byte']:.4f}")
+
+
+def add_eval_ppl(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("ppl", help="loss, perplexity and bits per byte on a data split")
+    p.add_argument("--model", required=True, help="run directory or hf:DIR")
+    p.add_argument("--data", required=True, help="data directory prepared with the model's tokenizer")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval_ppl)
+
+
+# `gptlab eval <kind>`: each evaluation contributes one add_eval_* function here.
+EVAL_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_eval_ppl,
+]
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (ppl: perplexity / bits per byte)")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    for add in EVAL_SUBCOMMANDS:
+        add(esub)
+
+
+# -------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes, corpus=args.corpus, vocab_size=args.vocab_size, seed=args.seed)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="tokenizer + data + pretraining on Shakespeare within a time budget")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole demo (default 10)")
+    p.add_argument("--corpus", nargs="+", default=None,
+                   help="text files to use instead of the shakespeare package's complete works")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo-YYYYmmdd-HHMMSS)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_demo)
+
+
 # ------------------------------------------------------------------ parser
 # Each sub-command contributes one add_* function; keep them in this list.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -114,6 +270,10 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate,
     add_convert,
     add_tokenizer,
+    add_prepare,
+    add_train,
+    add_eval,
+    add_demo,
 ]
 
 

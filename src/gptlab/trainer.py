@@ -1044,7 +1044,7 @@ class Trainer:
                             vals = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
                             if vals:
                                 tqdm.write(f"step {step}: train loss {record['loss']:.4f}, {vals}")
-                            if "sample" in ev:
+                            if ev.get("sample"):
                                 tqdm.write(f"--- sample at step {step} ---\n{ev['sample']}\n---")
                     self.metrics.append(record)
                     post = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {tps:,.0f} tok/s"
