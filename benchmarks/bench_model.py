@@ -6,14 +6,16 @@ fp32 and with the int8 decode path, and prints the ratios. With ``--run`` and
 ``--data`` (a trained run and its prepared data) it also measures what int8
 costs in quality: validation perplexity and greedy-token agreement vs fp32.
 
-    python benchmarks/bench_model.py [--steps 3 --batch 4 --seq 256 --new-tokens 128]
+    python benchmarks/bench_model.py [--batch 4 --seq 256 --new-tokens 128 --rounds 5 --run RUN --data DATA]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
@@ -22,15 +24,18 @@ from gptlab.checkpoint import import_hf
 from gptlab.engine import Engine, SamplingParams
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median wall time of each function over ``rounds`` rounds that alternate between them
+    (after one warm-up call each), so drift in machine load hits every side alike."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def same_weights(seed: int):
@@ -45,7 +50,8 @@ def same_weights(seed: int):
 
 
 def train_step_fn(model, batch, targets, is_hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # The same optimizer on both sides (the fused AdamW gptlab trains with), so the ratio is the models'.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
 
     def step():
@@ -60,16 +66,30 @@ def train_step_fn(model, batch, targets, is_hf: bool):
     return step
 
 
-def bench_training(hf, ours, batch: int, seq: int, repeats: int) -> dict:
+def bench_training(hf, ours, batch: int, seq: int, rounds: int) -> dict:
     x = torch.randint(0, 50257, (batch, seq + 1))
     # Both compute the loss over the same seq tokens predicting the next one.
-    t_hf = timed(train_step_fn(hf, x[:, :seq], None, True), repeats)
-    t_us = timed(train_step_fn(ours, x[:, : seq + 1], x[:, : seq + 1], False), repeats)
+    t = interleaved({"hf": train_step_fn(hf, x[:, :seq], None, True),
+                     "ours": train_step_fn(ours, x[:, : seq + 1], x[:, : seq + 1], False)}, rounds)
     tokens = batch * seq
-    return {"train_tok_s_hf": tokens / t_hf, "train_tok_s_gptlab": tokens / t_us, "train_ratio": t_hf / t_us}
+    return {"train_tok_s_hf": tokens / t["hf"], "train_tok_s_gptlab": tokens / t["ours"],
+            "train_ratio": t["hf"] / t["ours"]}
 
 
-def bench_generation(hf, ours, new_tokens: int, repeats: int) -> dict:
+def greedy_agreement(hf_ids: list[int], ours, prompt: list[int]) -> tuple[int, float]:
+    """Tokens before the first disagreement with transformers' greedy output, and at that point how far
+    (in logits, under our model) transformers' token is from our argmax: ~1e-6 means a near-tie that
+    float rounding decides, not a different model."""
+    seq = torch.tensor([prompt + hf_ids])
+    with torch.inference_mode():
+        logits = ours(seq)[0, len(prompt) - 1:-1]
+    ours_ids = logits.argmax(-1).tolist()
+    k = next((i for i, (a, b) in enumerate(zip(hf_ids, ours_ids)) if a != b), len(hf_ids))
+    gap = 0.0 if k == len(hf_ids) else float(logits[k, ours_ids[k]] - logits[k, hf_ids[k]])
+    return k, gap
+
+
+def bench_generation(hf, ours, new_tokens: int, rounds: int) -> dict:
     hf.eval(), ours.eval()
     prompt = torch.randint(0, 50257, (1, 16))
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
@@ -81,13 +101,15 @@ def bench_generation(hf, ours, new_tokens: int, repeats: int) -> dict:
                                do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
 
     ids = prompt[0].tolist()
-    same = run_hf()[0, 16:].tolist() == fp32.generate_ids([ids], params)[0].token_ids
-    t_hf = timed(run_hf, repeats)
-    t_fp32 = timed(lambda: fp32.generate_ids([ids], params), repeats)
-    t_int8 = timed(lambda: int8.generate_ids([ids], params), repeats)
-    return {"gen_tok_s_hf": new_tokens / t_hf, "gen_tok_s_gptlab_fp32": new_tokens / t_fp32,
-            "gen_tok_s_gptlab_int8": new_tokens / t_int8, "gen_ratio_fp32": t_hf / t_fp32,
-            "gen_ratio_int8": t_hf / t_int8, "greedy_identical_to_hf": same}
+    hf_ids = run_hf()[0, 16:].tolist()
+    same = hf_ids == fp32.generate_ids([ids], params)[0].token_ids
+    agree, gap = greedy_agreement(hf_ids, ours, ids)
+    t = interleaved({"hf": run_hf, "fp32": lambda: fp32.generate_ids([ids], params),
+                     "int8": lambda: int8.generate_ids([ids], params)}, rounds)
+    return {"gen_tok_s_hf": new_tokens / t["hf"], "gen_tok_s_gptlab_fp32": new_tokens / t["fp32"],
+            "gen_tok_s_gptlab_int8": new_tokens / t["int8"], "gen_ratio_fp32": t["hf"] / t["fp32"],
+            "gen_ratio_int8": t["hf"] / t["int8"], "greedy_identical_to_hf": same,
+            "greedy_agree_tokens": agree, "greedy_gap_at_divergence": gap}
 
 
 def int8_quality(run: str, data: str, prompts: int = 20, new_tokens: int = 64) -> dict:
@@ -127,22 +149,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     ap.add_argument("--run", help="a trained run directory for the int8 quality check")
     ap.add_argument("--data", help="its prepared data directory")
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     hf, ours = same_weights(0)
     print(f"GPT-2 small: {GPT.num_params(ours):,} parameters, {torch.get_num_threads()} threads")
-    res = bench_training(hf, ours, args.batch, args.seq, args.repeats)
+    res = bench_training(hf, ours, args.batch, args.seq, args.rounds)
     print(f"train step  B={args.batch} T={args.seq}: transformers {res['train_tok_s_hf']:.0f} tok/s, "
           f"gptlab {res['train_tok_s_gptlab']:.0f} tok/s, ratio {res['train_ratio']:.2f}x")
-    gen = bench_generation(hf, ours, args.new_tokens, args.repeats)
+    hf, ours = same_weights(0)  # fresh: the training steps changed each model's weights differently
+    gen = bench_generation(hf, ours, args.new_tokens, args.rounds)
     res.update(gen)
     print(f"generation  B=1 +{args.new_tokens}: transformers {gen['gen_tok_s_hf']:.1f} tok/s, "
           f"gptlab fp32 {gen['gen_tok_s_gptlab_fp32']:.1f} tok/s ({gen['gen_ratio_fp32']:.2f}x), "
           f"gptlab int8 {gen['gen_tok_s_gptlab_int8']:.1f} tok/s ({gen['gen_ratio_int8']:.2f}x); "
           f"greedy fp32 identical to transformers: {gen['greedy_identical_to_hf']}")
+    if not gen["greedy_identical_to_hf"]:
+        print(f"  (random weights: the first {gen['greedy_agree_tokens']} tokens agree; there transformers' "
+              f"token is {gen['greedy_gap_at_divergence']:.2e} logits below our argmax, a near-tie)")
     if args.run and args.data:
         q = int8_quality(args.run, args.data)
         res.update(q)

@@ -277,3 +277,17 @@ def test_pieces_split_a_document_once(tmp_path):
     assert "".join(p.text for p in pieces) == src.read_text()
     assert len(pieces) > 2  # streamed in chunks, not read whole
     assert os.path.getsize(src) > data_mod._BATCH_BYTES
+
+
+def test_hugging_face_dataset_directory(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets; CI has it")
+    rows = [f"row {i}: {'word ' * (i % 7)}\n" for i in range(300)]
+    datasets.Dataset.from_dict({"content": rows, "n": list(range(300))}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="no text field 'text'; set --text-field"):
+        prepare([tmp_path / "ds"], "char", tmp_path / "bad", progress=False)
+    prepare([tmp_path / "ds"], "char", tmp_path / "d", text_field="content", progress=False)
+    d = TokenData(tmp_path / "d")
+    assert d.meta["inputs"][0]["kind"] == "hf"
+    both = decode_split(d, "train") + decode_split(d, "val")
+    assert sorted(x for x in both.split(EOT) if x) == sorted(rows)
+    assert 10 <= d.meta["splits"]["val"]["documents"] <= 55
