@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from gptlab import data as data_mod
 from gptlab.cli import main
 from gptlab.corpus import iter_pieces, expand_inputs
-from gptlab.data import PretrainBatches, ShardedTokens, TokenData, eval_batches, prepare
+from gptlab.data import PretrainBatches, TokenData, eval_batches, prepare
 from gptlab.errors import DataError
 from gptlab.tokenizer import CharTokenizer, load_tokenizer
 

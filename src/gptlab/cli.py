@@ -232,14 +232,73 @@ def add_eval_ppl(esub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_ppl)
 
 
+def _shot_counts(text: str) -> list[int]:
+    try:
+        shots = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--shots {text!r}: give comma-separated counts such as 0,1,4,16") from None
+    if min(shots) < 0 or len(set(shots)) != len(shots):
+        raise UserError(f"--shots {text!r}: counts must be >= 0 and distinct")
+    return sorted(shots)
+
+
+def cmd_eval_icl(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, load_run
+    from .icl import evaluate_icl, markdown_table, plot_accuracy
+    from .tasks import load_task
+    from .trainer import resolve_device
+
+    shots = _shot_counts(args.shots)
+    if len(set(args.model)) != len(args.model):
+        raise UserError("a --model is given twice; name each model once")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    train = load_task(args.train) if args.train else None
+    task = load_task(args.task, labels=train.labels if train is not None else None)  # the training classes
+    device = resolve_device(args.device)
+    by_model = {}
+    for spec in args.model:
+        model, tokenizer, _ = load_run(spec, device=device)
+        by_model[spec] = evaluate_icl(model, tokenizer, task, shots, train=train, seed=args.seed,
+                                      max_examples=args.max_examples, batch_size=args.batch_size,
+                                      model_name=spec)
+    table = markdown_table(by_model)
+    atomic_write_json(out / "results.json", {
+        "task": str(args.task), "type": task.type, "train": args.train, "seed": args.seed, "shots": shots,
+        "max_examples": args.max_examples, "models": {m: r["results"] for m, r in by_model.items()}})
+    atomic_write_text(out / "results.md", f"# In-context evaluation: {args.task} ({task.type})\n\n{table}")
+    atomic_write_bytes(out / "accuracy_vs_shots.png", plot_accuracy(by_model, title=f"{args.task} ({task.type})"))
+    print(table, end="")
+    print(f"wrote {out / 'results.json'}, results.md, accuracy_vs_shots.png")
+
+
+def add_eval_icl(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("icl", help="zero/one/few-shot accuracy on a task file (GPT-3 protocol)")
+    p.add_argument("--model", action="append", required=True, help="run directory or hf:DIR (repeatable)")
+    p.add_argument("--task", required=True, help="task file to evaluate (see gptlab.tasks)")
+    p.add_argument("--train", default=None, help="task file to draw demonstrations from (default: the "
+                                                   "task's other rows)")
+    p.add_argument("--shots", default="0,1,4,16", help="comma-separated demonstration counts (default 0,1,4,16)")
+    p.add_argument("--out", required=True, help="directory for results.json, results.md, accuracy_vs_shots.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demonstration draws")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval_icl)
+
+
 # `gptlab eval <kind>`: each evaluation contributes one add_eval_* function here.
 EVAL_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_eval_ppl,
+    add_eval_icl,
 ]
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (ppl: perplexity / bits per byte)")
+    p = sub.add_parser("eval", help="evaluate a model (ppl: perplexity / bits per byte; icl: few-shot accuracy)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     for add in EVAL_SUBCOMMANDS:
         add(esub)
@@ -263,6 +322,128 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# ---------------------------------------------------------------- finetune
+_FINETUNE_FLAGS = ("max_steps", "batch_size", "block_size", "grad_accum", "lr", "warmup_steps", "weight_decay",
+                   "dropout", "eval_every", "checkpoint_every", "keep_last", "seed", "device", "dtype")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .stages.finetune import check_task_type, finetune_configs, run_finetune
+    from .tasks import load_task
+
+    check_task_type(args.task)
+    n_train = len(load_task(args.train, args.task).rows)
+    overrides = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
+    train_cfg, lm_coef = finetune_configs(args.out, n_train, overrides, lm_coef=args.lm_coef, resume=args.resume)
+    result = run_finetune(args.task, args.model, args.train, args.val, args.out, train_cfg, lm_coef=lm_coef,
+                          resume=args.resume)
+    return 128 + result.signal if result.signal else 0
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="GPT-1 supervised fine-tuning of a run on a task file (resumable)")
+    p.add_argument("--task", required=True,
+                   help="task type: classification, entailment, similarity or multiple_choice")
+    p.add_argument("--model", required=True, help="run directory or hf:DIR to fine-tune")
+    p.add_argument("--train", required=True, help="train task file (JSONL; its labels define the label set)")
+    p.add_argument("--val", required=True, help="validation task file, scored whole at each evaluation")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png, model + head)")
+    p.add_argument("--lm-coef", type=float, default=None,
+                   help="weight of the auxiliary LM loss (default 0.5, as GPT-1; 0 disables it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    for name, typ, hlp in (
+            ("max-steps", int, "optimizer steps (default: 3 epochs)"), ("batch-size", int, "rows per micro batch (16)"),
+            ("block-size", int, "max tokens per sequence (default: the model's context)"),
+            ("grad-accum", int, "micro steps per optimizer step"), ("lr", float, "peak learning rate (2.5e-4)"),
+            ("warmup-steps", int, "linear warmup steps (default: 10%% of the steps), then cosine decay to 0"),
+            ("weight-decay", float, "AdamW weight decay (0.01)"),
+            ("dropout", float, "dropout of the model and classifier (default: the model's; classifier 0.1)"),
+            ("eval-every", int, "evaluate every N steps (default: 10 times per run)"),
+            ("checkpoint-every", int, "checkpoint every N steps (default: 10 times per run)"),
+            ("keep-last", int, "checkpoints to keep"), ("seed", int, "random seed"),
+            ("device", str, "auto, cpu, cuda, cuda:N, mps"),
+    ):
+        p.add_argument(f"--{name}", type=typ, default=None, help=hlp)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="auto: bf16 autocast on CUDA when supported, fp32 otherwise")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .stages.finetune import predict
+
+    n = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"wrote {n} predictions to {args.out}")
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predictions of a fine-tuned run on a task file, as JSONL")
+    p.add_argument("--model", required=True, help="run directory written by gptlab finetune")
+    p.add_argument("--input", required=True, help="task file of the run's task type")
+    p.add_argument("--out", required=True, help="JSONL file: each row plus prediction and probabilities/score")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+
+# ------------------------------------------------------------------- tasks
+def cmd_tasks_check(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from .tasks import load_task
+
+    task = load_task(args.file, args.type)
+    line = f"{args.file}: {len(task.rows):,} {task.type} rows, OK"
+    if task.graded:
+        scores = [row["label"] for row in task.rows]
+        line += f"; graded labels from {min(scores):g} to {max(scores):g}"
+    elif task.type != "completion":
+        counts = Counter(task.label_index(row) for row in task.rows)
+        names = task.labels or [str(i) for i in range(max(counts) + 1)]
+        line += "; labels: " + ", ".join(f"{names[i]} {counts[i]:,}" for i in sorted(counts))
+    print(line)
+
+
+def add_tasks_check(tsub: argparse._SubParsersAction) -> None:
+    from .tasks import TASK_TYPES
+
+    p = tsub.add_parser("check", help="validate a task file (JSONL) and count its rows and labels")
+    p.add_argument("file", help="task file: .jsonl, optionally .gz")
+    p.add_argument("--type", choices=TASK_TYPES, default=None, help="task type (default: from the first row's fields)")
+    p.set_defaults(func=cmd_tasks_check)
+
+
+def cmd_tasks_make(args: argparse.Namespace) -> None:
+    from .tasks import DERIVED_TASKS, load_task, make_tasks
+
+    for name, paths in make_tasks(args.corpus, args.out, seed=args.seed, n=args.size).items():
+        counts = ", ".join(f"{split} {len(load_task(path).rows):,}" for split, path in paths.items())
+        print(f"{paths['train'].parent}: {DERIVED_TASKS[name]}, {counts}")
+
+
+def add_tasks_make(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("make", help="derive cloze, same_source and lastword tasks from plain text (offline)")
+    p.add_argument("--corpus", nargs="+", required=True, help="text files, directories or globs (.txt/.md, .gz)")
+    p.add_argument("--out", required=True, help="directory for <task>/{train,val,test}.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=1000, help="train rows per task; val gets 1/5, test 1/2 (default 1000)")
+    p.set_defaults(func=cmd_tasks_make)
+
+
+# `gptlab tasks <action>`: each action contributes one add_tasks_* function here.
+TASKS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_tasks_check,
+    add_tasks_make,
+]
+
+
+def add_tasks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tasks", help="task files for fine-tuning and in-context evaluation (check, make)")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    for add in TASKS_SUBCOMMANDS:
+        add(tsub)
+
+
 # ------------------------------------------------------------------ parser
 # Each sub-command contributes one add_* function; keep them in this list.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -274,6 +455,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_train,
     add_eval,
     add_demo,
+    add_finetune,
+    add_predict,
+    add_tasks,
 ]
 
 

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from .errors import DataError
 
-__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "text_chunks"]
+__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "json_lines", "text_chunks"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -224,29 +224,41 @@ def _record_split(seed: int, index: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(h, "little") / 2.0**64 < val_fraction else "train"
 
 
-def _jsonl_records(path: str, field: str, digest: Any) -> Iterator[str]:
-    decode = _Decoder(path)
+def json_lines(path: str, digest: Any = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSONL file (optionally .gz); bad bytes or
+    bad JSON name the line. A byte-order mark from a Windows editor is accepted."""
     try:
         with _open_binary(path, digest) as f:
             for lineno, raw in enumerate(f, 1):
-                line = decode(raw)
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (bad byte at column {e.start + 1}); "
+                                    "save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    value = json.loads(line)
                 except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.args[0].split(':')[0]}); "
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)}); "
                                     "each line must be one JSON object") from None
-                if not isinstance(obj, dict) or field not in obj:
-                    raise DataError(f"{path}:{lineno}: no {field!r} field; set --text-field to the field "
-                                    "that holds the text")
-                text = obj[field]
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string; "
-                                    "set --text-field to a text field")
-                yield text
+                yield lineno, value
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e}); check the file (a truncated .gz?)") from None
+
+
+def _jsonl_records(path: str, field: str, digest: Any) -> Iterator[str]:
+    for lineno, obj in json_lines(path, digest):
+        if not isinstance(obj, dict) or field not in obj:
+            raise DataError(f"{path}:{lineno}: no {field!r} field; set --text-field to the field "
+                            "that holds the text")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string; "
+                            "set --text-field to a text field")
+        yield text
 
 
 def _hf_records(name: str, field: str, digest: Any) -> Iterator[str]:

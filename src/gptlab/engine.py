@@ -7,7 +7,8 @@
 Prompts of different lengths are left-padded into one batch and decoded in
 lock-step through one preallocated ``KVCache``. Log-probs are those of the
 distribution sampled from: ``log_softmax(logits / T)`` (T = 1 when greedy), so
-RL rollouts get log-probs at their sampling temperature.
+RL rollouts get log-probs at their sampling temperature. ``score`` gives the
+log-likelihood of given continuations (in-context evaluation, the server).
 """
 
 from __future__ import annotations
@@ -133,6 +134,51 @@ class Engine:
         for rows in self._decode(prompts, params):
             pass
         return [self._completion(r) for r in rows]
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+              batch_size: int = 16) -> list[tuple[float, int, bool]]:
+        """(summed log-prob, token count, is-greedy) of each continuation given its context.
+
+        lm-evaluation-harness's ``loglikelihood``: log-probs at temperature 1, and
+        is-greedy is True when every continuation token is the argmax given what
+        precedes it (so greedy decoding would reproduce the continuation). A
+        context is truncated from the left so context + continuation fit the
+        window: the last token is only predicted, never fed, so up to
+        ``block_size + 1`` tokens fit. Requests are sorted longest first (a batch
+        holds similar lengths, and an out-of-memory shows on the first batch) and
+        right-padded: every real token keeps its unpadded position and causal
+        attention never looks right, so padding needs no mask.
+        """
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size} must be >= 1")
+        block = self.config.block_size
+        seqs: list[list[int]] = []
+        for context, continuation in requests:
+            if not continuation:
+                raise UserError("empty continuation: give at least one token to score")
+            if not context:
+                raise UserError("empty context: give at least one token (e.g. the end-of-text token)")
+            if len(continuation) > block:
+                raise UserError(f"continuation of {len(continuation)} tokens does not fit the model's "
+                                f"context of {block} tokens")
+            seqs.append((list(context) + list(continuation))[-(block + 1):])
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(seqs)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            T = len(seqs[chunk[0]]) - 1
+            idx = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, i in enumerate(chunk):
+                idx[b, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
+            hidden = self.model.hidden_states(idx.to(self.device))
+            for b, i in enumerate(chunk):
+                n, end = len(requests[i][1]), len(seqs[i]) - 1
+                logprobs = torch.log_softmax(self.model.lm_head(hidden[b, end - n:end]).float(), -1)
+                target = torch.tensor(seqs[i][-n:], device=self.device)
+                total = logprobs.gather(-1, target[:, None]).sum().item()
+                out[i] = (total, n, bool((logprobs.argmax(-1) == target).all()))
+        return out
 
     def stream_text(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Yield the continuation's text piece by piece; a stop string never appears, even partially."""

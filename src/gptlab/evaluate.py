@@ -1,4 +1,4 @@
-"""Evaluation: perplexity and bits per byte on a token split (the zero/one/few-shot harness lives here too).
+"""Evaluation: perplexity and bits per byte on a token split (in-context evaluation is in icl.py).
 
     from gptlab.evaluate import evaluate_ppl
     evaluate_ppl(model, "data/shakespeare", split="val", batch_size=8)

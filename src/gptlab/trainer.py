@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ from .errors import CheckpointError, ConfigError, UserError
 
 __all__ = [
     "TrainConfig", "Stage", "Trainer", "TrainResult", "TrainingDiverged", "DistEnv",
-    "setup_distributed", "teardown_distributed", "lr_at", "param_groups", "make_optimizer",
+    "setup_distributed", "teardown_distributed", "distributed", "lr_at", "param_groups", "make_optimizer",
     "load_config_file", "build_model_config", "peak_flops", "latest_checkpoint",
     "checkpoint_dirs", "verify_checkpoint", "read_metrics", "plot_losses", "check_run_dir",
 ]
@@ -365,6 +365,19 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 def teardown_distributed(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(env: DistEnv | None, device: str = "auto") -> Iterator[DistEnv]:
+    """``env`` as given, or this process's place under torchrun for the duration of a stage run."""
+    if env is not None:
+        yield env
+        return
+    env = setup_distributed(device)
+    try:
+        yield env
+    finally:
+        teardown_distributed(env)
 
 
 # ======================================================================= MFU

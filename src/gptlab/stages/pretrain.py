@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..config import GPTConfig
 from ..errors import ConfigError, TokenizerError, UserError
 from ..trainer import (CONFIG_FILE, DistEnv, Trainer, TrainConfig, TrainResult, build_model_config,
-                       check_run_dir, load_config_file, setup_distributed, teardown_distributed)
+                       check_run_dir, load_config_file, distributed)
 
 __all__ = ["PretrainStage", "pretrain_configs", "run_pretrain"]
 
@@ -172,9 +172,7 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     from ..data import TokenData
     from ..model import GPT
 
-    own_env = env is None
-    env = env or setup_distributed(train_config.device)
-    try:
+    with distributed(env, train_config.device) as env:
         data = TokenData(os.fspath(data_dir))
         vocab = _data_vocab(data.meta, os.fspath(data_dir))
         if model_config.vocab_size != vocab:
@@ -209,6 +207,3 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         trainer = Trainer(model, stage, train_config, out_dir, env=env, resume=resume,
                           run_config=run_config, progress=progress)
         return trainer.fit()
-    finally:
-        if own_env:
-            teardown_distributed(env)

@@ -1,0 +1,529 @@
+"""GPT-1 supervised fine-tuning: a linear head on the hidden state at ``[extract]``.
+
+    gptlab finetune --task classification --model runs/base --train train.jsonl --val val.jsonl \\
+        --out runs/clf [--lm-coef 0.5 --max-steps N --batch-size 16 --lr 2.5e-4]
+    gptlab predict --model runs/clf --input test.jsonl --out predictions.jsonl
+
+Inputs are rewritten as token sequences exactly as in GPT-1 (``transform``)::
+
+    classification   [start] text [extract]
+    entailment       [start] premise [delim] hypothesis [extract]
+    similarity       [start] a [delim] b [extract]  and  [start] b [delim] a [extract];
+                     the two [extract] states are added before the head
+    multiple_choice  [start] context [delim] choice_i [extract] for each choice;
+                     one scalar per sequence, softmax over the choices
+
+The objective is ``L3 = L2 + lm_coef * L1``: the head's loss (cross-entropy;
+MSE for graded similarity) plus the language-modelling loss on the same input
+sequences (``lm_coef`` 0 skips the LM head entirely). The special tokens are
+added to the tokenizer when missing; new ids grow the embedding (and the tied
+LM head) with N(0, 0.02) rows that train with everything else.
+
+A fine-tuned run directory is an ordinary run directory (``load_run`` /
+``gptlab generate`` read its backbone, grown vocabulary included) plus
+``head.safetensors`` (``weight``, ``bias``) and a ``finetune`` section in
+``config.json``: task_type, labels, lm_coef, n_classes (the head's outputs:
+1 for graded similarity and multiple choice), clf_dropout, max_len (the
+sequence length trained with, used by ``predict``) and the head file's name,
+sha256 and size (checked on load).
+
+Defaults (``finetune_configs``) follow GPT-1 scaled for small models: 3 epochs,
+batch 16, peak lr 2.5e-4 (GPT-1's 6.25e-5 barely moves small models), warmup
+over the first 10% of steps then cosine decay to 0 (GPT-1 decays linearly; the
+shared trainer's schedule is cosine), weight decay 0.01, classifier dropout 0.1,
+and 10 evaluations/checkpoints per run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import GPTConfig
+from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError
+from ..model import GPT
+from ..tokenizer import DELIM, EXTRACT, START, Tokenizer
+from ..trainer import (CONFIG_FILE, DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir,
+                       distributed)
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+
+__all__ = ["FINETUNE_TYPES", "HEAD_FILE", "check_task_type", "FinetuneConfig", "FinetuneModel", "FinetuneStage",
+           "Example", "transform", "special_ids", "add_finetune_tokens", "encode_task", "collate", "classifier_loss",
+           "classification_metrics", "regression_metrics", "finetune_configs", "run_finetune",
+           "save_finetuned", "load_finetuned", "predict"]
+
+FINETUNE_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
+HEAD_FILE = "head.safetensors"
+EPOCHS = 3  # GPT-1: 3 epochs for most tasks
+DEFAULTS: dict[str, Any] = {"batch_size": 16, "lr": 2.5e-4, "min_lr": 0.0, "weight_decay": 0.01}
+CLF_DROPOUT = 0.1  # GPT-1's classifier dropout
+
+
+def check_task_type(task_type: str) -> None:
+    if task_type == "completion":
+        raise UserError("task type 'completion' has no classifier to fine-tune (it is scored in context: "
+                        f"gptlab eval icl); use one of {', '.join(FINETUNE_TYPES)}")
+    if task_type not in FINETUNE_TYPES:
+        raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(FINETUNE_TYPES)}")
+
+
+# ============================================================ transformations
+def special_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """The ids of ``[start]``, ``[delim]``, ``[extract]``; they must exist (see ``add_finetune_tokens``)."""
+    specials = tokenizer.special_tokens
+    missing = [t for t in (START, DELIM, EXTRACT) if t not in specials]
+    if missing:
+        raise TokenizerError(f"the tokenizer has no {', '.join(missing)}: add them with add_finetune_tokens "
+                             f"(gptlab finetune does)")
+    return specials[START], specials[DELIM], specials[EXTRACT]
+
+
+def _fit_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Keep both texts' beginnings within ``budget``: the shorter stays whole if it fits in half."""
+    keep_a = min(len(a), max(budget - len(b), (budget + 1) // 2))
+    return a[:keep_a], b[: min(len(b), budget - keep_a)]
+
+
+def transform(task_type: str, row: Mapping[str, Any], tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+    """GPT-1's input transformation of one task row: token ids per sequence, each at most ``max_len``.
+
+    Only text is truncated, never the special tokens: a classification text
+    and similarity texts lose their ends (similarity shortens the longer text
+    first); entailment premises and multiple-choice contexts lose their
+    beginnings first (the part nearest the hypothesis/choice matters most),
+    then the hypothesis/choice its end. One context length serves every choice.
+    """
+    check_task_type(task_type)
+    start, delim, extract = special_ids(tokenizer)
+    n_special = 2 if task_type == "classification" else 3
+    if max_len < n_special:
+        raise ConfigError(f"max_len={max_len} cannot hold the {n_special} special tokens of a {task_type} input")
+    budget = max_len - n_special
+    enc = tokenizer.encode
+    if task_type == "classification":
+        return [[start, *enc(row["text"])[:budget], extract]]
+    if task_type == "similarity":
+        a, b = _fit_pair(enc(row["text_a"]), enc(row["text_b"]), budget)
+        return [[start, *a, delim, *b, extract], [start, *b, delim, *a, extract]]
+    if task_type == "entailment":
+        context, options = enc(row["premise"]), [enc(row["hypothesis"])]
+    else:
+        context, options = enc(row["context"]), [enc(c) for c in row["choices"]]
+    keep = min(len(context), max(0, budget - max(map(len, options))))
+    context = context[len(context) - keep:]
+    return [[start, *context, delim, *opt[: budget - keep], extract] for opt in options]
+
+
+def add_finetune_tokens(gpt: GPT, tokenizer: Tokenizer, dropout: float | None = None) -> GPT:
+    """Ensure ``[start]``/``[delim]``/``[extract]`` exist; return ``gpt`` with room for them.
+
+    Ids beyond the model's vocabulary grow ``wte`` (and the tied ``lm_head``)
+    with N(0, 0.02) rows drawn from torch's global generator; ``dropout``
+    (when given) replaces the model's. Returns ``gpt`` itself when nothing
+    changes, else a new GPT holding the same weights.
+    """
+    vocab = max(max(tokenizer.add_special_tokens([START, DELIM, EXTRACT])) + 1, gpt.config.vocab_size)
+    dropout = gpt.config.dropout if dropout is None else dropout
+    if vocab == gpt.config.vocab_size and dropout == gpt.config.dropout:
+        return gpt
+    cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout})
+    state = {k: v.detach() for k, v in gpt.state_dict().items()}
+    for key in ("wte.weight",) if cfg.tie_embeddings else ("wte.weight", "lm_head.weight"):
+        old = state[key]
+        new_rows = torch.randn(vocab - old.shape[0], old.shape[1], dtype=old.dtype) * 0.02
+        state[key] = torch.cat([old, new_rows.to(old.device)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    with torch.device("meta"):
+        grown = GPT(cfg)
+    grown.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        grown.lm_head.weight = grown.wte.weight  # assign=True gave each name its own Parameter
+    return grown.train(gpt.training)
+
+
+# ====================================================================== model
+@dataclass
+class FinetuneConfig:
+    """Enough to rebuild a ``FinetuneModel`` (the trainer's FSDP path calls ``FinetuneModel(config)``)."""
+
+    gpt: GPTConfig
+    task_type: str
+    n_classes: int  # head outputs: the labels, or 1 (graded similarity, multiple choice)
+    clf_dropout: float = CLF_DROPOUT
+
+    @property
+    def regression(self) -> bool:
+        return self.task_type == "similarity" and self.n_classes == 1
+
+
+class FinetuneModel(nn.Module):
+    """A GPT (``self.gpt``) plus a linear head on the final hidden state at each sequence's ``[extract]``.
+
+    Batches are right-padded (causal attention never lets a real token see the
+    padding after it), so ``[extract]`` sits at ``lengths - 1``. ``slot`` (B, K)
+    lists each row's sequences (-1 where a row has fewer choices).
+    """
+
+    def __init__(self, config: FinetuneConfig, gpt: GPT | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.gpt = gpt if gpt is not None else GPT(config.gpt)
+        self.drop = nn.Dropout(config.clf_dropout)
+        self.head = nn.Linear(config.gpt.n_embd, config.n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.gpt.flops_per_token(seq_len)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
+                lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(head outputs, mean next-token loss over the real tokens or None without ``lm``).
+
+        Outputs: logits (B, n_classes); scores (B,) for graded similarity; choice
+        logits (B, K) with -inf at missing choices for multiple choice.
+        """
+        h = self.gpt.hidden_states(idx)
+        feats = self.drop(h[torch.arange(idx.shape[0], device=idx.device), lengths - 1])
+        lm_loss = None
+        if lm:
+            keep = torch.arange(idx.shape[1] - 1, device=idx.device)[None] < (lengths - 1)[:, None]
+            logits = self.gpt.lm_head(h[:, :-1][keep])
+            lm_loss = F.cross_entropy(logits.float(), idx[:, 1:][keep])
+        if self.config.task_type == "multiple_choice":
+            scores = self.head(feats).squeeze(-1)
+            return scores[slot.clamp(min=0)].masked_fill(slot < 0, float("-inf")), lm_loss
+        out = self.head(feats[slot].sum(1))  # similarity: both orders added; else one sequence per row
+        return (out.squeeze(-1) if self.config.regression else out), lm_loss
+
+
+def classifier_loss(out: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    return F.mse_loss(out.float(), labels.float()) if regression else F.cross_entropy(out.float(), labels)
+
+
+# ======================================================================= data
+class Example(NamedTuple):
+    seqs: list[list[int]]  # token ids per sequence
+    label: float | int | None  # class / choice index, a graded score, or None (unlabelled)
+
+
+def encode_task(task: Task, tokenizer: Tokenizer, max_len: int, labelled: bool = True) -> list[Example]:
+    """``transform`` every row; an unencodable row is reported as ``file:line``."""
+    out = []
+    for row, line in zip(task.rows, task.lines):
+        try:
+            seqs = transform(task.type, row, tokenizer, max_len)
+        except TokenizerError as exc:
+            raise DataError(f"{task.path}:{line}: {exc}") from None
+        label = None
+        if labelled:
+            label = float(row["label"]) if task.graded else task.label_index(row)
+        out.append(Example(seqs, label))
+    return out
+
+
+def collate(examples: Sequence[Example], regression: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ``idx`` (N, T), ``lengths`` (N,), ``slot`` (B, K) and ``labels`` (B,) when labelled."""
+    seqs = [s for ex in examples for s in ex.seqs]
+    idx = np.zeros((len(seqs), max(map(len, seqs))), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        idx[i, : len(s)] = s
+    slot = np.full((len(examples), max(len(ex.seqs) for ex in examples)), -1, dtype=np.int64)
+    n = 0
+    for r, ex in enumerate(examples):
+        slot[r, : len(ex.seqs)] = np.arange(n, n + len(ex.seqs))
+        n += len(ex.seqs)
+    batch = {"idx": torch.from_numpy(idx), "lengths": torch.tensor([len(s) for s in seqs]),
+             "slot": torch.from_numpy(slot)}
+    if examples[0].label is not None:
+        batch["labels"] = torch.tensor([ex.label for ex in examples],
+                                       dtype=torch.float32 if regression else torch.long)
+    return batch
+
+
+@torch.no_grad()
+def _outputs(model: FinetuneModel, examples: Sequence[Example], batch_size: int) -> list[torch.Tensor]:
+    """The head's output per example (float32, CPU); multiple-choice rows keep only their choices."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        b = collate([Example(ex.seqs, None) for ex in chunk], model.config.regression)
+        res, _ = model(b["idx"].to(device), b["lengths"].to(device), b["slot"].to(device))
+        res = res.float().cpu()
+        out.extend(res[r, : len(ex.seqs)] if model.config.task_type == "multiple_choice" else res[r]
+                   for r, ex in enumerate(chunk))
+    return out
+
+
+# ==================================================================== metrics
+def classification_metrics(pred: Sequence[int], gold: Sequence[int], n_classes: int | None) -> dict[str, float]:
+    """Accuracy; with 2 classes the F1 of class 1, with more the macro-F1 over the classes that occur.
+
+    ``n_classes`` None (multiple choice: classes are positions) gives accuracy only.
+    """
+    p, g = np.asarray(pred), np.asarray(gold)
+    out = {"accuracy": float((p == g).mean())}
+
+    def f1(c: int) -> float:
+        tp, fp, fn = (int(((p == c) & (g == c)).sum()), int(((p == c) & (g != c)).sum()),
+                      int(((p != c) & (g == c)).sum()))
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+    if n_classes == 2:
+        out["f1"] = f1(1)
+    elif n_classes is not None:
+        out["macro_f1"] = float(np.mean([f1(c) for c in np.union1d(p, g)]))
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank (what Spearman's rho needs)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denom if denom > 0 else 0.0  # a constant side has no correlation
+
+
+def regression_metrics(pred: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
+    p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    return {"pearson": _pearson(p, g), "spearman": _pearson(_ranks(p), _ranks(g)),
+            "mse": float(((p - g) ** 2).mean())}
+
+
+# ====================================================================== stage
+class FinetuneStage:
+    """Random train rows per micro batch (stateless in ``(seed, step, micro_step)``), L3 loss, full-val metrics."""
+
+    name = "finetune"
+
+    def __init__(self, train: Sequence[Example], val: Sequence[Example], config: FinetuneConfig, *,
+                 batch_size: int, seed: int, lm_coef: float = 0.5, rank: int = 0, world_size: int = 1,
+                 tokenizer: Tokenizer | None = None, save_extra: dict[str, Any] | None = None) -> None:
+        if not train:
+            raise DataError("the train file has no rows")
+        self.train, self.val, self.config = list(train), list(val), config
+        self.batch_size, self.seed, self.lm_coef = batch_size, seed, lm_coef
+        self.rank, self.world_size = rank, world_size
+        self.tokenizer, self.save_extra = tokenizer, save_extra or {}
+
+    def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        # One global batch per (step, micro_step); each rank takes its slice.
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
+        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        return collate([self.train[i] for i in mine], self.config.regression)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out, lm_loss = model(batch["idx"], batch["lengths"], batch["slot"], lm=self.lm_coef > 0)
+        clf = classifier_loss(out, batch["labels"], self.config.regression)
+        if lm_loss is None:
+            return clf, {"clf_loss": clf.detach()}
+        return clf + self.lm_coef * lm_loss, {"clf_loss": clf.detach(), "lm_loss": lm_loss.detach()}
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["lengths"].sum())
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics over the whole val file; every rank scores all of it (same forwards, as FSDP needs)."""
+        if not self.val:
+            return {}
+        out = _outputs(model, self.val, self.batch_size)
+        gold = [ex.label for ex in self.val]
+        if self.config.regression:
+            metrics = regression_metrics([float(o) for o in out], gold)
+        else:
+            n = None if self.config.task_type == "multiple_choice" else self.config.n_classes
+            metrics = classification_metrics([int(o.argmax()) for o in out], gold, n)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    def save(self, run_dir: Path, model: nn.Module) -> None:
+        save_finetuned(run_dir, model, self.tokenizer, self.save_extra)
+
+
+# ================================================================ run dirs
+def save_finetuned(run_dir: str | os.PathLike[str], model: FinetuneModel, tokenizer: Tokenizer | None,
+                   extra: dict[str, Any]) -> Path:
+    """``head.safetensors`` first, then the backbone run directory whose config.json records the head."""
+    from ..checkpoint import atomic_save_safetensors, save_model
+
+    run_dir = Path(run_dir)
+    path = run_dir / HEAD_FILE
+    digest = atomic_save_safetensors(dict(model.head.state_dict()), path)
+    ft = {**extra.get("finetune", {}), "head": {"file": HEAD_FILE, "sha256": digest, "bytes": path.stat().st_size}}
+    return save_model(run_dir, model.gpt, tokenizer, stage=FinetuneStage.name, extra={**extra, "finetune": ft})
+
+
+def load_finetuned(run_dir: str | os.PathLike[str],
+                   device: str | torch.device = "cpu") -> tuple[FinetuneModel, Tokenizer, dict[str, Any]]:
+    """(model in eval mode, tokenizer, the config's ``finetune`` section) of a fine-tuned run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..checkpoint import load_run, sha256_file
+
+    gpt, tokenizer, config = load_run(run_dir, device=device)
+    ft = config.get("finetune")
+    if not isinstance(ft, dict) or not isinstance(ft.get("head"), dict):
+        raise CheckpointError(f"{run_dir}: not a fine-tuned run (config.json has no finetune section); "
+                              f"fine-tune one with gptlab finetune")
+    if tokenizer is None:
+        raise CheckpointError(f"{run_dir}: the run has no tokenizer directory; copy the whole run directory")
+    path = Path(run_dir) / HEAD_FILE
+    if not path.is_file() or sha256_file(path) != ft["head"].get("sha256"):
+        raise CheckpointError(f"{path}: missing or does not match config.json (sha256); copy the whole run "
+                              f"directory or fine-tune again")
+    try:
+        head = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    cfg = FinetuneConfig(gpt.config, ft["task_type"], int(ft["n_classes"]), float(ft.get("clf_dropout", CLF_DROPOUT)))
+    model = FinetuneModel(cfg, gpt)
+    model.head.load_state_dict(head)
+    return model.to(device).eval(), tokenizer, ft
+
+
+# ====================================================================== runs
+def finetune_configs(out_dir: str | os.PathLike[str], n_train: int, overrides: Mapping[str, Any] | None = None, *,
+                     lm_coef: float | None = None, resume: bool = False) -> tuple[TrainConfig, float]:
+    """The train config and ``lm_coef`` of a run: defaults < (resume: the run's config.json) < what is given.
+
+    Fresh runs derive what is not given: ``max_steps`` = 3 epochs of ``n_train``
+    rows at the global batch (``batch_size * grad_accum * $WORLD_SIZE``),
+    ``warmup_steps`` = 10% of it, ``eval_every`` = ``checkpoint_every`` = a tenth of it.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if resume and (Path(out_dir) / CONFIG_FILE).is_file():
+        from ..checkpoint import read_run_config
+
+        saved = read_run_config(out_dir)
+        train = TrainConfig.from_dict({**(saved.get("train") or {}), **given},
+                                      source=f"{Path(out_dir) / CONFIG_FILE}: train")
+        saved_coef = (saved.get("finetune") or {}).get("lm_coef", 0.5)
+        return train, float(saved_coef if lm_coef is None else lm_coef)
+    cfg = {**DEFAULTS, **given}
+    per_step = cfg["batch_size"] * cfg.get("grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.setdefault("max_steps", max(1, math.ceil(EPOCHS * n_train / per_step)))
+    cfg.setdefault("warmup_steps", math.ceil(0.1 * cfg["max_steps"]))
+    every = max(1, math.ceil(cfg["max_steps"] / 10))
+    cfg.setdefault("eval_every", every)
+    cfg.setdefault("checkpoint_every", every)
+    return TrainConfig.from_dict(cfg, source="finetune flags"), 0.5 if lm_coef is None else lm_coef
+
+
+def run_finetune(task_type: str, model_spec: str, train_file: str | os.PathLike[str],
+                 val_file: str | os.PathLike[str], out_dir: str | os.PathLike[str], train_config: TrainConfig, *,
+                 lm_coef: float = 0.5, resume: bool = False, progress: bool = True,
+                 env: DistEnv | None = None) -> TrainResult:
+    """Fine-tune the run directory / ``hf:DIR`` ``model_spec`` on a task file with the shared trainer.
+
+    The train file's labels define the label set (val labels outside it are an
+    error naming file:line); ``train_config.block_size`` caps the sequence
+    length (default: the model's context) and ``train_config.dropout``, when
+    set, replaces the backbone's and the classifier's dropout.
+    """
+    from ..checkpoint import load_run
+    from ..tasks import load_task
+
+    check_task_type(task_type)
+    if lm_coef < 0:
+        raise ConfigError(f"lm_coef={lm_coef} must be >= 0 (0 disables the auxiliary LM loss)")
+    train_task = load_task(train_file, task_type)
+    val_task = load_task(val_file, task_type, labels=train_task.labels)
+    if train_task.graded != val_task.graded:
+        raise DataError(f"{val_file}: similarity labels are {'graded' if val_task.graded else 'binary'} but "
+                        f"{train_file}'s are {'graded' if train_task.graded else 'binary'}")
+    if task_type == "multiple_choice" or train_task.graded:
+        n_classes = 1
+    else:
+        n_classes = len(train_task.labels or [])
+        if n_classes < 2:
+            raise DataError(f"{train_file}: needs at least two distinct labels to train a classifier, "
+                            f"found {n_classes}")
+
+    with distributed(env, train_config.device) as env:
+        started = check_run_dir(out_dir, resume)
+        if env.is_distributed:
+            torch.distributed.barrier()  # every rank has looked before rank 0 writes
+        gpt, tokenizer, _ = load_run(model_spec)
+        if tokenizer is None:
+            raise UserError(f"{model_spec}: has no tokenizer gptlab can use; fine-tuning needs one")
+        torch.manual_seed(train_config.seed)  # new embedding rows and the head: the same on every rank
+        gpt = add_finetune_tokens(gpt, tokenizer, train_config.dropout)
+        max_len = train_config.block_size or gpt.config.block_size
+        if max_len > gpt.config.block_size:
+            raise ConfigError(f"block_size {max_len} exceeds the model's context {gpt.config.block_size}")
+        train_examples = encode_task(train_task, tokenizer, max_len)  # before anything is written
+        val_examples = encode_task(val_task, tokenizer, max_len)
+        clf_dropout = CLF_DROPOUT if train_config.dropout is None else train_config.dropout
+        config = FinetuneConfig(gpt.config, task_type, n_classes, clf_dropout)
+        model = FinetuneModel(config, gpt)
+        extra = {"finetune": {"task_type": task_type, "labels": train_task.labels, "lm_coef": lm_coef,
+                              "n_classes": n_classes, "clf_dropout": clf_dropout, "max_len": max_len},
+                 "train": train_config.to_dict(),
+                 "data": {"train": os.path.abspath(train_file), "val": os.path.abspath(val_file),
+                          "base_model": os.fspath(model_spec)}}
+        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
+                      "stage": FinetuneStage.name, **extra}
+        if env.is_main and not started:
+            tokenizer.save(Path(out_dir) / "tokenizer")
+        stage = FinetuneStage(train_examples, val_examples, config, batch_size=train_config.batch_size,
+                              seed=train_config.seed, lm_coef=lm_coef, rank=env.rank, world_size=env.world_size,
+                              tokenizer=tokenizer, save_extra=extra)
+        trainer = Trainer(model, stage, train_config, out_dir, env=env, resume=resume,
+                          run_config=run_config, progress=progress)
+        return trainer.fit()
+
+
+def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[str],
+            output_file: str | os.PathLike[str], *, batch_size: int = 32, device: str = "auto") -> int:
+    """Write one JSON line per input row: the row plus ``prediction`` and ``probabilities`` or ``score``.
+
+    ``prediction`` is a label (classification, entailment, binary similarity),
+    a choice index (multiple choice, with ``probabilities`` per choice) or the
+    score itself (graded similarity). Rows are read by ``tasks.load_task``; a label
+    is optional (new data), but one outside the run's label set is an error at its
+    line, and a row's label stays in the output for comparison.
+    The file is replaced atomically. Returns the number of rows.
+    """
+    import json
+
+    from ..checkpoint import atomic_write_text
+    from ..tasks import load_task
+    from ..trainer import resolve_device
+
+    model, tokenizer, ft = load_finetuned(ft_run_dir, device=resolve_device(device))
+    task = load_task(input_file, ft["task_type"], labels=ft.get("labels"), require_label=False)
+    examples = encode_task(task, tokenizer, int(ft.get("max_len", model.config.gpt.block_size)), labelled=False)
+    labels = ft.get("labels")
+    lines = []
+    for row, out in zip(task.rows, _outputs(model, examples, batch_size)):
+        if model.config.regression:
+            result: dict[str, Any] = {"prediction": float(out), "score": float(out)}
+        else:
+            probs = torch.softmax(out, dim=-1).tolist()
+            best = int(out.argmax())
+            if model.config.task_type == "multiple_choice":
+                result = {"prediction": best, "probabilities": probs}
+            else:
+                result = {"prediction": labels[best], "probabilities": dict(zip(labels, probs))}
+        lines.append(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
+    atomic_write_text(output_file, "".join(lines))
+    return len(lines)
