@@ -215,7 +215,7 @@ def main() -> int:
     print(f"  model: 4 layers x 4 heads x 128, context 128, BPE {data.vocab_size:,}; pre-training {pre.step} "
           f"steps x 32 x 128 tokens, val loss {pre.val_loss:.4f}; fine-tuning {ft_steps} steps x "
           f"{ft_cfg.batch_size}, lr {ft_cfg.lr:g}")
-    print(f"  test labels: " + ", ".join(f"{k} {v:.3f}" for k, v in test_dist.items()))
+    print("  test labels: " + ", ".join(f"{k} {v:.3f}" for k, v in test_dist.items()))
     print()
     print("  run                        val acc   test acc   macro-F1   wall s")
     print(f"  majority class ({majority})  {'':>7}   {majority_acc:8.4f}   {'':>8}")
