@@ -36,17 +36,17 @@ How to run it::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import Any
 
 import torch
 
+from .atomic import PathLike, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
 from .model import GPT
@@ -65,104 +65,6 @@ TOKENIZER_DIR = "tokenizer"
 # Keys of a run's config.json that save_model owns; ``extra`` may not override them.
 _RESERVED = ("format_version", "model", "tokenizer", "stage", "weights")
 _FIX_WEIGHTS = "re-run the conversion/training, or resume from an earlier checkpoint"
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-# The process umask, read once: mkstemp creates 0600 files, and run files should get
-# the same permissions as any other file the user creates.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-# ============================================================== atomic writes
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    If ``write`` raises, the temporary file is removed and ``path`` keeps its old
-    content (or stays absent).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:  # fsync whatever wrote the file (Python or Rust)
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: PathLike, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
-    """Atomically replace ``path`` with ``data``: bytes, or a callable that writes to a binary file object.
-
-    The old file stays intact if the callable raises; returns ``path`` as a Path.
-    """
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-
-    return _atomic_write(path, write)
-
-
-def atomic_write_text(path: PathLike, text: str | Callable[[IO[str]], Any], encoding: str = "utf-8") -> Path:
-    """Atomically replace ``path`` with ``text``: a string, or a callable that writes to a text file object."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding=encoding, newline="\n") as fh:
-            if callable(text):
-                text(fh)
-            else:
-                fh.write(text)
-
-    return _atomic_write(path, write)
-
-
-def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Atomically write ``obj`` as JSON (UTF-8, trailing newline).
-
-    ``json.dump`` streams, so an unserialisable value deep inside ``obj`` raises
-    midway through writing; the old file is left intact.
-    """
-    def write(fh: IO[str]) -> None:
-        json.dump(obj, fh, indent=indent, ensure_ascii=False, allow_nan=False)
-        fh.write("\n")
-
-    return atomic_write_text(path, write)
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: PathLike,
                             metadata: dict[str, str] | None = None) -> str:
@@ -186,7 +88,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: PathLike,
         save_file(flat, tmp, metadata=meta)
         digest.append(sha256_file(tmp))
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return digest[0]
 
 

@@ -245,7 +245,8 @@ def _shot_counts(text: str) -> list[int]:
 def cmd_eval_icl(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, load_run
+    from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from .checkpoint import load_run
     from .icl import evaluate_icl, markdown_table, plot_accuracy
     from .tasks import load_task
     from .trainer import resolve_device

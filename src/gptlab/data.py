@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_write_json
 from .corpus import Piece, expand_inputs, iter_pieces
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
@@ -241,8 +242,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
             "text_field": text_field,
             "gptlab_version": __version__,
         }
-        from .checkpoint import atomic_write_json
-
         atomic_write_json(tmp / META_FILE, meta)
         if out.exists():
             out.rmdir()  # empty (checked above)

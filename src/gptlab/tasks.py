@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .atomic import atomic_write_text
 from .corpus import expand_inputs, json_lines, text_chunks
 from .errors import DataError
 
@@ -408,8 +409,6 @@ def make_tasks(corpus_files: Sequence[str | os.PathLike[str]], out_dir: str | os
     ``n`` train rows per task, ``n // 5`` val and ``n // 2`` test (at least 1), or fewer
     where the corpus yields fewer. The same corpus and seed give the same files.
     """
-    from .checkpoint import atomic_write_text  # imports torch: only `tasks make` pays for it
-
     if n < 1:
         raise DataError(f"--size {n}: give at least 1 training row per task")
     sizes = {"train": n, "val": max(1, n // 5), "test": max(1, n // 2)}

@@ -26,11 +26,11 @@ import codecs
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .errors import TokenizerError
 
 __all__ = [
@@ -96,25 +96,8 @@ def _gpt2_str_to_bytes(token: str) -> bytes | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and os.replace (no torn files)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _read_json(path: Path) -> Any:
@@ -296,7 +279,7 @@ def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike[str]) -> Path:
     """Write `ranks` as a tiktoken ranks file, in rank order (atomic)."""
     path = Path(path)
     lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    _atomic_write(path, b"\n".join(lines) + b"\n")
+    atomic_write_bytes(path, b"\n".join(lines) + b"\n")
     return path
 
 
@@ -545,8 +528,8 @@ def save_gpt2_pair(
     for t, i in special_tokens.items():
         encoder[t] = i
     enc_path, bpe_path = directory / "encoder.json", directory / "vocab.bpe"
-    _atomic_write(enc_path, json.dumps(encoder, ensure_ascii=False).encode("utf-8"))
-    _atomic_write(bpe_path, ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
+    atomic_write_bytes(enc_path, json.dumps(encoder, ensure_ascii=False).encode("utf-8"))
+    atomic_write_bytes(bpe_path, ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
     return enc_path, bpe_path
 
 
@@ -691,7 +674,7 @@ class BPETokenizer(Tokenizer):
         return [self._special[t] for t in tokens]
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
-        _atomic_write(directory / "tokenizer.json", self._tok.to_str().encode("utf-8"))
+        atomic_write_bytes(directory / "tokenizer.json", self._tok.to_str().encode("utf-8"))
         return {"tokenizer_file": "tokenizer.json", "eos_token": self._eos_token}
 
 
@@ -923,7 +906,7 @@ class CharTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         # ensure_ascii keeps odd characters (lone surrogates, U+2028) loadable by any JSON reader.
-        _atomic_write(directory / "vocab.json", json.dumps(self._chars, ensure_ascii=True).encode("ascii"))
+        atomic_write_bytes(directory / "vocab.json", json.dumps(self._chars, ensure_ascii=True).encode("ascii"))
         return {"vocab_file": "vocab.json"}
 
 

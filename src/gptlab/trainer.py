@@ -61,7 +61,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, save_model, sha256_file
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from .checkpoint import save_model
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError, UserError
 
@@ -432,15 +433,6 @@ def checkpoint_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -860,9 +852,9 @@ class Trainer:
                                         encoding="utf-8")
             with open(tmp / MANIFEST, "rb") as fh:
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             for old in checkpoint_dirs(self.run_dir)[:-self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()

@@ -505,7 +505,7 @@ def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[st
     """
     import json
 
-    from ..checkpoint import atomic_write_text
+    from ..atomic import atomic_write_text
     from ..tasks import load_task
     from ..trainer import resolve_device
 
