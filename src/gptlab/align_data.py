@@ -1,0 +1,205 @@
+"""The InstructGPT data files, checked row by row before any training starts.
+
+All are JSON lines (optionally ``.gz``); the first bad row stops the load with its
+file, line, field and a fix, so hours of training never die on row 90,000:
+
+* demonstrations (SFT): ``{"prompt": ..., "response": ...}`` or
+  ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
+* rankings (reward model, DPO): ``{"prompt": ..., "responses": [K texts], "ranking": [indices, best first]}``
+  with K from 2 to 9 (InstructGPT's labelers ranked 4 to 9), or ``{"prompt": ..., "chosen": ..., "rejected": ...}``
+* prompts (PPO): ``{"prompt": ...}``; other fields are ignored, so the SFT or rankings file serves too.
+
+Texts are kept exactly as written; a text that is empty or only whitespace is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .atomic import atomic_write_text
+from .chat import ROLES, Message
+from .corpus import json_lines
+from .errors import DataError
+
+__all__ = ["MIN_RESPONSES", "MAX_RESPONSES", "SFTExample", "Ranking", "load_sft", "load_rankings",
+           "load_prompts", "write_rankings"]
+
+MIN_RESPONSES = 2
+MAX_RESPONSES = 9
+
+PathLike = str | os.PathLike[str]
+_ROLE_LIST = ", ".join(map(repr, ROLES))
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A demonstration: the conversation, and the line it came from (for later error messages)."""
+
+    messages: list[Message]
+    line: int
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Responses to one prompt, ordered best -> worst; ``line`` is 0 for rankings not read from a file."""
+
+    prompt: str
+    responses: list[str]
+    line: int = 0
+
+
+# ================================================================== checks
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
+
+
+def _rows(path: PathLike) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(line, "path:line", row)`` for every row, each a JSON object; an empty file is an error."""
+    rows = []
+    for lineno, row in json_lines(os.fspath(path)):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row is a JSON object, not {_json_type(row)}; write one {{...}} per line")
+        rows.append((lineno, where, row))
+    if not rows:
+        raise DataError(f"{path}: no rows; write one JSON object per line (see the gptlab.align_data docstring)")
+    return rows
+
+
+def _text(row: dict[str, Any], field: str, where: str) -> str:
+    if field not in row:
+        raise DataError(f"{where}: missing field {field!r}; give it the text")
+    return _check_text(row[field], f"field {field!r}", where)
+
+
+def _check_text(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {what} is {_json_type(value)}, not a string; write the text in quotes")
+    if not value.strip():
+        raise DataError(f"{where}: {what} is empty; give it some text or drop the row")
+    return value
+
+
+def _sft_messages(row: dict[str, Any], where: str) -> list[Message]:
+    pair = [f for f in ("prompt", "response") if f in row]
+    if "messages" in row and pair:
+        raise DataError(f"{where}: has both 'messages' and {pair[0]!r}; use one form per row")
+    if not pair and "messages" not in row:
+        raise DataError(f"{where}: neither 'prompt'+'response' nor 'messages' (fields: {', '.join(sorted(row)) or 'none'}); "
+                        'write {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}, ...]}')
+    if pair:
+        return [Message("user", _text(row, "prompt", where)), Message("assistant", _text(row, "response", where))]
+    turns = row["messages"]
+    if not isinstance(turns, list) or not turns:
+        shown = "an empty list" if turns == [] else _json_type(turns)
+        raise DataError(f"{where}: field 'messages' is {shown}; give a non-empty list of {{\"role\", \"content\"}} objects")
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at} is {_json_type(turn)}, not an object; write {{\"role\": ..., \"content\": ...}}")
+        role, content = turn.get("role"), turn.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            raise DataError(f"{at}: role {role!r} is not one of {_ROLE_LIST}; use one of those")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: field 'content' is {_json_type(content)}, not a string; write the text in quotes")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{at}: the assistant content is empty; give the reply or drop the message")
+        messages.append(Message(role, content))
+    if not any(m.role == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn; add the reply as "
+                        '{"role": "assistant", "content": ...}')
+    return messages
+
+
+def _ranked(row: dict[str, Any], where: str) -> list[str]:
+    """The row's responses ordered best -> worst."""
+    listed = "responses" in row or "ranking" in row
+    paired = "chosen" in row or "rejected" in row
+    if listed and paired:
+        raise DataError(f"{where}: mixes 'responses'/'ranking' with 'chosen'/'rejected'; use one form per row")
+    if not listed and not paired:
+        raise DataError(f"{where}: neither 'responses'+'ranking' nor 'chosen'+'rejected'; write "
+                        '{"prompt": ..., "responses": [...], "ranking": [...]} or {"prompt": ..., "chosen": ..., "rejected": ...}')
+    if paired:
+        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        if chosen == rejected:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical, so there is no preference; drop the row")
+        return [chosen, rejected]
+    if "responses" not in row:
+        raise DataError(f"{where}: missing field 'responses'; give the {MIN_RESPONSES} to {MAX_RESPONSES} response texts")
+    responses = row["responses"]
+    if not isinstance(responses, list):
+        raise DataError(f"{where}: field 'responses' is {_json_type(responses)}; give a list of "
+                        f"{MIN_RESPONSES} to {MAX_RESPONSES} response texts")
+    k = len(responses)
+    if not MIN_RESPONSES <= k <= MAX_RESPONSES:
+        raise DataError(f"{where}: field 'responses' has {k} text(s); a ranking needs {MIN_RESPONSES} to "
+                        f"{MAX_RESPONSES} (split a longer list into several rows)")
+    first: dict[str, int] = {}
+    for i, response in enumerate(responses):
+        _check_text(response, f"response {i}", where)
+        if response in first:
+            raise DataError(f"{where}: responses {first[response]} and {i} are identical and cannot be ranked; drop one")
+        first[response] = i
+    if "ranking" not in row:
+        raise DataError(f"{where}: missing field 'ranking'; list the response indices from best to worst")
+    ranking = row["ranking"]
+    fix = f"list each index 0..{k - 1} once, best response first"
+    if not isinstance(ranking, list):
+        raise DataError(f"{where}: field 'ranking' is {_json_type(ranking)}, not a list; {fix}")
+    for j, index in enumerate(ranking):
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise DataError(f"{where}: ranking[{j}] is {_json_type(index)}, not an integer index; {fix}")
+        if not 0 <= index < k:
+            raise DataError(f"{where}: ranking[{j}] = {index} is out of range for {k} responses; {fix}")
+    size = f" ({len(ranking)} entries for {k} responses)" if len(ranking) != k else ""
+    repeated = [i for i, n in Counter(ranking).items() if n > 1]
+    if repeated:
+        raise DataError(f"{where}: field 'ranking' lists index {repeated[0]} more than once{size}; {fix}")
+    missing = sorted(set(range(k)) - set(ranking))
+    if missing:
+        raise DataError(f"{where}: field 'ranking' leaves out index {missing[0]}{size}; {fix}")
+    return [responses[i] for i in ranking]
+
+
+# ================================================================== files
+def load_sft(path: PathLike) -> list[SFTExample]:
+    """Demonstrations for SFT; either row form becomes a conversation with at least one assistant turn."""
+    return [SFTExample(_sft_messages(row, where), line) for line, where, row in _rows(path)]
+
+
+def load_rankings(path: PathLike) -> list[Ranking]:
+    """Comparisons for the reward model and DPO; both row forms may be mixed in one file."""
+    return [Ranking(_text(row, "prompt", where), _ranked(row, where), line) for line, where, row in _rows(path)]
+
+
+def load_prompts(path: PathLike) -> list[str]:
+    """Prompts for PPO: the ``prompt`` of every row, so an SFT or rankings file works as well."""
+    return [_text(row, "prompt", where) for _, where, row in _rows(path)]
+
+
+def write_rankings(path: PathLike, rankings: Sequence[Ranking]) -> None:
+    """Save labelled comparisons (the RLHF demo's labeler, the /rank page) in the form `load_rankings` reads.
+
+    Every ranking is checked first, so a file is never written that its reader would refuse.
+    """
+    if not rankings:
+        raise DataError(f"{path}: no rankings to write; label at least one comparison first")
+    rows = []
+    for n, r in enumerate(rankings, 1):
+        row = {"prompt": r.prompt, "responses": list(r.responses), "ranking": list(range(len(r.responses)))}
+        where = f"{path}: ranking {n}"
+        _text(row, "prompt", where)
+        _ranked(row, where)
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(rows))
