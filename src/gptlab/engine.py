@@ -33,6 +33,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 0  # how many top alternatives to return per token
     stop_at_eos: bool = True
+    stop_token_ids: list[int] = field(default_factory=list)  # e.g. chat.stop_ids: end of an assistant turn
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -53,6 +54,7 @@ class Completion:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
     prompt_tokens: int
+    stop_token: int | None = None  # the stop id that ended it (not in token_ids), if one did
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Row:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str | None = None
     finish: str | None = None
+    stop_token: int | None = None
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
@@ -197,7 +200,8 @@ class Engine:
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(row.ids)
         return Completion(token_ids=row.ids, text=text, finish_reason=row.finish or "length",
-                          logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len)
+                          logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len,
+                          stop_token=row.stop_token)
 
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -216,7 +220,9 @@ class Engine:
         track_text = track_text or bool(params.stop)
         if track_text and self.tokenizer is None:
             raise UserError("stop strings and streaming need a tokenizer")
-        eos = self.tokenizer.eos_id if (self.tokenizer is not None and params.stop_at_eos) else None
+        stop_ids = set(params.stop_token_ids)
+        if self.tokenizer is not None and params.stop_at_eos:
+            stop_ids.add(self.tokenizer.eos_id)
 
         B, T = len(prompts), max(lengths)
         idx = torch.zeros(B, T, dtype=torch.long)
@@ -251,11 +257,11 @@ class Engine:
                 r.logprobs.append(chosen[b])
                 if top is not None:
                     r.top.append(list(zip(top.indices[b].tolist(), top.values[b].tolist())))
-                if tok == eos:
+                if tok in stop_ids:
                     r.ids.pop(), r.logprobs.pop()
                     if top is not None:
                         r.top.pop()
-                    r.finish = "stop"
+                    r.finish, r.stop_token = "stop", tok
                 if track_text:
                     r.text = self.tokenizer.decode(r.ids)
                     cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)

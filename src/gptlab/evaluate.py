@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import DataError, UserError
 
-__all__ = ["lm_loss_sums", "evaluate_ppl", "check_tokenizers_match"]
+__all__ = ["lm_loss_sums", "evaluate_ppl", "check_tokenizers_match", "tokenizer_difference"]
 
 
 @torch.no_grad()
@@ -80,11 +80,23 @@ def check_tokenizers_match(model_tok: Any, data_tok: Any, *, model_vocab: int, d
         if data_vocab != model_vocab:
             fail(f"vocab_size {data_vocab} != {model_vocab}")
         return
-    if model_tok.vocab_size != data_tok.vocab_size:
-        fail(f"vocab_size {data_tok.vocab_size} != {model_tok.vocab_size}")
-    if dict(model_tok.special_tokens) != dict(data_tok.special_tokens):
-        fail("different special tokens")
-    special = set(dict(data_tok.special_tokens).values())
+    why = tokenizer_difference(model_tok, data_tok)
+    if why is not None:
+        fail(why)
+
+
+def tokenizer_difference(model_tok: Any, data_tok: Any) -> str | None:
+    """Why ``data_tok`` does not encode text as ``model_tok`` does, or None when it does.
+
+    The model's tokenizer may extend the data's with special tokens at new ids.
+    """
+    model_special, data_special = dict(model_tok.special_tokens), dict(data_tok.special_tokens)
+    # a model may have grown special tokens after the data was prepared (chat or GPT-1 task tokens)
+    if not set(range(data_tok.vocab_size, model_tok.vocab_size)) <= set(model_special.values()):
+        return f"vocab_size {data_tok.vocab_size} != {model_tok.vocab_size}"
+    if any(model_special.get(k) != v for k, v in data_special.items()):
+        return "different special tokens"
+    special = set(data_special.values())
     for i in range(data_tok.vocab_size):  # ~50k lookups for GPT-2: a few tens of milliseconds
         if i in special:
             continue
@@ -93,7 +105,8 @@ def check_tokenizers_match(model_tok: Any, data_tok: Any, *, model_vocab: int, d
         except Exception:  # an id without bytes (gap in a vocabulary): compare the failure
             continue
         if a != b:
-            fail(f"token {i} is {a!r} in the data but {b!r} in the model")
+            return f"token {i} is {a!r} in the data but {b!r} in the model"
+    return None
 
 
 def evaluate_ppl(model: nn.Module, data: Any, split: str = "val", batch_size: int = 8,

@@ -314,3 +314,32 @@ class GPT(nn.Module):
         from .checkpoint import load_model
 
         return load_model(path, device=device)
+
+
+def with_tokens(gpt: GPT, tokenizer: Any, tokens: list[str], dropout: float | None = None) -> GPT:
+    """Add special ``tokens`` to ``tokenizer``; return ``gpt`` with embedding rows for every id.
+
+    Ids beyond the model's vocabulary grow ``wte`` (and the tied ``lm_head``)
+    with N(0, 0.02) rows drawn from torch's global generator, which train with
+    everything else (GPT-1's delimiter tokens, the chat format's role tokens);
+    ``dropout`` (when given) replaces the model's. Returns ``gpt`` itself when
+    nothing changes, else a new GPT holding the same weights.
+    """
+    vocab = max(max(tokenizer.add_special_tokens(tokens)) + 1, gpt.config.vocab_size)
+    dropout = gpt.config.dropout if dropout is None else dropout
+    if vocab == gpt.config.vocab_size and dropout == gpt.config.dropout:
+        return gpt
+    cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout})
+    state = {k: v.detach() for k, v in gpt.state_dict().items()}
+    for key in ("wte.weight",) if cfg.tie_embeddings else ("wte.weight", "lm_head.weight"):
+        old = state[key]
+        new_rows = torch.randn(vocab - old.shape[0], old.shape[1], dtype=old.dtype) * 0.02
+        state[key] = torch.cat([old, new_rows.to(old.device)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    with torch.device("meta"):
+        grown = GPT(cfg)
+    grown.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        grown.lm_head.weight = grown.wte.weight  # assign=True gave each name its own Parameter
+    return grown.train(gpt.training)

@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ from .errors import CheckpointError, ConfigError, UserError
 __all__ = [
     "TrainConfig", "Stage", "Trainer", "TrainResult", "TrainingDiverged", "DistEnv",
     "setup_distributed", "teardown_distributed", "distributed", "lr_at", "param_groups", "make_optimizer",
-    "load_config_file", "build_model_config", "peak_flops", "latest_checkpoint",
+    "load_config_file", "build_model_config", "epoch_config", "peak_flops", "latest_checkpoint",
     "checkpoint_dirs", "verify_checkpoint", "read_metrics", "plot_losses", "check_run_dir",
 ]
 
@@ -229,6 +229,33 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     _check_model_keys(out["model"], f"{p}: model")
     TrainConfig.from_dict(out["train"], source=f"{p}: train")  # type-check now, with the file's name
     return out
+
+
+def epoch_config(out_dir: str | os.PathLike[str], n_items: int, overrides: Mapping[str, Any] | None,
+                 defaults: Mapping[str, Any], epochs: float, *, resume: bool = False,
+                 source: str = "flags") -> tuple[TrainConfig, dict[str, Any]]:
+    """The train config of an epoch-based stage run, and the run's saved config.json (``{}`` when fresh).
+
+    defaults < (resume: the run's saved ``train`` section) < the non-None ``overrides``.
+    A fresh run derives what is not given: ``max_steps`` = ``epochs`` passes over
+    ``n_items`` at the global batch (``batch_size * grad_accum * $WORLD_SIZE``),
+    ``warmup_steps`` = 10% of it, ``eval_every`` = ``checkpoint_every`` = a tenth of it.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = Path(out_dir) / CONFIG_FILE
+    if resume and path.is_file():
+        from .checkpoint import read_run_config
+
+        saved = read_run_config(out_dir)
+        return TrainConfig.from_dict({**(saved.get("train") or {}), **given}, source=f"{path}: train"), saved
+    cfg = {**defaults, **given}
+    per_step = cfg["batch_size"] * cfg.get("grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.setdefault("max_steps", max(1, math.ceil(epochs * n_items / per_step)))
+    cfg.setdefault("warmup_steps", math.ceil(0.1 * cfg["max_steps"]))
+    every = max(1, math.ceil(cfg["max_steps"] / 10))
+    cfg.setdefault("eval_every", every)
+    cfg.setdefault("checkpoint_every", every)
+    return TrainConfig.from_dict(cfg, source=source), {}
 
 
 def _check_model_keys(section: Mapping[str, Any], source: str) -> None:
@@ -547,27 +574,37 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> None:
-    """Write the train/val loss curve as a PNG (Agg backend, no pyplot global state), atomically."""
+def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "",
+                extra_keys: Sequence[str] = ()) -> None:
+    """Write the train/val loss curve, and one panel per ``extra_keys`` metric, as a PNG (atomically).
+
+    Agg backend, no pyplot global state. An extra key's ``val_`` twin, when
+    logged, is drawn in the same panel.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=110)
+    panels = 1 + len(extra_keys)
+    fig = Figure(figsize=(7, 4.2 + 2.6 * (panels - 1)), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
-    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+    for ax, key, ylabel in zip(axes, ["loss", *extra_keys], ["loss", *extra_keys]):
+        train, val = series(key), series(f"val_{key}")
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val", markersize=3)
+        ax.set_ylabel("loss (nats/token)" if key == "loss" else ylabel)
+        ax.grid(alpha=0.3)
+        if train or val:
+            ax.legend()
+    axes[-1].set_xlabel("step")
     if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
+        axes[0].set_title(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -597,6 +634,10 @@ class Stage(Protocol):
       - ``sample(model) -> str``: a short text sample, printed and logged; every rank calls it.
       - ``num_tokens(batch) -> int``: tokens in a micro batch, for tokens/s (default:
         numel of the first tensor).
+      - ``state_dict() -> dict`` / ``load_state_dict(state)``: state a stage keeps between
+        steps (PPO's rollout buffer), saved per rank in the checkpoint as ``stage.pt``
+        (tensors and plain values only: it is read back with ``weights_only=True``).
+      - ``plot_keys``: metric names drawn in extra panels of ``loss.png`` (PPO: reward, kl).
       - ``save(run_dir, model)``: write the final model (default for a ``GPT``:
         ``checkpoint.save_model(run_dir, model, stage=name)``). Rank 0 only, with
         an unsharded model on the CPU or the training device.
@@ -812,7 +853,10 @@ class Trainer:
         return model_sd, optim_sd
 
     def _gather_rng(self, rng: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        mine = rng or _rng_state(self.device)
+        return self._gather_object(rng or _rng_state(self.device))
+
+    def _gather_object(self, mine: Any) -> list[Any]:
+        """Every rank's ``mine``, indexed by rank (a one-element list in a single process)."""
         if not self.env.is_distributed:
             return [mine]
         everyone: list[Any] = [None] * self.env.world_size
@@ -826,6 +870,8 @@ class Trainer:
         final = self.run_dir / CKPT_DIR / f"step-{self.step:08d}"
         model_sd, optim_sd = self._full_state()
         rngs = self._gather_rng(rng)
+        stage_state = getattr(self.stage, "state_dict", None)
+        stage_states = self._gather_object(stage_state()) if callable(stage_state) else None
         if self.env.is_main and not final.exists():
             tmp = self.run_dir / CKPT_DIR / f".tmp-step-{self.step:08d}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -834,6 +880,8 @@ class Trainer:
                       metadata={"format": "pt", "step": str(self.step)})
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
+            if stage_states is not None:
+                torch.save(stage_states, tmp / "stage.pt")
             state = {
                 "format": 1, "stage": getattr(self.stage, "name", "unknown"), "step": self.step,
                 "cursor": {"step": self.step + 1, "micro_step": 0},
@@ -873,6 +921,8 @@ class Trainer:
             model_sd = load_file(str(ckpt / "model.safetensors"))
             optim_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
             rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
+            stage_states = (torch.load(ckpt / "stage.pt", map_location="cpu", weights_only=True)
+                            if (ckpt / "stage.pt").is_file() else None)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"cannot read checkpoint {ckpt}: {exc}; delete it to resume from "
                                   f"the previous checkpoint") from None
@@ -887,6 +937,9 @@ class Trainer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model/optimizer ({first}); "
                                   f"resume with the run's own config or start a new --out") from None
+        load_stage = getattr(self.stage, "load_state_dict", None)
+        if callable(load_stage) and stage_states is not None and self.env.rank < len(stage_states):
+            load_stage(stage_states[self.env.rank])
         if self.env.rank < len(rngs):
             _set_rng_state(rngs[self.env.rank], self.device)
         else:  # resumed on more ranks than wrote it: fresh, deterministic streams
@@ -1062,8 +1115,7 @@ class Trainer:
                         post += f" mfu {100 * record['mfu']:.1f}%"
                     bar.set_postfix_str(post, refresh=False)
                     if is_main and do_eval:
-                        plot_losses(self.metrics.records, self.run_dir / PLOT_FILE,
-                                    title=f"{self.run_dir.name} ({getattr(self.stage, 'name', '')})")
+                        self._plot()
                 if do_ckpt or stop is not None:
                     self.save_checkpoint()
                 if stop is not None:
@@ -1089,8 +1141,7 @@ class Trainer:
 
         self._save_final()
         if is_main:
-            plot_losses(self.metrics.records, self.run_dir / PLOT_FILE,
-                        title=f"{self.run_dir.name} ({getattr(self.stage, 'name', '')})")
+            self._plot()
         steps_run = self.step - start
         ms = None
         if step_times:
@@ -1114,6 +1165,11 @@ class Trainer:
             tqdm.write(msg)
             tqdm.write(f"saved {self.run_dir}")
         return result
+
+    def _plot(self) -> None:
+        plot_losses(self.metrics.records, self.run_dir / PLOT_FILE,
+                    title=f"{self.run_dir.name} ({getattr(self.stage, 'name', '')})",
+                    extra_keys=getattr(self.stage, "plot_keys", ()))
 
     def _flush(self, pending: list[tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
                ) -> dict[str, Any] | None:

@@ -49,10 +49,9 @@ import torch.nn.functional as F
 
 from ..config import GPTConfig
 from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError
-from ..model import GPT
+from ..model import GPT, with_tokens
 from ..tokenizer import DELIM, EXTRACT, START, Tokenizer
-from ..trainer import (CONFIG_FILE, DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir,
-                       distributed)
+from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed, epoch_config
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -125,31 +124,8 @@ def transform(task_type: str, row: Mapping[str, Any], tokenizer: Tokenizer, max_
 
 
 def add_finetune_tokens(gpt: GPT, tokenizer: Tokenizer, dropout: float | None = None) -> GPT:
-    """Ensure ``[start]``/``[delim]``/``[extract]`` exist; return ``gpt`` with room for them.
-
-    Ids beyond the model's vocabulary grow ``wte`` (and the tied ``lm_head``)
-    with N(0, 0.02) rows drawn from torch's global generator; ``dropout``
-    (when given) replaces the model's. Returns ``gpt`` itself when nothing
-    changes, else a new GPT holding the same weights.
-    """
-    vocab = max(max(tokenizer.add_special_tokens([START, DELIM, EXTRACT])) + 1, gpt.config.vocab_size)
-    dropout = gpt.config.dropout if dropout is None else dropout
-    if vocab == gpt.config.vocab_size and dropout == gpt.config.dropout:
-        return gpt
-    cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout})
-    state = {k: v.detach() for k, v in gpt.state_dict().items()}
-    for key in ("wte.weight",) if cfg.tie_embeddings else ("wte.weight", "lm_head.weight"):
-        old = state[key]
-        new_rows = torch.randn(vocab - old.shape[0], old.shape[1], dtype=old.dtype) * 0.02
-        state[key] = torch.cat([old, new_rows.to(old.device)])
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    with torch.device("meta"):
-        grown = GPT(cfg)
-    grown.load_state_dict(state, assign=True)
-    if cfg.tie_embeddings:
-        grown.lm_head.weight = grown.wte.weight  # assign=True gave each name its own Parameter
-    return grown.train(gpt.training)
+    """Ensure ``[start]``/``[delim]``/``[extract]`` exist; ``gpt`` grown to hold them (``model.with_tokens``)."""
+    return with_tokens(gpt, tokenizer, [START, DELIM, EXTRACT], dropout)
 
 
 # ====================================================================== model
@@ -362,22 +338,18 @@ class FinetuneStage:
 def save_finetuned(run_dir: str | os.PathLike[str], model: FinetuneModel, tokenizer: Tokenizer | None,
                    extra: dict[str, Any]) -> Path:
     """``head.safetensors`` first, then the backbone run directory whose config.json records the head."""
-    from ..checkpoint import atomic_save_safetensors, save_model
+    from ..checkpoint import save_model
+    from ..heads import save_head
 
-    run_dir = Path(run_dir)
-    path = run_dir / HEAD_FILE
-    digest = atomic_save_safetensors(dict(model.head.state_dict()), path)
-    ft = {**extra.get("finetune", {}), "head": {"file": HEAD_FILE, "sha256": digest, "bytes": path.stat().st_size}}
+    ft = {**extra.get("finetune", {}), "head": save_head(run_dir, model.head, HEAD_FILE)}
     return save_model(run_dir, model.gpt, tokenizer, stage=FinetuneStage.name, extra={**extra, "finetune": ft})
 
 
 def load_finetuned(run_dir: str | os.PathLike[str],
                    device: str | torch.device = "cpu") -> tuple[FinetuneModel, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, the config's ``finetune`` section) of a fine-tuned run."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..checkpoint import load_run, sha256_file
+    from ..checkpoint import load_run
+    from ..heads import load_head
 
     gpt, tokenizer, config = load_run(run_dir, device=device)
     ft = config.get("finetune")
@@ -386,46 +358,19 @@ def load_finetuned(run_dir: str | os.PathLike[str],
                               f"fine-tune one with gptlab finetune")
     if tokenizer is None:
         raise CheckpointError(f"{run_dir}: the run has no tokenizer directory; copy the whole run directory")
-    path = Path(run_dir) / HEAD_FILE
-    if not path.is_file() or sha256_file(path) != ft["head"].get("sha256"):
-        raise CheckpointError(f"{path}: missing or does not match config.json (sha256); copy the whole run "
-                              f"directory or fine-tune again")
-    try:
-        head = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
     cfg = FinetuneConfig(gpt.config, ft["task_type"], int(ft["n_classes"]), float(ft.get("clf_dropout", CLF_DROPOUT)))
     model = FinetuneModel(cfg, gpt)
-    model.head.load_state_dict(head)
+    load_head(run_dir, ft["head"], model.head, "classifier")
     return model.to(device).eval(), tokenizer, ft
 
 
 # ====================================================================== runs
 def finetune_configs(out_dir: str | os.PathLike[str], n_train: int, overrides: Mapping[str, Any] | None = None, *,
                      lm_coef: float | None = None, resume: bool = False) -> tuple[TrainConfig, float]:
-    """The train config and ``lm_coef`` of a run: defaults < (resume: the run's config.json) < what is given.
-
-    Fresh runs derive what is not given: ``max_steps`` = 3 epochs of ``n_train``
-    rows at the global batch (``batch_size * grad_accum * $WORLD_SIZE``),
-    ``warmup_steps`` = 10% of it, ``eval_every`` = ``checkpoint_every`` = a tenth of it.
-    """
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if resume and (Path(out_dir) / CONFIG_FILE).is_file():
-        from ..checkpoint import read_run_config
-
-        saved = read_run_config(out_dir)
-        train = TrainConfig.from_dict({**(saved.get("train") or {}), **given},
-                                      source=f"{Path(out_dir) / CONFIG_FILE}: train")
-        saved_coef = (saved.get("finetune") or {}).get("lm_coef", 0.5)
-        return train, float(saved_coef if lm_coef is None else lm_coef)
-    cfg = {**DEFAULTS, **given}
-    per_step = cfg["batch_size"] * cfg.get("grad_accum", 1) * int(os.environ.get("WORLD_SIZE", "1"))
-    cfg.setdefault("max_steps", max(1, math.ceil(EPOCHS * n_train / per_step)))
-    cfg.setdefault("warmup_steps", math.ceil(0.1 * cfg["max_steps"]))
-    every = max(1, math.ceil(cfg["max_steps"] / 10))
-    cfg.setdefault("eval_every", every)
-    cfg.setdefault("checkpoint_every", every)
-    return TrainConfig.from_dict(cfg, source="finetune flags"), 0.5 if lm_coef is None else lm_coef
+    """The train config and ``lm_coef`` of a run (``trainer.epoch_config``: 3 epochs, GPT-1's defaults)."""
+    train, saved = epoch_config(out_dir, n_train, overrides, DEFAULTS, EPOCHS, resume=resume, source="finetune flags")
+    saved_coef = (saved.get("finetune") or {}).get("lm_coef", 0.5)
+    return train, float(saved_coef if lm_coef is None else lm_coef)
 
 
 def run_finetune(task_type: str, model_spec: str, train_file: str | os.PathLike[str],
