@@ -324,8 +324,29 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- finetune
-_FINETUNE_FLAGS = ("max_steps", "batch_size", "block_size", "grad_accum", "lr", "warmup_steps", "weight_decay",
-                   "dropout", "eval_every", "checkpoint_every", "keep_last", "seed", "device", "dtype")
+TRAIN_FLAG_HELP: dict[str, tuple[type, str]] = {
+    "max_steps": (int, "optimizer steps"), "batch_size": (int, "rows per micro batch"),
+    "block_size": (int, "max tokens per sequence (default: the model's context)"),
+    "grad_accum": (int, "micro steps per optimizer step"), "lr": (float, "peak learning rate"),
+    "warmup_steps": (int, "linear warmup steps (default: 10%% of the steps), then cosine decay"),
+    "weight_decay": (float, "AdamW weight decay"), "dropout": (float, "dropout (default: the model's)"),
+    "eval_every": (int, "evaluate every N steps (default: 10 times per run)"),
+    "checkpoint_every": (int, "checkpoint every N steps (default: 10 times per run)"),
+    "keep_last": (int, "checkpoints to keep"), "seed": (int, "random seed"),
+    "device": (str, "auto, cpu, cuda, cuda:N, mps"),
+}
+
+
+def add_train_flags(p: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
+    """The trainer flags of a stage command (None defaults: the stage decides), plus --dtype."""
+    for key, (typ, hlp) in TRAIN_FLAG_HELP.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=typ, default=None, help=(helps or {}).get(key, hlp))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="auto: bf16 autocast on CUDA when supported, fp32 otherwise")
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {k: getattr(args, k) for k in (*TRAIN_FLAG_HELP, "dtype")}
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -334,7 +355,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     check_task_type(args.task)
     n_train = len(load_task(args.train, args.task).rows)
-    overrides = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
+    overrides = train_overrides(args)
     train_cfg, lm_coef = finetune_configs(args.out, n_train, overrides, lm_coef=args.lm_coef, resume=args.resume)
     result = run_finetune(args.task, args.model, args.train, args.val, args.out, train_cfg, lm_coef=lm_coef,
                           resume=args.resume)
@@ -352,21 +373,12 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-coef", type=float, default=None,
                    help="weight of the auxiliary LM loss (default 0.5, as GPT-1; 0 disables it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    for name, typ, hlp in (
-            ("max-steps", int, "optimizer steps (default: 3 epochs)"), ("batch-size", int, "rows per micro batch (16)"),
-            ("block-size", int, "max tokens per sequence (default: the model's context)"),
-            ("grad-accum", int, "micro steps per optimizer step"), ("lr", float, "peak learning rate (2.5e-4)"),
-            ("warmup-steps", int, "linear warmup steps (default: 10%% of the steps), then cosine decay to 0"),
-            ("weight-decay", float, "AdamW weight decay (0.01)"),
-            ("dropout", float, "dropout of the model and classifier (default: the model's; classifier 0.1)"),
-            ("eval-every", int, "evaluate every N steps (default: 10 times per run)"),
-            ("checkpoint-every", int, "checkpoint every N steps (default: 10 times per run)"),
-            ("keep-last", int, "checkpoints to keep"), ("seed", int, "random seed"),
-            ("device", str, "auto, cpu, cuda, cuda:N, mps"),
-    ):
-        p.add_argument(f"--{name}", type=typ, default=None, help=hlp)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="auto: bf16 autocast on CUDA when supported, fp32 otherwise")
+    add_train_flags(p, {"max_steps": "optimizer steps (default: 3 epochs)", "batch_size": "rows per micro batch (16)",
+                        "block_size": "max tokens per sequence (default: the model's context)",
+                        "lr": "peak learning rate (2.5e-4)",
+                        "warmup_steps": "linear warmup steps (default: 10%% of the steps), then cosine decay to 0",
+                        "weight_decay": "AdamW weight decay (0.01)",
+                        "dropout": "dropout of the model and classifier (default: the model's; classifier 0.1)"})
     p.set_defaults(func=cmd_finetune)
 
 
@@ -463,9 +475,11 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_align import ALIGN_SUBCOMMANDS
+
     parser = argparse.ArgumentParser(prog="gptlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
+    for add in [*SUBCOMMANDS, *ALIGN_SUBCOMMANDS]:
         add(sub)
     return parser
 

@@ -1,0 +1,178 @@
+"""Direct preference optimisation: the policy learns from the rankings without a reward model or RL.
+
+    gptlab dpo --model runs/sft --data rankings.jsonl --out runs/dpo [--beta 0.1 --val-fraction 0.1]
+
+Every ranking of K responses gives its C(K,2) (better, worse) pairs. With
+π the policy, π_ref the frozen SFT model and sequence log-probs summed over
+the response tokens (``<|end|>`` included)::
+
+    loss = -log σ(β · ((log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))))
+
+The reference log-probs are computed once, before training, so π_ref never
+sits in memory next to the policy. Logged: ``reward_accuracy`` (how often the
+implicit reward β·log π/π_ref ranks the pair right) and ``reward_margin``;
+``val_accuracy`` is the same over the held-out pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..align_data import load_rankings
+from ..chat import CHAT_FORMAT, render_pair
+from ..errors import ConfigError, DataError
+from ..rl import dpo_loss
+from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed
+from .sequences import PolicyModel, held_out, pad_right, responses_of
+from .sft import load_chat_model
+
+__all__ = ["DPO_DEFAULTS", "DPO_EPOCHS", "DPOStage", "encode_pairs", "run_dpo"]
+
+DPO_EPOCHS = 2
+DPO_DEFAULTS: dict[str, Any] = {"batch_size": 16, "lr": 5e-5, "min_lr": 0.0, "weight_decay": 0.0}
+Pair = tuple[list[int], int, list[int], int]  # chosen ids, response start, rejected ids, response start
+
+
+def _fit(ids: list[int], start: int, max_len: int, where: str) -> tuple[list[int], int]:
+    """Cut the prompt's beginning so the sequence fits; the response must keep at least its first token."""
+    cut = max(0, len(ids) - max_len)
+    if start - cut < 1:
+        raise DataError(f"{where}: the prompt leaves no room for the response in {max_len} tokens; "
+                        f"shorten it or use a model with a longer context")
+    return ids[cut:], start - cut
+
+
+def encode_pairs(path: str | os.PathLike[str], tokenizer: Any, max_len: int) -> list[tuple[str, Pair]]:
+    """(prompt, pair) for every (better, worse) pair of every ranking in ``path``."""
+    out = []
+    for r in load_rankings(path):
+        where = f"{path}:{r.line}"
+        seqs = [_fit(*render_pair(r.prompt, resp, tokenizer), max_len, where) for resp in r.responses]
+        out.extend((r.prompt, (*seqs[i], *seqs[j])) for i in range(len(seqs)) for j in range(i + 1, len(seqs)))
+    return out
+
+
+def _collate(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen sequences first, then rejected ones, right-padded together."""
+    seqs = [p[0] for p in pairs] + [p[2] for p in pairs]
+    idx, lengths = pad_right(seqs, pad_id)
+    starts = torch.tensor([p[1] for p in pairs] + [p[3] for p in pairs])
+    targets, mask = responses_of(idx, starts, lengths)
+    return {"idx": idx, "starts": starts, "targets": targets, "mask": mask}
+
+
+def _sequence_logprobs(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen (N,) and rejected (N,) halves of a batch."""
+    logp, _ = model(b["idx"], b["starts"], b["targets"])
+    sums = (logp * b["mask"]).sum(1)
+    return sums.chunk(2)
+
+
+class DPOStage:
+    """Random pairs per micro batch (stateless in ``(seed, step, micro_step)``), the DPO loss."""
+
+    name = "dpo"
+
+    def __init__(self, train: Sequence[Pair], val: Sequence[Pair], reference: nn.Module, *, batch_size: int, seed: int,
+                 pad_id: int, beta: float = 0.1, rank: int = 0, world_size: int = 1, tokenizer: Any = None,
+                 save_extra: dict[str, Any] | None = None) -> None:
+        if not train:
+            raise DataError("no training pairs (all held out for validation?); add rows or lower --val-fraction")
+        if beta <= 0:
+            raise ConfigError(f"beta={beta} must be > 0")
+        self.train, self.val = list(train), list(val)
+        self.batch_size, self.seed, self.pad_id, self.beta = batch_size, seed, pad_id, beta
+        self.rank, self.world_size = rank, world_size
+        self.tokenizer, self.save_extra = tokenizer, save_extra or {}
+        self.ref_train = self._reference(reference, self.train)
+        self.ref_val = self._reference(reference, self.val)
+
+    @torch.no_grad()
+    def _reference(self, reference: nn.Module, pairs: Sequence[Pair]) -> torch.Tensor:
+        """(N, 2) reference log-probs of each pair's chosen and rejected response."""
+        out = [torch.zeros(0, 2)]
+        device = next(reference.parameters()).device
+        for i in range(0, len(pairs), self.batch_size):
+            b = {k: v.to(device) for k, v in _collate(pairs[i: i + self.batch_size], self.pad_id).items()}
+            out.append(torch.stack(_sequence_logprobs(reference, b), 1).cpu())
+        return torch.cat(out)
+
+    def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
+        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        return {**_collate([self.train[i] for i in mine], self.pad_id), "ref": self.ref_train[torch.from_numpy(mine)]}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        chosen, rejected = _sequence_logprobs(model, batch)
+        loss, stats = dpo_loss(chosen, rejected, batch["ref"][:, 0], batch["ref"][:, 1], self.beta)
+        return loss, stats
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["mask"].sum())
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val:
+            return {}
+        device = next(model.parameters()).device
+        loss_sum, correct = 0.0, 0.0
+        for i in range(0, len(self.val), self.batch_size):
+            chunk = self.val[i: i + self.batch_size]
+            b = {k: v.to(device) for k, v in _collate(chunk, self.pad_id).items()}
+            ref = self.ref_val[i: i + len(chunk)].to(device)
+            loss, stats = dpo_loss(*_sequence_logprobs(model, b), ref[:, 0], ref[:, 1], self.beta)
+            loss_sum += float(loss) * len(chunk)
+            correct += float(stats["reward_accuracy"]) * len(chunk)
+        return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / len(self.val)}
+
+    def save(self, run_dir: Path, model: nn.Module) -> None:
+        from ..checkpoint import save_model
+
+        save_model(run_dir, model.gpt, self.tokenizer, stage=self.name, extra=self.save_extra)
+
+
+def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+            train_config: TrainConfig, *, beta: float = 0.1, val_file: str | os.PathLike[str] | None = None,
+            val_fraction: float = 0.1, resume: bool = False, progress: bool = True,
+            env: DistEnv | None = None) -> TrainResult:
+    """DPO of the SFT run ``model_spec`` on the rankings in ``data_file`` (it is also the reference)."""
+    import copy
+
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+    with distributed(env, train_config.device) as env:
+        started = check_run_dir(out_dir, resume)
+        if env.is_distributed:
+            torch.distributed.barrier()
+        torch.manual_seed(train_config.seed)
+        gpt, tokenizer, _ = load_chat_model(model_spec, train_config.dropout)
+        max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size)
+        rows = encode_pairs(data_file, tokenizer, max_len)
+        if val_file is not None:
+            train, val = [p for _, p in rows], [p for _, p in encode_pairs(val_file, tokenizer, max_len)]
+        else:
+            side = [held_out(prompt, val_fraction, train_config.seed) for prompt, _ in rows]
+            train = [p for (_, p), v in zip(rows, side) if not v]
+            val = [p for (_, p), v in zip(rows, side) if v]
+        reference = PolicyModel(copy.deepcopy(gpt)).eval().to(env.device)
+        extra = {"chat_format": CHAT_FORMAT, "train": train_config.to_dict(),
+                 "dpo": {"beta": beta, "train_pairs": len(train), "val_pairs": len(val),
+                         "val_fraction": None if val_file else val_fraction},
+                 "data": {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
+                          "base_model": os.fspath(model_spec)}}
+        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
+                      "stage": DPOStage.name, **extra}
+        if env.is_main and not started:
+            tokenizer.save(Path(out_dir) / "tokenizer")
+        stage = DPOStage(train, val, reference, batch_size=train_config.batch_size, seed=train_config.seed,
+                         pad_id=tokenizer.pad_id, beta=beta, rank=env.rank, world_size=env.world_size,
+                         tokenizer=tokenizer, save_extra=extra)
+        del reference
+        return Trainer(PolicyModel(gpt), stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
+                       progress=progress).fit()
