@@ -171,3 +171,13 @@ def test_int8_engine_copies_the_model_and_tracks_fp32_logits():
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     with pytest.raises(UserError, match="precision"):
         Engine(model, precision="int4")
+
+
+def test_sampling_draws_from_the_softmax_distribution():
+    """40,000 draws from a known 4-way distribution land within 4 standard errors of its probabilities."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(40_000, 1)
+    tokens, _ = sample_next(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    stderr = (probs * (1 - probs) / len(tokens)).sqrt()
+    assert ((freq - probs).abs() < 4 * stderr).all(), freq

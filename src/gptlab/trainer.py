@@ -592,13 +592,13 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike[str], tit
     def series(key: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
 
-    for ax, key, ylabel in zip(axes, ["loss", *extra_keys], ["loss", *extra_keys]):
+    for ax, key in zip(axes, ["loss", *extra_keys]):
         train, val = series(key), series(f"val_{key}")
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
         if val:
             ax.plot(*zip(*val), "o-", label="val", markersize=3)
-        ax.set_ylabel("loss (nats/token)" if key == "loss" else ylabel)
+        ax.set_ylabel(key if key != "loss" or extra_keys else "loss (nats/token)")
         ax.grid(alpha=0.3)
         if train or val:
             ax.legend()
