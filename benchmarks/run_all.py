@@ -27,6 +27,9 @@ def main() -> int:
         ["bench_prepare.py", "--size-mb", "64" if args.quick else "1024"],
         ["bench_baby_shakespeare.py", *(["--max-steps", "300"] if args.quick else [])],
         ["bench_semisupervised.py", *(["--quick"] if args.quick else [])],
+        ["bench_ppo_trl.py", *(["--quick"] if args.quick else [])],
+        ["bench_rlhf.py", "--out", "runs/bench-rlhf-quick" if args.quick else "runs/bench-rlhf",
+         *(["--quick"] if args.quick else [])],
     ]
     failed = []
     for cmd in runs:
