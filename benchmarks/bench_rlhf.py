@@ -43,7 +43,7 @@ def main() -> int:
     report = json.loads((demo / "report.json").read_text())
     sizes = DemoSizes(**report["sizes"]) if not args.quick else QUICK
     ppo = json.loads((demo / "ppo" / "config.json").read_text())
-    cfg_fields = ppo["ppo"]
+    cfg_fields = {k: v for k, v in ppo["ppo"].items() if k in PPOConfig.__dataclass_fields__}
     iterations = ppo["train"]["max_steps"] // (cfg_fields["ppo_epochs"] * cfg_fields["minibatches"])
     prompts = [json.loads(line)["prompt"] for line in (demo / "eval-prompts.jsonl").read_text().splitlines()]
     labeler, data = Labeler(demo / "labeler"), TokenData(demo / "data")

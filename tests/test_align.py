@@ -478,6 +478,8 @@ def test_ppo_run_logs_reward_and_kl_and_starts_at_zero_kl(ppo_run):
     gpt, tok, config = load_run(ppo_run)
     assert config["stage"] == "ppo" and config["ppo"]["rollout_batch"] == 8 and chat.has_chat_tokens(tok)
     assert config["data"]["val_prompts"] > 0 and config["chat_format"] == chat.CHAT_FORMAT
+    PPOConfig.from_dict(config["ppo"])  # a finished run's config still resumes (gptlab ppo --resume)
+    assert config["ppo_result"]["final_kl_coef"] > 0
 
 
 def test_ppo_trains_policy_and_whole_value_function(ppo_run, sft_run, rm_run):

@@ -312,7 +312,7 @@ class PPOStage:
         from ..checkpoint import save_model
 
         save_model(run_dir, model.policy.gpt, self.tokenizer, stage=self.name,
-                   extra={**self.save_extra, "ppo": {**self.save_extra.get("ppo", {}), "final_kl_coef": self.kl_coef}})
+                   extra={**self.save_extra, "ppo_result": {"final_kl_coef": self.kl_coef}})
 
 
 def prompt_text(rendered: str) -> str:
