@@ -1,4 +1,4 @@
-"""The InstructGPT commands of the CLI: ``gptlab sft | rm | ppo | dpo | rlhf-demo``.
+"""The InstructGPT and chat commands of the CLI: ``gptlab sft | rm | ppo | dpo | rlhf-demo | chat``.
 
 Each maps its flags onto a stage's ``run_*`` function (``gptlab.stages``); the
 trainer flags are shared with ``gptlab finetune`` (``cli.add_train_flags``).
@@ -168,5 +168,36 @@ def add_rlhf_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rlhf_demo)
 
 
+# ------------------------------------------------------------------- chat
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .checkpoint import load_run
+    from .chat_repl import run_chat
+    from .engine import Engine, SamplingParams
+    from .errors import UserError
+
+    model, tokenizer, config = load_run(args.model)
+    if not config.get("chat_format"):
+        raise UserError(f"{args.model} has no chat format (it was not trained with gptlab sft, ppo or dpo): "
+                        f"fine-tune it with gptlab sft first, or use gptlab generate for plain completion")
+    engine = Engine(model, tokenizer, precision=args.precision)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    run_chat(engine, params, system=args.system)
+    return 0
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to a chat model (gptlab sft/ppo/dpo run) in the terminal, streaming")
+    p.add_argument("--model", required=True, help="run directory with a chat format, or hf:DIR")
+    p.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.set_defaults(func=cmd_chat)
+
+
 ALIGN_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_sft, add_rm, add_ppo, add_dpo,
-                                                                          add_rlhf_demo]
+                                                                          add_rlhf_demo, add_chat]

@@ -187,9 +187,13 @@ class Engine:
 
     def stream_text(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Yield the continuation's text piece by piece; a stop string never appears, even partially."""
+        return self.stream_ids(self.encode(prompt), params)
+
+    def stream_ids(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[str]:
+        """``stream_text`` for a prompt given as token ids (e.g. a rendered chat)."""
         emitted = 0
         row = None
-        for (row,) in self._decode([self.encode(prompt)], params, track_text=True):
+        for (row,) in self._decode([list(prompt)], params, track_text=True):
             text = row.text or ""
             safe = len(text) if row.finish else len(text) - _held_back(text, params.stop)
             if safe > emitted:

@@ -396,6 +396,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     _plot(report, out / "report.png")
     print("\n" + _markdown(report))
     print(f"report          {out / 'report.md'} (and report.json, report.png)")
+    print(f"next: gptlab chat --model {out / 'ppo'}")
     return report
 
 

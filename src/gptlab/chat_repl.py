@@ -1,0 +1,129 @@
+"""`gptlab chat`: a multi-turn conversation with a chat model in the terminal.
+
+    gptlab chat --model runs/sft [--system "Be brief." --temperature 0.8 --top-p 0.95 --max-new-tokens 128]
+
+The conversation is rendered through the chat format (``chat.render``) and
+kept within the model's context: when it no longer fits with room for the
+reply, the oldest user/assistant exchanges are dropped (the system prompt is
+kept) and a notice says how many. Replies stream as they are generated and
+stop at ``<|end|>``. Commands: ``/reset`` (forget the conversation),
+``/system TEXT`` (set or, without text, clear the system prompt), ``/save FILE``
+(write the conversation as JSON, atomically), ``/help``, ``/quit`` (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+from .chat import Message, has_chat_tokens, render, stop_ids
+from .errors import UserError
+
+__all__ = ["Conversation", "run_chat"]
+
+HELP = "commands: /reset, /system [TEXT], /save FILE, /help, /quit (or Ctrl-D)"
+
+
+@dataclass
+class Conversation:
+    """The messages of one conversation and how to fit them into ``block_size`` tokens."""
+
+    tokenizer: Any
+    block_size: int
+    reply_tokens: int
+    system: str | None = None
+    turns: list[Message] = field(default_factory=list)  # user/assistant messages, oldest first
+
+    def messages(self) -> list[Message]:
+        head = [Message("system", self.system)] if self.system else []
+        return head + self.turns
+
+    def prompt_ids(self) -> tuple[list[int], int]:
+        """(ids of the conversation + the assistant's turn opener, user turns dropped to fit).
+
+        The oldest exchanges go first, whole (a user turn and the reply to it); the
+        newest user turn always stays. Raises UserError when even it does not fit.
+        """
+        dropped = 0
+        budget = self.block_size - self.reply_tokens
+        while True:
+            ids, _ = render(self.messages(), self.tokenizer, add_generation_prompt=True)
+            if len(ids) <= budget:
+                return ids, dropped
+            users = [i for i, m in enumerate(self.turns) if m.role == "user"]
+            if len(users) <= 1:
+                raise UserError(f"the message needs {len(ids)} tokens with the system prompt, more than the "
+                                f"{budget} the model's context leaves for it; shorten it or lower --max-new-tokens")
+            self.turns = self.turns[users[1]:]
+            dropped += 1
+
+    def to_json(self) -> str:
+        return json.dumps({"messages": [{"role": m.role, "content": m.content} for m in self.messages()]},
+                          ensure_ascii=False, indent=2) + "\n"
+
+
+def run_chat(engine: Any, params: Any, *, system: str | None = None, read: Callable[[str], str] = input,
+             out: TextIO | None = None) -> Conversation:
+    """The REPL over ``engine`` (a model with a chat format); returns the conversation at exit.
+
+    ``read`` is called with the prompt string and raises EOFError at the end of input.
+    """
+    import sys
+
+    from .atomic import atomic_write_text
+
+    out = out or sys.stdout
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not has_chat_tokens(tokenizer):
+        raise UserError("this model has no chat format (no <|user|>/<|assistant|> tokens): fine-tune it with "
+                        "gptlab sft first, or use gptlab generate for plain completion")
+    params.stop_token_ids = stop_ids(tokenizer)
+    conv = Conversation(tokenizer, engine.config.block_size, params.max_new_tokens, system)
+    print(HELP, file=out)
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return conv
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return conv
+            if cmd == "/reset":
+                conv.turns = []
+                print("(conversation cleared)", file=out)
+            elif cmd == "/system":
+                conv.system = arg or None
+                print(f"(system prompt {'set' if arg else 'cleared'})", file=out)
+            elif cmd == "/save" and arg:
+                atomic_write_text(os.path.expanduser(arg), conv.to_json())
+                print(f"(saved {len(conv.messages())} messages to {arg})", file=out)
+            else:
+                print(HELP, file=out)
+            continue
+        conv.turns.append(Message("user", line))
+        try:
+            ids, dropped = conv.prompt_ids()
+        except UserError as exc:
+            conv.turns.pop()
+            print(f"(error: {exc})", file=out)
+            continue
+        if dropped:
+            print(f"(the oldest {dropped} exchange{'s' if dropped > 1 else ''} dropped to fit the context)", file=out)
+        print("assistant> ", end="", file=out, flush=True)
+        reply = []
+        try:
+            for piece in engine.stream_ids(ids, params):
+                reply.append(piece)
+                print(piece, end="", file=out, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the conversation
+            print(" (stopped)", end="", file=out)
+        print(file=out)
+        conv.turns.append(Message("assistant", "".join(reply).strip()))
