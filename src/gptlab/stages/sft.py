@@ -112,12 +112,15 @@ class SFTStage:
         self.tokenizer, self.sample_prompt, self.save_extra = tokenizer, sample_prompt, save_extra or {}
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
-        if self.pack:  # draw until the rows are full: ~4 examples per row leaves slack for long ones
+        if self.pack:  # each rank packs its own draw: ~4 examples per row leaves slack for long ones
+            rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
             picks = rng.integers(0, len(self.train), size=self.batch_size * max(4, self.max_len // 16))
             return _rows(_pack([self.train[i] for i in picks], self.batch_size, self.max_len - 1), self.pad_id)
-        picks = rng.integers(0, len(self.train), size=self.batch_size)
-        return _rows([self.train[i] for i in picks], self.pad_id)
+        # one global batch per (step, micro_step), each rank its slice: N processes see one process's batch
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
+        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        return _rows([self.train[i] for i in mine], self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         _, loss = model(batch["x"], batch["y"])
