@@ -1,4 +1,4 @@
-"""The InstructGPT and chat commands of the CLI: ``gptlab sft | rm | ppo | dpo | rlhf-demo | chat``.
+"""The InstructGPT, chat and serving commands of the CLI: ``gptlab sft | rm | ppo | dpo | rlhf-demo | chat | serve``.
 
 Each maps its flags onto a stage's ``run_*`` function (``gptlab.stages``); the
 trainer flags are shared with ``gptlab finetune`` (``cli.add_train_flags``).
@@ -199,5 +199,45 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+# ------------------------------------------------------------------ serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .checkpoint import load_run
+    from .errors import UserError
+    from .serve import create_app
+
+    if args.max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
+    model, tokenizer, config = load_run(args.model)
+    name = args.model_name or Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
+    app = create_app(model, tokenizer, config, model_name=name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    original_startup = server.startup
+
+    async def startup(sockets: Any = None) -> None:  # prints the URL once the socket is bound
+        await original_startup(sockets=sockets)
+        if server.started:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+            print(f"gptlab serve: model '{name}' at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)")
+    p.add_argument("--model", required=True, help="run directory or hf:DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
+    p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory name)")
+    p.set_defaults(func=cmd_serve)
+
+
 ALIGN_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_sft, add_rm, add_ppo, add_dpo,
-                                                                          add_rlhf_demo, add_chat]
+                                                                          add_rlhf_demo, add_chat, add_serve]

@@ -191,14 +191,26 @@ class Engine:
 
     def stream_ids(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[str]:
         """``stream_text`` for a prompt given as token ids (e.g. a rendered chat)."""
+        for piece, _ in self.stream_pieces(prompt, params):
+            if piece:
+                yield piece
+
+    def stream_pieces(self, prompt: Sequence[int], params: SamplingParams
+                      ) -> Iterator[tuple[str, Completion | None]]:
+        """Text pieces as they become safe to show, then ``("", the final Completion)``.
+
+        What a server needs to stream: the text, and at the end the finish reason and token counts.
+        """
         emitted = 0
         row = None
         for (row,) in self._decode([list(prompt)], params, track_text=True):
             text = row.text or ""
             safe = len(text) if row.finish else len(text) - _held_back(text, params.stop)
             if safe > emitted:
-                yield text[emitted:safe]
+                yield text[emitted:safe], None
                 emitted = safe
+        if row is not None:
+            yield "", self._completion(row)
 
     # ------------------------------------------------------------- internals
     def _completion(self, row: _Row) -> Completion:

@@ -1,0 +1,649 @@
+"""The OpenAI-compatible HTTP API: ``create_app(model, tokenizer, config, model_name=...)`` -> FastAPI.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (the lm-evaluation-harness probes).
+
+Generation is serialised: every request runs in a worker thread under one lock, so
+requests that arrive together wait for each other (no dynamic batching yet). The
+``n`` samples of one non-streamed request are decoded as one batch; streamed
+choices are decoded one after the other (choice ``i`` uses ``seed + i``).
+
+Errors always come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+400 for bad input (validation, malformed JSON, prompts beyond the context), 401 for a
+missing or wrong API key, 404 for an unknown model or route, 413 for a body over
+``max_body_bytes``. A ``max_tokens`` that does not fit after the prompt is cut at the
+context (``finish_reason: "length"``) rather than refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import ROLES, Message, has_chat_tokens, render, stop_ids
+from ..engine import Completion, Engine, SamplingParams
+from ..errors import UserError
+
+__all__ = ["create_app", "APIError"]
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 5  # legacy completions
+MAX_TOP_LOGPROBS = 20  # chat
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return _error(self.status, self.message, type=self.type, param=self.param, code=self.code)
+
+
+def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status)
+
+
+# ------------------------------------------------------------------ schemas
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we ignore (user, metadata, ...)
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int]
+
+
+# ------------------------------------------------------------- middleware
+class _Guard:
+    """Pure ASGI middleware: API key (401) and body size (413), before any route reads the body."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") != "/health":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
+                what = "missing" if not given else "incorrect"
+                await _error(401, f"{what} API key: send the header 'Authorization: Bearer KEY' with the key "
+                                  f"the server was started with (--api-key)", code="invalid_api_key")(
+                    scope, receive, send)
+                return
+        too_big = _error(413, f"request body larger than {self.max_body} bytes (--max-body-bytes)",
+                         code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                await _error(400, "invalid Content-Length header")(scope, receive, send)
+                return
+            if n > self.max_body:
+                await too_big(scope, receive, send)
+                return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                await too_big(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ------------------------------------------------------------------ server
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Server:
+    def __init__(self, model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str,
+                 max_tokens_limit: int, max_n: int):
+        if tokenizer is None:
+            raise UserError("the server needs a tokenizer: serve a run directory saved with one, or hf:DIR")
+        self.engine = Engine(model, tokenizer)
+        self.model, self.tok, self.config = self.engine.model, tokenizer, config
+        self.block = self.engine.config.block_size
+        self.model_name, self.max_tokens_limit, self.max_n = model_name, max_tokens_limit, max_n
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+        self.chat_ok = bool(config.get("chat_format")) and has_chat_tokens(tokenizer)
+
+    # -------------------------------------------------------- validation
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}' "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def check_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        vocab = self.tok.vocab_size
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise APIError(400, f"token id {i} is not in the vocabulary (ids 0..{vocab - 1})", param=param)
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.tok.encode(text)
+        except UserError as e:
+            raise APIError(400, f"the text cannot be tokenized: {e}", param="prompt") from None
+
+    def check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
+        if not ids:
+            raise APIError(400, "empty prompt: give at least one token", param=param)
+        if len(ids) > self.block or (max_tokens > 0 and len(ids) >= self.block):
+            room = "" if max_tokens == 0 else " with room for at least one new token"
+            raise APIError(400, f"the prompt has {len(ids)} tokens, which does not fit the model's context of "
+                                f"{self.block} tokens{room}: shorten it", param=param, code="context_length_exceeded")
+
+    def params(self, req: _Request, max_tokens: int | None, default_max: int, logprobs: int,
+               stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+        if max_tokens is None:
+            max_tokens = default_max
+        if not 0 <= max_tokens <= self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} must be between 0 and {self.max_tokens_limit}",
+                           param="max_tokens")
+        for name in ("temperature", "top_p"):
+            value = getattr(req, name)
+            if value is not None and not math.isfinite(value):
+                raise APIError(400, f"{name} must be a finite number", param=name)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not 0 <= temperature <= 100:
+            raise APIError(400, f"temperature={temperature} must be between 0 and 100 (0 = greedy)",
+                           param="temperature")
+        top_p = req.top_p
+        if top_p is not None and not 0 < top_p <= 1:
+            raise APIError(400, f"top_p={top_p} must be in (0, 1]", param="top_p")
+        if req.top_k is not None and req.top_k < -1:
+            raise APIError(400, f"top_k={req.top_k} must be >= 1 (or -1/0 for no limit)", param="top_k")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
+        seed = req.seed
+        if seed is not None and not -(2 ** 63) <= seed < 2 ** 64:
+            raise APIError(400, "seed must fit in 64 bits", param="seed")
+        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                              top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+                              top_p=None if top_p is None or top_p >= 1 else top_p, stop=stop,
+                              seed=None if seed is None else seed % 2 ** 63, logprobs=logprobs,
+                              stop_token_ids=list(stop_token_ids))
+
+    def n(self, n: int | None) -> int:
+        n = 1 if n is None else n
+        if not 1 <= n <= self.max_n:
+            raise APIError(400, f"n={n} must be between 1 and {self.max_n}", param="n")
+        return n
+
+    # ------------------------------------------------------------ compute
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        def locked() -> Any:
+            with self.lock:
+                return fn()
+        return await run_in_threadpool(locked)
+
+    async def iterate(self, make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+        """Run a generator in a worker thread under the lock; stop it when the consumer goes away."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening
+                cancel.set()
+
+        def worker() -> None:
+            try:
+                with self.lock:
+                    for item in make():
+                        if cancel.is_set():
+                            break
+                        put(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                put(_Failure(e))
+            finally:
+                put(done)
+
+        loop.run_in_executor(None, worker)
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            cancel.set()
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: list[int],
+                        k: int) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Log-prob of every prompt token given those before it (the first: None), one forward pass."""
+        idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
+        hidden = self.model.hidden_states(idx)[0, :-1]
+        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), -1)
+        target = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
+        tops: list[list[tuple[int, float]] | None] = [None]
+        if k:
+            top = torch.topk(logprobs, k, dim=-1)
+            tops += [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops += [[] for _ in chosen]
+        return [None, *chosen], tops
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
+        if params.max_new_tokens == 0:
+            return [Completion([], "", "length", [], [], len(p)) for p in prompts for _ in range(n)]
+        return self.engine.generate_ids([p for p in prompts for _ in range(n)], params)
+
+    # ----------------------------------------------------------- shaping
+    def token_str(self, i: int) -> str:
+        raw = self.tok.token_bytes(i)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def legacy_logprobs(self, ids: Sequence[int], lps: Sequence[float | None],
+                        tops: Sequence[Sequence[tuple[int, float]] | None]) -> dict[str, Any]:
+        text, offsets = b"", []
+        for i in ids:
+            offsets.append(len(text.decode("utf-8", errors="replace")))
+            text += self.tok.token_bytes(i)
+        top_dicts = [None if t is None else {self.token_str(j): v for j, v in t} for t in tops]
+        return {"tokens": [self.token_str(i) for i in ids], "token_logprobs": list(lps),
+                "top_logprobs": top_dicts, "text_offset": offsets}
+
+    def chat_logprobs(self, c: Completion) -> dict[str, Any]:
+        def entry(i: int, lp: float) -> dict[str, Any]:
+            return {"token": self.token_str(i), "logprob": lp, "bytes": list(self.tok.token_bytes(i))}
+        tops = c.top_logprobs or [[] for _ in c.token_ids]
+        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
+                            for i, lp, top in zip(c.token_ids, c.logprobs, tops)], "refusal": None}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    @staticmethod
+    def generated(c: Completion) -> int:
+        return len(c.token_ids) + (c.stop_token is not None)
+
+    # ------------------------------------------------------- completions
+    def prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.encode(prompt)]
+        if not prompt:
+            raise APIError(400, "prompt must not be an empty list", param="prompt")
+        if all(isinstance(p, str) for p in prompt):
+            return [self.encode(p) for p in prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [self.check_ids(prompt, "prompt")]
+        return [self.check_ids(p, "prompt") for p in prompt]
+
+    async def completions(self, req: CompletionRequest) -> Any:
+        self.check_model(req.model)
+        k = req.logprobs
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs={k} must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        n = self.n(req.n)
+        params = self.params(req, req.max_tokens, 16, k or 0)
+        prompts = self.prompts(req.prompt)
+        for p in prompts:
+            self.check_length(p, params.max_new_tokens, "prompt")
+        if req.stream:
+            if k is not None:
+                raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
+            return self.stream_completions(req, prompts, n, params)
+
+        def work() -> tuple[list[Completion], list[Any]]:
+            comps = self.generate(prompts, n, params)
+            plps = [self.prompt_logprobs(p, k or 0) for p in prompts] if req.echo and k is not None else []
+            return comps, plps
+
+        comps, plps = await self.run(work)
+        choices = []
+        for i, c in enumerate(comps):
+            p = prompts[i // n]
+            text = (self.tok.decode(p) if req.echo else "") + (c.text or "")
+            logprobs = None
+            if k is not None:
+                tops = c.top_logprobs or [[] for _ in c.token_ids]
+                ids, lps, top = list(c.token_ids), list(c.logprobs), list(tops)
+                if req.echo:
+                    ids, lps, top = p + ids, plps[i // n][0] + lps, plps[i // n][1] + top
+                logprobs = self.legacy_logprobs(ids, lps, top)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": None, "choices": choices,
+                "usage": self.usage(sum(map(len, prompts)), sum(map(self.generated, comps)))}
+
+    def stream_completions(self, req: CompletionRequest, prompts: list[list[int]], n: int,
+                           params: SamplingParams) -> StreamingResponse:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(index: int, text: str, finish: str | None) -> str:
+            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return _sse(body)
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                for index in range(len(prompts) * n):
+                    p, j = prompts[index // n], index % n
+                    if req.echo:
+                        yield chunk(index, self.tok.decode(p), None)
+                    if params.max_new_tokens == 0:
+                        yield chunk(index, "", "length")
+                        continue
+                    choice = SamplingParams(**{**params.__dict__,
+                                               "seed": None if params.seed is None else params.seed + j})
+                    async for piece, row in self.iterate(lambda: self.engine.stream_pieces(p, choice)):
+                        if piece:
+                            yield chunk(index, piece, None)
+                        elif row is not None:
+                            completion_tokens += len(row.token_ids) + (row.stop_token is not None)
+                            yield chunk(index, "", row.finish_reason)
+                if include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                "model": self.model_name, "choices": [],
+                                "usage": self.usage(sum(map(len, prompts)), completion_tokens)})
+            except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+                yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -------------------------------------------------------------- chat
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if not self.chat_ok:
+            raise APIError(400, f"the model '{self.model_name}' has no chat format (it was not trained with "
+                                "gptlab sft, ppo or dpo): use /v1/completions, or fine-tune it with gptlab sft",
+                           param="messages", code="no_chat_format")
+        if not messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        turns = []
+        for i, m in enumerate(messages):
+            role = "system" if m.role == "developer" else m.role
+            if role not in ROLES:
+                raise APIError(400, f"messages[{i}].role '{m.role}' is not one of 'system', 'developer', "
+                                    "'user', 'assistant'", param=f"messages[{i}].role")
+            content = m.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages[{i}].content")
+                content = "".join(part.text or "" for part in content)
+            turns.append(Message(role, content or ""))
+        try:
+            return render(turns, self.tok, add_generation_prompt=True)[0]
+        except UserError as e:
+            raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from None
+
+    async def chat(self, req: ChatRequest) -> Any:
+        self.check_model(req.model)
+        k = req.top_logprobs
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs={k} must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        if k and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        n = self.n(req.n)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        ids = self.chat_ids(req.messages)
+        params = self.params(req, max_tokens, self.max_tokens_limit, k or 0, stop_ids(self.tok))
+        self.check_length(ids, params.max_new_tokens, "messages")
+        params.max_new_tokens = min(params.max_new_tokens, self.block - len(ids))
+        if req.stream:
+            if req.logprobs:
+                raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
+            return self.stream_chat(req, ids, n, params)
+        comps = await self.run(lambda: self.generate([ids], n, params))
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text or "", "refusal": None},
+                    "logprobs": self.chat_logprobs(c) if req.logprobs else None, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(comps)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": None, "choices": choices,
+                "usage": self.usage(len(ids), sum(map(self.generated, comps)))}
+
+    def stream_chat(self, req: ChatRequest, ids: list[int], n: int, params: SamplingParams) -> StreamingResponse:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return _sse(body)
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                for index in range(n):
+                    yield chunk(index, {"role": "assistant", "content": ""}, None)
+                    if params.max_new_tokens == 0:
+                        yield chunk(index, {}, "length")
+                        continue
+                    choice = SamplingParams(**{**params.__dict__,
+                                               "seed": None if params.seed is None else params.seed + index})
+                    async for piece, row in self.iterate(lambda: self.engine.stream_pieces(ids, choice)):
+                        if piece:
+                            yield chunk(index, {"content": piece}, None)
+                        elif row is not None:
+                            completion_tokens += len(row.token_ids) + (row.stop_token is not None)
+                            yield chunk(index, {}, row.finish_reason)
+                if include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": self.model_name, "system_fingerprint": None, "choices": [],
+                                "usage": self.usage(len(ids), completion_tokens)})
+            except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+                yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --------------------------------------------------------- tokenizer
+    def special_name(self, i: int | None) -> str | None:
+        return next((name for name, j in self.tok.special_tokens.items() if j == i), None)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if loc and loc[0] == "prompt" and len(errors) > 1 and all(e.get("loc", ())[1:2] == ("prompt",) for e in errors):
+        return ("prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+                "prompt")
+    where = ".".join(loc) or "body"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)
+
+
+def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8) -> FastAPI:
+    """The FastAPI app serving `model` under `model_name`.
+
+    Generation runs one request at a time through a single lock in a worker
+    thread (no dynamic batching yet). ``api_key`` set: every route but
+    ``/health`` needs ``Authorization: Bearer KEY``. ``max_tokens_limit``
+    defaults to the model's context length.
+    """
+    server = _Server(model, tokenizer, config, model_name=model_name,
+                     max_tokens_limit=max_tokens_limit if max_tokens_limit is not None else model.config.block_size,
+                     max_n=max_n)
+    app = FastAPI(title="gptlab", description="OpenAI-compatible API for a gptlab model")
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Any, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Any, exc: UserError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Any, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"unknown route: {request.method} {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Any, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptlab",
+                "max_model_len": server.block}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict[str, Any]:
+        server.check_model(name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        return await server.completions(req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        return await server.chat(req)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        ids = server.encode(req.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.block}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        return {"prompt": server.tok.decode(server.check_ids(req.tokens, "tokens"))}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return {"eos_token": server.special_name(server.tok.eos_id), "eos_token_id": server.tok.eos_id,
+                "pad_token": server.special_name(server.tok.pad_id), "pad_token_id": server.tok.pad_id,
+                "vocab_size": server.tok.vocab_size, "chat_format": server.config.get("chat_format"),
+                "max_model_len": server.block}
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app

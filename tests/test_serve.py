@@ -1,0 +1,224 @@
+"""`gptlab serve`: the OpenAI-compatible API, driven by the official openai client against a real port."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from gptlab import GPT, GPTConfig  # noqa: E402
+from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
+from gptlab.engine import Engine, SamplingParams  # noqa: E402
+from gptlab.serve import create_app  # noqa: E402
+from gptlab.tokenizer import CharTokenizer  # noqa: E402
+
+KEY = "sk-test"
+BLOCK = 64
+
+
+def _model(tok: CharTokenizer, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size)).eval()
+
+
+class _Running:
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served():
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    add_chat_tokens(tok)
+    model = _model(tok, 0)
+    chat = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY,
+                               max_body_bytes=20_000, max_n=4))
+    base_tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    base = _Running(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
+    yield {"tok": tok, "engine": Engine(model, tok), "url": chat.url, "base_url": base.url,
+           "client": openai.OpenAI(base_url=f"{chat.url}/v1", api_key=KEY, max_retries=0, timeout=30),
+           "base": openai.OpenAI(base_url=f"{base.url}/v1", api_key="unused", max_retries=0, timeout=30)}
+    chat.stop()
+    base.stop()
+
+
+def test_health_models_and_tokenizer_routes(served):
+    assert httpx.get(served["url"] + "/health").json() == {"status": "ok"}  # no key needed
+    models = served["client"].models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(served["url"] + "/tokenize", json={"prompt": "hello world"}, headers=headers).json()
+    assert ids["tokens"] == served["tok"].encode("hello world") and ids["count"] == 11
+    back = httpx.post(served["url"] + "/detokenize", json={"tokens": ids["tokens"]}, headers=headers).json()
+    assert back == {"prompt": "hello world"}
+    info = httpx.get(served["url"] + "/tokenizer_info", headers=headers).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["eos_token_id"] == served["tok"].eos_id
+    assert info["vocab_size"] == served["tok"].vocab_size and info["chat_format"] == "gptlab-chat-v1"
+    assert "pad_token" in info
+    bad = httpx.post(served["url"] + "/detokenize", json={"tokens": [10_000]}, headers=headers)
+    assert bad.status_code == 400 and "not in the vocabulary" in bad.json()["error"]["message"]
+
+
+def test_completions_prompt_forms_n_stop_and_seed(served):
+    client, engine, tok = served["client"], served["engine"], served["tok"]
+    greedy = client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=0)
+    ref = engine.generate_ids([tok.encode("hello")], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert greedy.choices[0].text == ref.text and greedy.object == "text_completion"
+    assert greedy.usage.prompt_tokens == 5 and greedy.usage.completion_tokens >= len(ref.token_ids)
+    many = client.completions.create(model="tiny", prompt=["hello", "abc"], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == ref.text[:len(many.choices[0].text)]
+    by_ids = client.completions.create(model="tiny", prompt=tok.encode("hello"), max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == ref.text
+    lists = client.completions.create(model="tiny", prompt=[tok.encode("hello"), tok.encode("abc")], max_tokens=5,
+                                      temperature=0)
+    assert lists.choices[0].text == many.choices[0].text and lists.choices[1].text == many.choices[2].text
+    def sample(seed, **kwargs):
+        return client.completions.create(model="tiny", prompt="the", max_tokens=20, seed=seed,
+                                         extra_body={"top_k": 20}, **kwargs).choices[0]
+
+    long = sample(7).text
+    assert sample(7).text == long and sample(8).text != long  # same seed, same text
+    # a stop string cuts the text before it
+    stop = long[3:5]
+    cut = sample(7, stop=[stop])
+    assert cut.text == long[:long.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_streaming_completion_matches_the_whole_text(served):
+    client = served["client"]
+    whole = client.completions.create(model="tiny", prompt="abc", max_tokens=15, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=15, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
+    # a stop string never leaks, even partially, into the stream
+    stop = whole[4:7]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="abc", max_tokens=15, temperature=0, stream=True, stop=stop))
+    assert streamed == whole[:whole.find(stop)]
+    raw = httpx.post(served["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"prompt": "abc", "max_tokens": 3, "stream": True}).text
+    assert raw.endswith("data: [DONE]\n\n") and raw.startswith("data: {")
+
+
+def test_echo_logprobs_score_like_lm_evaluation_harness(served):
+    client, engine, tok = served["client"], served["engine"], served["tok"]
+    context, continuation = tok.encode("the cat sat"), tok.encode(" on the mat")
+    for max_tokens in (0, 1):
+        out = client.completions.create(model="tiny", prompt=context + continuation, max_tokens=max_tokens,
+                                        echo=True, logprobs=1, temperature=0)
+        lp = out.choices[0].logprobs
+        n_prompt = len(context) + len(continuation)
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == n_prompt + max_tokens
+        assert out.choices[0].text.startswith("the cat sat on the mat")
+        total = sum(lp.token_logprobs[len(context):n_prompt])
+        (score, n, greedy), = engine.score([(context, continuation)])
+        assert total == pytest.approx(score, abs=1e-4) and n == len(continuation)
+        top_is_token = all(max(top, key=top.get) == t for top, t in
+                           zip(lp.top_logprobs[len(context):n_prompt], lp.tokens[len(context):n_prompt]))
+        assert top_is_token == greedy
+        assert lp.text_offset[:4] == [0, 1, 2, 3]
+    gen = client.completions.create(model="tiny", prompt="abc", max_tokens=4, logprobs=3, temperature=0)
+    lp = gen.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) <= 3 for t in lp.top_logprobs) and "".join(lp.tokens).startswith(gen.choices[0].text)
+
+
+def test_chat_completion_and_streaming(served):
+    client, engine, tok = served["client"], served["engine"], served["tok"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    ids = render([Message("system", "be brief"), Message("user", "hello there")], tok, add_generation_prompt=True)[0]
+    ref = engine.generate_ids([ids], SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=stop_ids(tok)))
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref[0].text and out.object == "chat.completion"
+    assert out.usage.prompt_tokens == len(ids)
+    content_lps = out.choices[0].logprobs.content
+    assert [e.token for e in content_lps] == [tok.decode([i]) for i in ref[0].token_ids]
+    assert all(len(e.top_logprobs) == 2 for e in content_lps)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
+    assert chunks[-2].choices[0].finish_reason == out.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    two = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=2, seed=3)
+    assert len(two.choices) == 2
+
+
+def test_errors_come_in_openai_shape(served):
+    client = served["client"]
+    cases = [dict(prompt="abc", max_tokens=-1), dict(prompt="abc", max_tokens=10**9), dict(prompt="abc", n=99),
+             dict(prompt="a" * (BLOCK + 5)), dict(prompt=[[10_000]]), dict(prompt="abc", logprobs=9),
+             dict(prompt="ABC"), dict(prompt=[])]
+    for kwargs in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", **kwargs)
+        assert err.value.status_code == 400 and err.value.body["message"], kwargs
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="no chat format"):
+        served["base"].chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="abc")
+    bad_key = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        bad_key.models.list()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(served["url"] + "/v1/completions", content=b'{"prompt": "abc",', headers=headers)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "JSON" in r.json()["error"]["message"]
+    r = httpx.post(served["url"] + "/v1/completions", content=b'{"prompt": 5}', headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(served["url"] + "/v1/completions", content=b"\xff\xfe{", headers=headers)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(served["url"] + "/v1/completions", json={"prompt": "a" * 30_000}, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(served["url"] + "/v2/nothing", headers=headers)
+    assert r.status_code == 404 and "unknown route" in r.json()["error"]["message"]
+    assert httpx.get(served["url"] + "/health").status_code == 200  # still serving after all that
+
+
+def test_serve_command_prints_the_url_and_answers(tmp_path):
+    import subprocess
+    import sys
+
+    from gptlab.checkpoint import save_model
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    save_model(tmp_path / "run", _model(tok, 2), tok)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gptlab.cli import main; sys.exit(main())",
+                             "serve", "--model", str(tmp_path / "run"), "--port", "0", "--api-key", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = line.split("at ")[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["run"]
+        assert client.completions.create(model="run", prompt="abc", max_tokens=3).choices[0].text is not None
+    finally:
+        proc.terminate()
+        proc.wait(10)
