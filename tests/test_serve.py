@@ -222,3 +222,34 @@ def test_serve_command_prints_the_url_and_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_metrics_count_requests_tokens_and_the_queue_refuses_beyond_its_limit():
+    """/metrics counts what was served; with max_queue=1 a second request while one streams gets 429."""
+    import re
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    running = _Running(create_app(_model(tok, 2), tok, {}, model_name="q", max_queue=1))
+    client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    try:
+        done = client.completions.create(model="q", prompt="hello", max_tokens=5, temperature=0)
+        with httpx.stream("POST", running.url + "/v1/completions", timeout=30,
+                          json={"model": "q", "prompt": "hi", "max_tokens": 40, "stream": True}) as held:
+            lines = held.iter_lines()
+            next(lines)  # the first chunk is out: this request holds the only slot
+            with pytest.raises(openai.RateLimitError, match="server busy"):
+                client.completions.create(model="q", prompt="hello", max_tokens=2)
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        text = httpx.get(running.url + "/metrics").text
+
+        def value(name: str) -> float:
+            return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+        assert value('gptlab_requests_total{path="/v1/completions",status="200"}') == 2
+        assert value('gptlab_requests_total{path="/v1/completions",status="429"}') == 1
+        assert value("gptlab_rejected_total") == 1 and value("gptlab_queue_depth") == 0
+        assert value('gptlab_tokens_total{kind="prompt"}') == len("hello") + len("hi")
+        assert value('gptlab_tokens_total{kind="completion"}') >= done.usage.completion_tokens + 1
+        assert value("gptlab_request_seconds_count") >= 3
+    finally:
+        running.stop()

@@ -212,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer, config = load_run(args.model)
     name = args.model_name or Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
     app = create_app(model, tokenizer, config, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     original_startup = server.startup
 
@@ -235,6 +235,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="generation requests running or waiting before new ones get 429 (default 64)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory name)")
     p.set_defaults(func=cmd_serve)
 

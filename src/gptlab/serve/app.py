@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: ``create_app(model, tokenizer, config, model_name=...)`` -> FastAPI.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+Routes: ``GET /health``, ``GET /metrics`` (Prometheus text: requests, latency, tokens, queue depth), ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (the lm-evaluation-harness probes).
 
 Generation is serialised: every request runs in a worker thread under one lock, so
@@ -11,7 +11,7 @@ choices are decoded one after the other (choice ``i`` uses ``seed + i``).
 Errors always come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for bad input (validation, malformed JSON, prompts beyond the context), 401 for a
 missing or wrong API key, 404 for an unknown model or route, 413 for a body over
-``max_body_bytes``. A ``max_tokens`` that does not fit after the prompt is cut at the
+``max_body_bytes``, 429 when more than ``max_queue`` generation requests are running or waiting. A ``max_tokens`` that does not fit after the prompt is cut at the
 context (``finish_reason: "length"``) rather than refused.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -120,16 +120,83 @@ class DetokenizeRequest(BaseModel):
 
 
 # ------------------------------------------------------------- middleware
-class _Guard:
-    """Pure ASGI middleware: API key (401) and body size (413), before any route reads the body."""
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+
+class _Metrics:
+    """Counters for ``GET /metrics`` (Prometheus text format). Updated on the event loop's thread only."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.seconds_sum = 0.0
+        self.seconds_count = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.in_flight = 0  # generation requests running or waiting for the model
+        self.rejected = 0
+
+    def text(self) -> str:
+        lines = ["# HELP gptlab_requests_total HTTP requests by path and status.",
+                 "# TYPE gptlab_requests_total counter"]
+        lines += [f'gptlab_requests_total{{path="{path}",status="{status}"}} {n}'
+                  for (path, status), n in sorted(self.requests.items())]
+        lines += ["# HELP gptlab_request_seconds Time from request to the last byte of the response.",
+                  "# TYPE gptlab_request_seconds summary",
+                  f"gptlab_request_seconds_sum {self.seconds_sum:.6f}", f"gptlab_request_seconds_count {self.seconds_count}",
+                  "# HELP gptlab_tokens_total Tokens in prompts and generated completions.",
+                  "# TYPE gptlab_tokens_total counter",
+                  f'gptlab_tokens_total{{kind="prompt"}} {self.prompt_tokens}',
+                  f'gptlab_tokens_total{{kind="completion"}} {self.completion_tokens}',
+                  "# HELP gptlab_queue_depth Generation requests running or waiting for the model.",
+                  "# TYPE gptlab_queue_depth gauge", f"gptlab_queue_depth {self.in_flight}",
+                  "# HELP gptlab_rejected_total Generation requests refused with 429 (queue full).",
+                  "# TYPE gptlab_rejected_total counter", f"gptlab_rejected_total {self.rejected}"]
+        return "\n".join(lines) + "\n"
+
+
+class _Guard:
+    """Pure ASGI middleware: metrics, API key (401), body size (413) and queue limit (429), before any
+    route reads the body."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, metrics: _Metrics, max_queue: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.metrics, self.max_queue = metrics, max_queue
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started, status = time.perf_counter(), 500
+
+        async def observed_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope.get("path", "")
+        generating = path in GENERATION_PATHS and scope.get("method") == "POST"
+        m = self.metrics
+        if generating:
+            m.in_flight += 1
+        try:
+            if generating and m.in_flight > self.max_queue:
+                m.rejected += 1
+                await _error(429, f"server busy: {m.in_flight - 1} requests are running or queued "
+                                  f"(--max-queue {self.max_queue}); retry later", type="rate_limit_error",
+                             code="queue_full")(scope, receive, observed_send)
+            else:
+                await self._checked(scope, receive, observed_send)
+        finally:
+            if generating:
+                m.in_flight -= 1
+            key = (path if path in (*GENERATION_PATHS, "/health", "/metrics", "/tokenize", "/detokenize",
+                                    "/tokenizer_info", "/v1/models") else "other", status)
+            m.requests[key] = m.requests.get(key, 0) + 1
+            m.seconds_sum += time.perf_counter() - started
+            m.seconds_count += 1
+
+    async def _checked(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = dict(scope.get("headers") or [])
         if self.api_key is not None and scope.get("path") != "/health":
             given = headers.get(b"authorization", b"")
@@ -197,6 +264,7 @@ class _Server:
         self.block = self.engine.config.block_size
         self.model_name, self.max_tokens_limit, self.max_n = model_name, max_tokens_limit, max_n
         self.lock = threading.Lock()
+        self.metrics = _Metrics()
         self.created = int(time.time())
         self.chat_ok = bool(config.get("chat_format")) and has_chat_tokens(tokenizer)
 
@@ -356,8 +424,10 @@ class _Server:
         return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
                             for i, lp, top in zip(c.token_ids, c.logprobs, tops)], "refusal": None}
 
-    @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        """The response's usage; called once per response, so it also feeds /metrics."""
+        self.metrics.prompt_tokens += prompt_tokens
+        self.metrics.completion_tokens += completion_tokens
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
@@ -444,10 +514,10 @@ class _Server:
                         elif row is not None:
                             completion_tokens += len(row.token_ids) + (row.stop_token is not None)
                             yield chunk(index, "", row.finish_reason)
+                usage = self.usage(sum(map(len, prompts)), completion_tokens)
                 if include_usage:
                     yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": self.usage(sum(map(len, prompts)), completion_tokens)})
+                                "model": self.model_name, "choices": [], "usage": usage})
             except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
                 yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
@@ -533,10 +603,11 @@ class _Server:
                         elif row is not None:
                             completion_tokens += len(row.token_ids) + (row.stop_token is not None)
                             yield chunk(index, {}, row.finish_reason)
+                usage = self.usage(len(ids), completion_tokens)
                 if include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                 "model": self.model_name, "system_fingerprint": None, "choices": [],
-                                "usage": self.usage(len(ids), completion_tokens)})
+                                "usage": usage})
             except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
                 yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
@@ -565,13 +636,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8) -> FastAPI:
+               max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
+               max_queue: int = 64) -> FastAPI:
     """The FastAPI app serving `model` under `model_name`.
 
     Generation runs one request at a time through a single lock in a worker
     thread (no dynamic batching yet). ``api_key`` set: every route but
     ``/health`` needs ``Authorization: Bearer KEY``. ``max_tokens_limit``
-    defaults to the model's context length.
+    defaults to the model's context length; more than ``max_queue`` generation
+    requests running or waiting get 429.
     """
     server = _Server(model, tokenizer, config, model_name=model_name,
                      max_tokens_limit=max_tokens_limit if max_tokens_limit is not None else model.config.block_size,
@@ -607,6 +680,10 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics.text(), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptlab",
@@ -645,5 +722,8 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
                 "vocab_size": server.tok.vocab_size, "chat_format": server.config.get("chat_format"),
                 "max_model_len": server.block}
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if max_queue < 1:
+        raise UserError(f"max_queue={max_queue} must be >= 1")
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
+                       max_queue=max_queue)
     return app
