@@ -486,12 +486,23 @@ class _Server:
 
     def stream_completions(self, req: CompletionRequest, prompts: list[list[int]], n: int,
                            params: SamplingParams) -> StreamingResponse:
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = (lambda p: {"text": self.tok.decode(p)}) if req.echo else (lambda p: None)
+        return self.stream(
+            f"cmpl-{uuid.uuid4().hex}", "text_completion", {}, [(prompts[i // n], i % n) for i in range(len(prompts) * n)],
+            params, req, sum(map(len, prompts)), opening=echo, piece=lambda text: {"text": text or ""})
+
+    def stream(self, rid: str, obj: str, extra: dict[str, Any], jobs: Sequence[tuple[list[int], int]],
+               params: SamplingParams, req: _Request, prompt_tokens: int, *,
+               opening: Callable[[list[int]], dict[str, Any] | None],
+               piece: Callable[[str | None], dict[str, Any]]) -> StreamingResponse:
+        """SSE for completions and chat alike: choice ``i`` generates ``jobs[i] = (prompt ids, sample j)`` with
+        seed + j. ``opening`` gives a choice's first chunk (echo, the assistant role) or None; ``piece``
+        the fields of a text piece (None: the empty piece that carries the finish reason)."""
+        head = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name, **extra}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(index: int, text: str, finish: str | None) -> str:
-            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        def chunk(index: int, fields: dict[str, Any], finish: str | None) -> str:
+            body = {**head, "choices": [{"index": index, **fields, "logprobs": None, "finish_reason": finish}]}
             if include_usage:
                 body["usage"] = None
             return _sse(body)
@@ -499,25 +510,24 @@ class _Server:
         async def events() -> AsyncIterator[str]:
             completion_tokens = 0
             try:
-                for index in range(len(prompts) * n):
-                    p, j = prompts[index // n], index % n
-                    if req.echo:
-                        yield chunk(index, self.tok.decode(p), None)
+                for index, (ids, j) in enumerate(jobs):
+                    first = opening(ids)
+                    if first is not None:
+                        yield chunk(index, first, None)
                     if params.max_new_tokens == 0:
-                        yield chunk(index, "", "length")
+                        yield chunk(index, piece(None), "length")
                         continue
                     choice = SamplingParams(**{**params.__dict__,
                                                "seed": None if params.seed is None else params.seed + j})
-                    async for piece, row in self.iterate(lambda: self.engine.stream_pieces(p, choice)):
-                        if piece:
-                            yield chunk(index, piece, None)
+                    async for text, row in self.iterate(lambda: self.engine.stream_pieces(ids, choice)):
+                        if text:
+                            yield chunk(index, piece(text), None)
                         elif row is not None:
                             completion_tokens += len(row.token_ids) + (row.stop_token is not None)
-                            yield chunk(index, "", row.finish_reason)
-                usage = self.usage(sum(map(len, prompts)), completion_tokens)
+                            yield chunk(index, piece(None), row.finish_reason)
+                usage = self.usage(prompt_tokens, completion_tokens)
                 if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                "model": self.model_name, "choices": [], "usage": usage})
+                    yield _sse({**head, "choices": [], "usage": usage})
             except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
                 yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
@@ -576,43 +586,11 @@ class _Server:
                 "usage": self.usage(len(ids), sum(map(self.generated, comps)))}
 
     def stream_chat(self, req: ChatRequest, ids: list[int], n: int, params: SamplingParams) -> StreamingResponse:
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "system_fingerprint": None,
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                body["usage"] = None
-            return _sse(body)
-
-        async def events() -> AsyncIterator[str]:
-            completion_tokens = 0
-            try:
-                for index in range(n):
-                    yield chunk(index, {"role": "assistant", "content": ""}, None)
-                    if params.max_new_tokens == 0:
-                        yield chunk(index, {}, "length")
-                        continue
-                    choice = SamplingParams(**{**params.__dict__,
-                                               "seed": None if params.seed is None else params.seed + index})
-                    async for piece, row in self.iterate(lambda: self.engine.stream_pieces(ids, choice)):
-                        if piece:
-                            yield chunk(index, {"content": piece}, None)
-                        elif row is not None:
-                            completion_tokens += len(row.token_ids) + (row.stop_token is not None)
-                            yield chunk(index, {}, row.finish_reason)
-                usage = self.usage(len(ids), completion_tokens)
-                if include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                "model": self.model_name, "system_fingerprint": None, "choices": [],
-                                "usage": usage})
-            except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
-                yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return self.stream(
+            f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", {"system_fingerprint": None},
+            [(ids, j) for j in range(n)], params, req, len(ids),
+            opening=lambda _: {"delta": {"role": "assistant", "content": ""}},
+            piece=lambda text: {"delta": {} if text is None else {"content": text}})
 
     # --------------------------------------------------------- tokenizer
     def special_name(self, i: int | None) -> str | None:
