@@ -298,11 +298,17 @@ EVAL_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+def add_group(sub: argparse._SubParsersAction, name: str, help: str,
+              children: list[Callable[[argparse._SubParsersAction], None]]) -> None:
+    """A command with sub-commands of its own (``gptlab eval ppl``, ``gptlab tasks make``)."""
+    group = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+    for add in children:
+        add(group)
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (ppl: perplexity / bits per byte; icl: few-shot accuracy)")
-    esub = p.add_subparsers(dest="eval_command", required=True)
-    for add in EVAL_SUBCOMMANDS:
-        add(esub)
+    add_group(sub, "eval", "evaluate a model (ppl: perplexity / bits per byte; icl: few-shot accuracy)",
+              EVAL_SUBCOMMANDS)
 
 
 # -------------------------------------------------------------------- demo
@@ -451,10 +457,7 @@ TASKS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def add_tasks(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tasks", help="task files for fine-tuning and in-context evaluation (check, make)")
-    tsub = p.add_subparsers(dest="tasks_command", required=True)
-    for add in TASKS_SUBCOMMANDS:
-        add(tsub)
+    add_group(sub, "tasks", "task files for fine-tuning and in-context evaluation (check, make)", TASKS_SUBCOMMANDS)
 
 
 # ------------------------------------------------------------------ parser
