@@ -317,18 +317,27 @@ class GPT(nn.Module):
 
 
 def with_tokens(gpt: GPT, tokenizer: Any, tokens: list[str], dropout: float | None = None) -> GPT:
-    """Add special ``tokens`` to ``tokenizer``; return ``gpt`` with embedding rows for every id.
+    """Add special ``tokens`` to ``tokenizer``; return ``gpt`` with embedding rows for every id (``rebuilt``).
 
-    Ids beyond the model's vocabulary grow ``wte`` (and the tied ``lm_head``)
-    with N(0, 0.02) rows drawn from torch's global generator, which train with
-    everything else (GPT-1's delimiter tokens, the chat format's role tokens);
-    ``dropout`` (when given) replaces the model's. Returns ``gpt`` itself when
-    nothing changes, else a new GPT holding the same weights.
+    GPT-1's delimiter tokens and the chat format's role tokens come in this way.
     """
     vocab = max(max(tokenizer.add_special_tokens(tokens)) + 1, gpt.config.vocab_size)
+    return rebuilt(gpt, vocab_size=vocab, dropout=dropout)
+
+
+def rebuilt(gpt: GPT, *, vocab_size: int | None = None, dropout: float | None = None) -> GPT:
+    """``gpt`` with a larger vocabulary and/or another dropout, holding the same weights.
+
+    New ids grow ``wte`` (and the tied ``lm_head``) with N(0, 0.02) rows drawn
+    from torch's global generator, which train with everything else. Returns
+    ``gpt`` itself when nothing changes, else a new GPT.
+    """
+    vocab = gpt.config.vocab_size if vocab_size is None else vocab_size
     dropout = gpt.config.dropout if dropout is None else dropout
     if vocab == gpt.config.vocab_size and dropout == gpt.config.dropout:
         return gpt
+    if vocab < gpt.config.vocab_size:
+        raise ValueError(f"vocab_size {vocab} < the model's {gpt.config.vocab_size}: a vocabulary only grows")
     cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout})
     state = {k: v.detach() for k, v in gpt.state_dict().items()}
     for key in ("wte.weight",) if cfg.tie_embeddings else ("wte.weight", "lm_head.weight"):

@@ -47,6 +47,7 @@ from ..align_data import load_prompts
 from ..chat import render_prompt, stop_ids
 from ..errors import ConfigError, DataError
 from ..heads import ScalarModel
+from ..model import rebuilt
 from ..rl import (KL_KINDS, AdaptiveKLController, gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                   ppo_policy_loss, value_loss)
 from ..trainer import (DistEnv, TrainConfig, Trainer, TrainingDiverged, TrainResult,
@@ -383,9 +384,9 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
         device = env.device
         reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False).to(device)
         reward = reward.requires_grad_(False).to(device)
-        value = ScalarModel(reward.config, copy.deepcopy(reward.gpt).requires_grad_(True))  # reward is frozen
+        value_gpt = rebuilt(copy.deepcopy(reward.gpt), dropout=0.0).requires_grad_(True)  # the reward is frozen
+        value = ScalarModel(value_gpt.config, value_gpt)
         value.head.load_state_dict(reward.head.state_dict())
-        value.gpt = _no_dropout(value.gpt)
         model = ActorCritic(PolicyModel(gpt), value)
         extra, run_config = align_run_config(PPOStage.name, gpt.config, train_config, dataclasses.asdict(cfg), {
             "prompts": os.path.abspath(prompts_file), "train_prompts": len(prompts), "val_prompts": len(val_prompts),
@@ -397,14 +398,3 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
                          rank=env.rank, world_size=env.world_size, ptx=ptx, save_extra=extra, run_dir=out_dir)
         return Trainer(model, stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
                        progress=progress).fit()
-
-
-def _no_dropout(gpt: Any) -> Any:
-    from ..config import GPTConfig
-    from ..model import GPT
-
-    if gpt.config.dropout == 0:
-        return gpt
-    out = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), "dropout": 0.0}))
-    out.load_state_dict(gpt.state_dict())
-    return out
