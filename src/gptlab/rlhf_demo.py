@@ -136,15 +136,12 @@ class Labeler:
 
 def _sample(gpt: Any, tokenizer: Any, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
     """``n`` sampled responses (text, T = 1) per prompt."""
-    from .chat import render_prompt, stop_ids
-    from .engine import Engine, SamplingParams
+    from .chat import render_prompt
+    from .stages.sequences import sample_replies
 
-    engine = Engine(gpt.eval(), tokenizer)
     ids = [render_prompt(p, tokenizer) for p in prompts for _ in range(n)]
-    out: list[str] = []
-    for i in range(0, len(ids), 64):
-        params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=seed + i, stop_token_ids=stop_ids(tokenizer))
-        out.extend(c.text.strip() for c in engine.generate_ids(ids[i: i + 64], params))
+    out = [c.text.strip() for c in sample_replies(gpt.eval(), tokenizer, ids, max_new_tokens=tokens, seed=seed,
+                                                  batch_size=64)]
     return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 

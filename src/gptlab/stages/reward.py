@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_rankings
-from ..chat import render_pair, render_prompt, stop_ids
+from ..chat import render_pair, render_prompt
 from ..errors import CheckpointError, DataError
 from ..heads import ScalarModel, load_head, save_head
 from ..rl import ranking_loss
 from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
-from .sequences import align_run_config, data_record, pad_right, split_held_out, stage_run
+from .sequences import align_run_config, data_record, pad_right, sample_replies, split_held_out, stage_run
 from .sft import load_chat_model
 
 __all__ = ["RM_DEFAULTS", "RM_EPOCHS", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
@@ -140,20 +140,10 @@ class RewardStage:
 def sample_responses(gpt: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, seed: int,
                      temperature: float = 1.0, batch_size: int = 32) -> list[list[int]]:
     """``prompt + response (+ the stop token when it ended)`` ids for each prompt, sampled from ``gpt``."""
-    from ..engine import Engine, SamplingParams
-
-    was_training = gpt.training
-    engine = Engine(gpt, tokenizer)
-    block = gpt.config.block_size
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [render_prompt(p, tokenizer)[-(block // 2):] for p in prompts[i: i + batch_size]]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
-                                stop_token_ids=stop_ids(tokenizer))
-        for p, c in zip(ids, engine.generate_ids(ids, params)):
-            out.append(p + c.token_ids + ([c.stop_token] if c.stop_token is not None else []))
-    gpt.train(was_training)
-    return out
+    ids = [render_prompt(p, tokenizer)[-(gpt.config.block_size // 2):] for p in prompts]
+    replies = sample_replies(gpt, tokenizer, ids, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+                             batch_size=batch_size)
+    return [p + c.token_ids + ([c.stop_token] if c.stop_token is not None else []) for p, c in zip(ids, replies)]
 
 
 def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, tokenizer: Any,

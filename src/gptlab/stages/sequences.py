@@ -21,7 +21,7 @@ from ..model import GPT
 from ..rl import entropy_from_logits, token_logprobs
 
 __all__ = ["pad_right", "response_positions", "responses_of", "held_out", "split_held_out", "data_record",
-           "align_run_config", "stage_run", "PolicyModel"]
+           "align_run_config", "stage_run", "sample_replies", "PolicyModel"]
 
 T = TypeVar("T")
 
@@ -81,6 +81,26 @@ def align_run_config(stage: str, gpt_config: Any, train: Any, section: dict[str,
     extra = {"chat_format": CHAT_FORMAT, "train": train.to_dict(), key or stage: section, "data": data}
     return extra, {"format_version": 1, "model": gpt_config.to_dict(), "tokenizer": "tokenizer", "stage": stage,
                    **extra}
+
+
+def sample_replies(gpt: GPT, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int, seed: int,
+                   temperature: float = 1.0, batch_size: int = 32) -> list[Any]:
+    """The engine's ``Completion`` of each rendered chat prompt, ending at the end of the assistant's turn.
+
+    Batch ``b`` (prompts ``b .. b + batch_size``) samples with ``seed + b``; ``gpt``'s train/eval mode is kept.
+    """
+    from ..chat import stop_ids
+    from ..engine import Engine, SamplingParams
+
+    was_training = gpt.training
+    engine = Engine(gpt, tokenizer)
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + b,
+                                stop_token_ids=stop_ids(tokenizer))
+        out.extend(engine.generate_ids(prompts[b: b + batch_size], params))
+    gpt.train(was_training)
+    return out
 
 
 @contextlib.contextmanager

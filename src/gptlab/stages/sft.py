@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 
 from ..align_data import load_sft
-from ..chat import CHAT_TOKENS, render, render_prompt, stop_ids
+from ..chat import CHAT_TOKENS, render, render_prompt
 from ..errors import DataError, UserError
 from ..model import GPT, with_tokens
 from ..tokenizer import PAD
 from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
-from .sequences import align_run_config, data_record, split_held_out, stage_run
+from .sequences import align_run_config, data_record, sample_replies, split_held_out, stage_run
 
 __all__ = ["SFT_DEFAULTS", "SFT_EPOCHS", "SFTStage", "encode_sft", "load_chat_model", "run_sft", "sft_sample"]
 
@@ -156,14 +156,9 @@ class SFTStage:
 
 def sft_sample(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0) -> str:
     """The assistant's reply to ``prompt`` (greedy by default), cut at the end of its turn."""
-    from ..engine import Engine, SamplingParams
-
-    was_training = model.training
     ids = render_prompt(prompt, tokenizer)[-(model.config.block_size - 1):]
-    out = Engine(model, tokenizer).generate_ids([ids], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop_ids(tokenizer), seed=0))[0]
-    model.train(was_training)
-    return out.text or ""
+    reply = sample_replies(model, tokenizer, [ids], max_new_tokens=max_new_tokens, seed=0, temperature=temperature)[0]
+    return reply.text or ""
 
 
 def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
