@@ -212,7 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer, config = load_run(args.model)
     name = args.model_name or Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
     app = create_app(model, tokenizer, config, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue)
+                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                     data_dir=args.data_dir or Path(str(args.model).removeprefix("hf:")).expanduser())
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     original_startup = server.startup
 
@@ -238,6 +239,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="generation requests running or waiting before new ones get 429 (default 64)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory name)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the web pages append feedback.jsonl and rankings.jsonl (default: the model's directory)")
     p.set_defaults(func=cmd_serve)
 
 

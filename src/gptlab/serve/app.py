@@ -24,6 +24,7 @@ import math
 import threading
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import ROLES, Message, has_chat_tokens, render, stop_ids
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
+from .web import add_web_routes
 
 __all__ = ["create_app", "APIError"]
 
@@ -615,20 +617,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, data_dir: str | Path | None = None) -> FastAPI:
     """The FastAPI app serving `model` under `model_name`.
 
     Generation runs one request at a time through a single lock in a worker
     thread (no dynamic batching yet). ``api_key`` set: every route but
     ``/health`` needs ``Authorization: Bearer KEY``. ``max_tokens_limit``
     defaults to the model's context length; more than ``max_queue`` generation
-    requests running or waiting get 429.
+    requests running or waiting get 429. ``data_dir`` receives what the web pages
+    collect (feedback.jsonl, rankings.jsonl); None disables those writes.
     """
     server = _Server(model, tokenizer, config, model_name=model_name,
                      max_tokens_limit=max_tokens_limit if max_tokens_limit is not None else model.config.block_size,
                      max_n=max_n)
     app = FastAPI(title="gptlab", description="OpenAI-compatible API for a gptlab model")
     app.state.server = server
+    server.data_dir = Path(data_dir) if data_dir is not None else None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Any, exc: APIError) -> JSONResponse:
@@ -700,6 +704,7 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
                 "vocab_size": server.tok.vocab_size, "chat_format": server.config.get("chat_format"),
                 "max_model_len": server.block}
 
+    add_web_routes(app, server)
     if max_queue < 1:
         raise UserError(f"max_queue={max_queue} must be >= 1")
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
