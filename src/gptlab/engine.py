@@ -34,6 +34,8 @@ class SamplingParams:
     logprobs: int = 0  # how many top alternatives to return per token
     stop_at_eos: bool = True
     stop_token_ids: list[int] = field(default_factory=list)  # e.g. chat.stop_ids: end of an assistant turn
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # ... times how often it was generated
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -59,6 +61,8 @@ class Completion:
 
 @dataclass
 class _Row:
+    """One sequence being decoded; shared by the engine's lock-step loop and the server's batcher."""
+
     prompt_len: int
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -66,6 +70,33 @@ class _Row:
     text: str | None = None
     finish: str | None = None
     stop_token: int | None = None
+    shown: int = 0  # characters of ``text`` already handed out by ``fresh_text``
+
+    def accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None, stop_ids: set[int],
+               stops: Sequence[str], tokenizer: Any) -> None:
+        """Append a sampled token; a stop id ends the row (and is not kept), as does a stop string
+        (the text is cut before it). ``tokenizer`` None: no text is tracked."""
+        if token in stop_ids:
+            self.finish, self.stop_token = "stop", token
+        else:
+            self.ids.append(token)
+            self.logprobs.append(logprob)
+            if top is not None:
+                self.top.append(top)
+        if tokenizer is not None:
+            self.text = tokenizer.decode(self.ids)
+            cut = min((self.text.find(s) for s in stops if s in self.text), default=-1)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
+
+    def fresh_text(self, stops: Sequence[str]) -> str:
+        """Text that became safe to show since the last call: never a partial stop string or UTF-8 char."""
+        text = self.text or ""
+        safe = len(text) if self.finish else len(text) - _held_back(text, stops)
+        if safe <= self.shown:
+            return ""
+        piece, self.shown = text[self.shown:safe], safe
+        return piece
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
@@ -88,6 +119,18 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     probs = torch.softmax(logits, -1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(-1), logprobs
+
+
+def penalize(logits: torch.Tensor, histories: Sequence[Sequence[int]], params: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on (B, V) logits, from each row's generated tokens."""
+    if not (params.presence_penalty or params.frequency_penalty) or not any(histories):
+        return logits
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    for b, ids in enumerate(histories):
+        if ids:
+            counts[b].index_add_(0, torch.tensor(ids, device=logits.device),
+                                 torch.ones(len(ids), device=logits.device))
+    return logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -138,7 +181,7 @@ class Engine:
         rows: list[_Row] = []
         for rows in self._decode(prompts, params):
             pass
-        return [self._completion(r) for r in rows]
+        return [self.completion(r) for r in rows]
 
     @torch.inference_mode()
     def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -201,19 +244,23 @@ class Engine:
 
         What a server needs to stream: the text, and at the end the finish reason and token counts.
         """
-        emitted = 0
         row = None
         for (row,) in self._decode([list(prompt)], params, track_text=True):
-            text = row.text or ""
-            safe = len(text) if row.finish else len(text) - _held_back(text, params.stop)
-            if safe > emitted:
-                yield text[emitted:safe], None
-                emitted = safe
+            piece = row.fresh_text(params.stop)
+            if piece:
+                yield piece, None
         if row is not None:
-            yield "", self._completion(row)
+            yield "", self.completion(row)
+
+    def stop_ids(self, params: SamplingParams) -> set[int]:
+        """Token ids that end a sequence: the params' own, and EOS unless ``stop_at_eos`` is off."""
+        ids = set(params.stop_token_ids)
+        if self.tokenizer is not None and params.stop_at_eos:
+            ids.add(self.tokenizer.eos_id)
+        return ids
 
     # ------------------------------------------------------------- internals
-    def _completion(self, row: _Row) -> Completion:
+    def completion(self, row: _Row) -> Completion:
         text = row.text
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(row.ids)
@@ -221,11 +268,44 @@ class Engine:
                           logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len,
                           stop_token=row.stop_token)
 
+    def prefill(self, prompts: Sequence[Sequence[int]], room: int
+                ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Run left-padded prompts through a new cache with ``room`` free positions.
+
+        Returns the next-token logits (B, V), the cache, and each row's next position (B, 1).
+        """
+        B, T = len(prompts), max(len(p) for p in prompts)
+        idx = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            idx[b, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            valid[b, T - len(p):] = True
+        idx, valid = idx.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.config, B, max_len=T + room, device=self.device, dtype=self.model.wte.weight.dtype)
+        cache.set_padding(valid)
+        logits = self.model(idx, cache=cache, positions=positions)[:, -1]
+        return logits, cache, positions[:, -1:] + 1
+
+    def sample_rows(self, logits: torch.Tensor, rows: Sequence[_Row], params: SamplingParams,
+                    generator: torch.Generator | None, stop_ids: set[int], track_text: bool) -> torch.Tensor:
+        """Sample one token per row from (B, V) logits and append it to the unfinished rows."""
+        logits = penalize(logits, [r.ids for r in rows], params)
+        tokens, logprobs = sample_next(logits, params, generator)
+        chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        top = torch.topk(logprobs, params.logprobs, dim=-1) if params.logprobs else None
+        for b, (r, tok) in enumerate(zip(rows, tokens.tolist())):
+            if not r.finish:
+                r.accept(tok, chosen[b], None if top is None else
+                         list(zip(top.indices[b].tolist(), top.values[b].tolist())),
+                         stop_ids, params.stop, self.tokenizer if track_text else None)
+        return tokens
+
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                 track_text: bool = False) -> Iterator[list[_Row]]:
         """The decoding loop; yields the rows after every step (the last yield is final)."""
-        cfg, device = self.config, self.device
+        cfg = self.config
         if not prompts:
             return
         lengths = [len(p) for p in prompts]
@@ -238,24 +318,10 @@ class Engine:
         track_text = track_text or bool(params.stop)
         if track_text and self.tokenizer is None:
             raise UserError("stop strings and streaming need a tokenizer")
-        stop_ids = set(params.stop_token_ids)
-        if self.tokenizer is not None and params.stop_at_eos:
-            stop_ids.add(self.tokenizer.eos_id)
-
-        B, T = len(prompts), max(lengths)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            idx[b, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            valid[b, T - len(p):] = True
-        idx, valid = idx.to(device), valid.to(device)
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        next_pos = positions[:, -1:] + 1
-        cache = KVCache(cfg, B, max_len=T + max_new, device=device, dtype=self.model.wte.weight.dtype)
-        cache.set_padding(valid)
+        stop_ids = self.stop_ids(params)
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
 
         rows = [_Row(prompt_len=n) for n in lengths]
         if max_new == 0:
@@ -263,28 +329,9 @@ class Engine:
                 r.finish, r.text = "length", "" if track_text else None
             yield rows
             return
-        logits = self.model(idx, cache=cache, positions=positions)[:, -1]
+        logits, cache, next_pos = self.prefill(prompts, room=max_new)
         for step in range(max_new):
-            tokens, logprobs = sample_next(logits, params, generator)
-            chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-            top = torch.topk(logprobs, params.logprobs, dim=-1) if params.logprobs else None
-            for b, (r, tok) in enumerate(zip(rows, tokens.tolist())):
-                if r.finish:
-                    continue
-                r.ids.append(tok)
-                r.logprobs.append(chosen[b])
-                if top is not None:
-                    r.top.append(list(zip(top.indices[b].tolist(), top.values[b].tolist())))
-                if tok in stop_ids:
-                    r.ids.pop(), r.logprobs.pop()
-                    if top is not None:
-                        r.top.pop()
-                    r.finish, r.stop_token = "stop", tok
-                if track_text:
-                    r.text = self.tokenizer.decode(r.ids)
-                    cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
-                    if cut >= 0:
-                        r.text, r.finish = r.text[:cut], "stop"
+            tokens = self.sample_rows(logits, rows, params, generator, stop_ids, track_text)
             if step == max_new - 1:
                 for r in rows:
                     r.finish = r.finish or "length"
