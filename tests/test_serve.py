@@ -253,3 +253,168 @@ def test_metrics_count_requests_tokens_and_the_queue_refuses_beyond_its_limit():
         assert value("gptlab_request_seconds_count") >= 3
     finally:
         running.stop()
+
+
+# ------------------------------------------------------------- batching
+def test_concurrent_requests_share_decode_steps_and_match_one_at_a_time(served):
+    """Eight sampled requests at once: each gets what it would get alone (same seed), in fewer steps."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, engine, tok = served["client"], served["engine"], served["tok"]
+    prompts = ["the cat", "a dog sat", "hello", "b", "ships at sea", "once upon", "why", "zebra"]
+    steps_before = _metric(served["url"], "gptlab_decode_steps_total")
+
+    def ask(i: int):
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=30, temperature=0.9, seed=i,
+                                         extra_body={"top_k": 10}, frequency_penalty=0.3 * (i % 2))
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(ask, range(8)))
+    for i, out in enumerate(outs):
+        ref = engine.generate_ids([tok.encode(prompts[i])], SamplingParams(
+            max_new_tokens=30, temperature=0.9, seed=i, top_k=10, frequency_penalty=0.3 * (i % 2)))[0]
+        assert out.choices[0].text == ref.text, i
+    steps = _metric(served["url"], "gptlab_decode_steps_total") - steps_before
+    assert steps < sum(o.usage.completion_tokens for o in outs)  # some requests decoded together
+    assert re.search(r'^gptlab_batch_sequences\{state="running"\} 0$', _metrics_text(served["url"]), re.M)
+
+
+def test_streamed_logprobs_equal_the_whole_responses(served):
+    client = served["client"]
+    whole = client.completions.create(model="tiny", prompt="abc", max_tokens=12, logprobs=2, seed=5)
+    chunks = [c for c in client.completions.create(model="tiny", prompt="abc", max_tokens=12, logprobs=2, seed=5,
+                                                   stream=True) if c.choices and c.choices[0].logprobs]
+    lp = whole.choices[0].logprobs
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == pytest.approx(lp.token_logprobs)
+    assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, seed=2, logprobs=True,
+                                          top_logprobs=3)
+    streamed = [e for c in client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, seed=2,
+                                                          logprobs=True, top_logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, len(e.top_logprobs)) for e in streamed] == [(e.token, 3) for e in chat.choices[0].logprobs.content]
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="tiny", prompt="abc", frequency_penalty=3)
+
+
+def _metrics_text(url: str) -> str:
+    return httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+
+
+def _metric(url: str, name: str) -> float:
+    import re
+
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", _metrics_text(url), re.M).group(1))
+
+
+def test_a_client_that_goes_away_frees_its_slot():
+    """A stream closed after one chunk, and a plain request whose client times out, stop decoding early."""
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=1024, vocab_size=tok.vocab_size)).eval()
+    running = _Running(create_app(model, tok, {}, model_name="slow", max_batch=1))
+    body = {"prompt": "hi", "max_tokens": 1000, "temperature": 0, "stream": True}
+
+    def steps_until_idle() -> float:
+        deadline = time.time() + 20
+        while _metric(running.url, 'gptlab_batch_sequences{state="running"}') and time.time() < deadline:
+            time.sleep(0.02)
+        return _metric(running.url, "gptlab_decode_steps_total")
+
+    try:
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as r:
+            next(r.iter_lines())
+        streamed = steps_until_idle()
+        assert streamed < 100, streamed
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(running.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        plain = steps_until_idle() - streamed
+        assert plain < 1000, plain  # cancelled within a poll of the client going away, not run to its end
+        out = httpx.post(running.url + "/v1/completions", json={"prompt": "a", "max_tokens": 3}, timeout=30)
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+    finally:
+        running.stop()
+
+
+def test_health_and_routes_answer_503_while_the_model_loads():
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        return _model(tok, 3), tok, {}
+
+    running = _Running(create_app(model_name="later", load=load))
+    failed = _Running(create_app(model_name="broken", load=lambda: (_ for _ in ()).throw(OSError("disk gone"))))
+    try:
+        r = httpx.get(running.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(running.url + "/v1/completions", json={"prompt": "abc"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        release.set()
+        deadline = time.time() + 20
+        while httpx.get(running.url + "/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert httpx.post(running.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2}).status_code == 200
+        r = httpx.get(failed.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "error", "error": "OSError: disk gone"}
+    finally:
+        running.stop()
+        failed.stop()
+
+
+def test_serve_command_with_a_bad_model_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import sys; from gptlab.cli import main; sys.exit(main())",
+                           "serve", "--model", str(tmp_path / "missing"), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "missing" in lines[0], proc.stderr
+
+
+def test_lm_evaluation_harness_requests_give_the_scores_of_gptlab_eval_icl(tmp_path):
+    """lm-eval's loglikelihood over the API (echo, logprobs=1, max_tokens=1, the continuation's token log-probs
+    summed, greedy from the top log-probs) reproduces `gptlab eval icl`'s accuracies and its scores."""
+    import json
+
+    from gptlab.icl import evaluate_icl, render as render_icl
+    from gptlab.tasks import load_task
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?:")
+    model = _model(tok, 4)
+    rows = [{"context": f"q{c}:", "choices": [" yes", " no", " maybe so"], "label": i % 3}
+            for i, c in enumerate("abcdefgh")]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(path)
+    expected = evaluate_icl(model, tok, task, [0])["results"]["0"]
+    running = _Running(create_app(model, tok, {}, model_name="m"))
+    try:
+        requests, golds = [], []
+        for row in task.rows:
+            context, choices, gold = render_icl(task, row)
+            requests += [(tok.encode(context), tok.encode(c)) for c in choices]
+            golds.append(gold)
+        out = httpx.post(running.url + "/v1/completions", timeout=30, json={
+            "model": "m", "prompt": [c + k for c, k in requests], "echo": True, "logprobs": 1, "max_tokens": 1,
+            "temperature": 0}).json()
+        scores = []
+        for (context, continuation), choice in zip(requests, out["choices"]):
+            lp = choice["logprobs"]
+            span = slice(len(context), -1)  # lm-eval drops the one generated token
+            greedy = all(max(top, key=top.get) == t for top, t in zip(lp["top_logprobs"][span], lp["tokens"][span]))
+            scores.append((sum(lp["token_logprobs"][span]), len(continuation), greedy))
+        assert [s[0] for s in scores] == pytest.approx([s[0] for s in Engine(model, tok).score(requests)], abs=1e-4)
+        per_row = [scores[3 * i:3 * i + 3] for i in range(len(golds))]
+        acc = sum(max(range(3), key=lambda c: got[c][0]) == g for got, g in zip(per_row, golds)) / len(golds)
+        acc_norm = sum(max(range(3), key=lambda c: got[c][0] / got[c][1]) == g
+                       for got, g in zip(per_row, golds)) / len(golds)
+        assert (acc, acc_norm) == (expected["acc"], expected["acc_norm"])
+    finally:
+        running.stop()

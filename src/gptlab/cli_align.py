@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,26 +209,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .serve import create_app
 
-    if args.max_body_bytes < 1:
-        raise UserError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
-    model, tokenizer, config = load_run(args.model)
-    name = args.model_name or Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
-    app = create_app(model, tokenizer, config, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                     data_dir=args.data_dir or Path(str(args.model).removeprefix("hf:")).expanduser())
+    for flag in ("max_body_bytes", "max_queue", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+    directory = Path(str(args.model).removeprefix("hf:")).expanduser()
+    name = args.model_name or directory.resolve().name
+    app = create_app(load=lambda: load_run(args.model), model_name=name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                     data_dir=args.data_dir or directory)
+    model_server = app.state.server
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     original_startup = server.startup
 
-    async def startup(sockets: Any = None) -> None:  # prints the URL once the socket is bound
+    def announce() -> None:  # /health answers 503 while the model loads; the URL is printed once it is ready
+        model_server.ready.wait()
+        if model_server.load_error:
+            print(f"gptlab serve: error: {model_server.load_error}", file=sys.stderr, flush=True)
+            server.should_exit = True
+            return
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+        print(f"gptlab serve: model '{name}' at http://{host}:{port}/v1 (web chat: http://{host}:{port}/; "
+              "Ctrl-C stops)", flush=True)
+
+    async def startup(sockets: Any = None) -> None:
         await original_startup(sockets=sockets)
         if server.started:
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
-            print(f"gptlab serve: model '{name}' at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+            threading.Thread(target=announce, daemon=True).start()
 
     server.startup = startup  # type: ignore[method-assign]
     server.run()
-    return 0
+    return 2 if model_server.load_error else 0
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -238,6 +251,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="generation requests running or waiting before new ones get 429 (default 64)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together; more requests wait to join between steps (default 16)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory name)")
     p.add_argument("--data-dir", default=None,
                    help="where the web pages append feedback.jsonl and rankings.jsonl (default: the model's directory)")

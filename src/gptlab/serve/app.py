@@ -3,16 +3,18 @@
 Routes: ``GET /health``, ``GET /metrics`` (Prometheus text: requests, latency, tokens, queue depth), ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (the lm-evaluation-harness probes).
 
-Generation is serialised: every request runs in a worker thread under one lock, so
-requests that arrive together wait for each other (no dynamic batching yet). The
-``n`` samples of one non-streamed request are decoded as one batch; streamed
-choices are decoded one after the other (choice ``i`` uses ``seed + i``).
+Requests are decoded together: a ``Batcher`` (batcher.py) runs one batch on a
+worker thread and new sequences join it between decode steps, each with its own
+sampling settings and seed, so a seeded request gets the same text alone or in a
+crowd. The ``n`` choices of a request are sequences of the batch (choice ``j``
+uses ``seed + j``, streamed or not). A client that disconnects frees its slots.
 
 Errors always come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for bad input (validation, malformed JSON, prompts beyond the context), 401 for a
 missing or wrong API key, 404 for an unknown model or route, 413 for a body over
-``max_body_bytes``, 429 when more than ``max_queue`` generation requests are running or waiting. A ``max_tokens`` that does not fit after the prompt is cut at the
-context (``finish_reason: "length"``) rather than refused.
+``max_body_bytes``, 429 when more than ``max_queue`` generation requests are running
+or waiting, 503 while the model loads. A ``max_tokens`` that does not fit after the
+prompt is cut at the context (``finish_reason: "length"``) rather than refused.
 """
 
 from __future__ import annotations
@@ -24,19 +26,21 @@ import math
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ROLES, Message, has_chat_tokens, render, stop_ids
+from ..batcher import Batcher, Piece
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from .web import add_web_routes
@@ -46,6 +50,7 @@ __all__ = ["create_app", "APIError"]
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 5  # legacy completions
 MAX_TOP_LOGPROBS = 20  # chat
+DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting non-streamed request checks its client is still there
 
 
 class APIError(Exception):
@@ -82,6 +87,8 @@ class _Request(BaseModel):
     n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -136,6 +143,7 @@ class _Metrics:
         self.completion_tokens = 0
         self.in_flight = 0  # generation requests running or waiting for the model
         self.rejected = 0
+        self.batcher: Batcher | None = None  # set once the model is loaded
 
     def text(self) -> str:
         lines = ["# HELP gptlab_requests_total HTTP requests by path and status.",
@@ -153,6 +161,13 @@ class _Metrics:
                   "# TYPE gptlab_queue_depth gauge", f"gptlab_queue_depth {self.in_flight}",
                   "# HELP gptlab_rejected_total Generation requests refused with 429 (queue full).",
                   "# TYPE gptlab_rejected_total counter", f"gptlab_rejected_total {self.rejected}"]
+        if self.batcher is not None:
+            b = self.batcher
+            lines += ["# HELP gptlab_batch_sequences Sequences decoding in the batch now, and waiting to join it.",
+                      "# TYPE gptlab_batch_sequences gauge", f'gptlab_batch_sequences{{state="running"}} {b.running}',
+                      f'gptlab_batch_sequences{{state="waiting"}} {b.queued}',
+                      "# HELP gptlab_decode_steps_total Batched decode steps run.",
+                      "# TYPE gptlab_decode_steps_total counter", f"gptlab_decode_steps_total {b.steps}"]
         return "\n".join(lines) + "\n"
 
 
@@ -160,9 +175,9 @@ class _Guard:
     """Pure ASGI middleware: metrics, API key (401), body size (413) and queue limit (429), before any
     route reads the body."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, metrics: _Metrics, max_queue: int):
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, server: "_Server", max_queue: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
-        self.metrics, self.max_queue = metrics, max_queue
+        self.server, self.metrics, self.max_queue = server, server.metrics, max_queue
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -182,7 +197,9 @@ class _Guard:
         if generating:
             m.in_flight += 1
         try:
-            if generating and m.in_flight > self.max_queue:
+            if not self.server.loaded and path != "/metrics":
+                await self._unavailable(path)(scope, receive, observed_send)
+            elif generating and m.in_flight > self.max_queue:
                 m.rejected += 1
                 await _error(429, f"server busy: {m.in_flight - 1} requests are running or queued "
                                   f"(--max-queue {self.max_queue}); retry later", type="rate_limit_error",
@@ -197,6 +214,13 @@ class _Guard:
             m.requests[key] = m.requests.get(key, 0) + 1
             m.seconds_sum += time.perf_counter() - started
             m.seconds_count += 1
+
+    def _unavailable(self, path: str) -> JSONResponse:
+        error = self.server.load_error
+        if path == "/health":
+            return JSONResponse({"status": "error", "error": error} if error else {"status": "loading"}, status_code=503)
+        message = f"the model failed to load: {error}" if error else "the model is still loading: retry when GET /health answers 200"
+        return _error(503, message, type="service_unavailable", code="model_load_failed" if error else "model_loading")
 
     async def _checked(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = dict(scope.get("headers") or [])
@@ -247,28 +271,47 @@ class _Guard:
 
 
 # ------------------------------------------------------------------ server
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 class _Server:
-    def __init__(self, model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str,
-                 max_tokens_limit: int, max_n: int):
+    """The model behind the routes. Until ``attach`` has run (the model is loading) the middleware
+    answers 503, so the routes may use the model's attributes freely."""
+
+    def __init__(self, *, model_name: str, max_tokens_limit: int | None, max_n: int, max_batch: int,
+                 data_dir: Path | None):
+        self.model_name, self.max_tokens_limit, self.max_n = model_name, max_tokens_limit, max_n
+        self.max_batch, self.data_dir = max_batch, data_dir
+        self.metrics = _Metrics()
+        self.created = int(time.time())
+        self.ready = threading.Event()  # set once the model is attached, or loading failed
+        self.load_error: str | None = None
+        self.batcher: Batcher | None = None
+
+    def attach(self, model: Any, tokenizer: Any, config: dict[str, Any]) -> None:
         if tokenizer is None:
             raise UserError("the server needs a tokenizer: serve a run directory saved with one, or hf:DIR")
         self.engine = Engine(model, tokenizer)
         self.model, self.tok, self.config = self.engine.model, tokenizer, config
         self.block = self.engine.config.block_size
-        self.model_name, self.max_tokens_limit, self.max_n = model_name, max_tokens_limit, max_n
-        self.lock = threading.Lock()
-        self.metrics = _Metrics()
-        self.created = int(time.time())
+        self.max_tokens_limit = self.max_tokens_limit or self.block
         self.chat_ok = bool(config.get("chat_format")) and has_chat_tokens(tokenizer)
+        self.batcher = Batcher(self.engine, self.max_batch)
+        self.metrics.batcher = self.batcher
+        self.ready.set()
+
+    def load(self, loader: Callable[[], tuple[Any, Any, dict[str, Any]]]) -> None:
+        """Attach what ``loader()`` returns; a failure is kept in ``load_error`` (and /health reports it)."""
+        try:
+            self.attach(*loader())
+        except Exception as e:  # noqa: BLE001 - reported by /health and by `gptlab serve`
+            self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+            self.ready.set()
+
+    @property
+    def loaded(self) -> bool:
+        return self.ready.is_set() and self.load_error is None
 
     # -------------------------------------------------------- validation
     def check_model(self, name: str | None) -> None:
@@ -304,10 +347,14 @@ class _Server:
         if not 0 <= max_tokens <= self.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} must be between 0 and {self.max_tokens_limit}",
                            param="max_tokens")
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             value = getattr(req, name)
             if value is not None and not math.isfinite(value):
                 raise APIError(400, f"{name} must be a finite number", param=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(req, name)
+            if value is not None and not -2 <= value <= 2:
+                raise APIError(400, f"{name}={value} must be between -2 and 2", param=name)
         temperature = 1.0 if req.temperature is None else req.temperature
         if not 0 <= temperature <= 100:
             raise APIError(400, f"temperature={temperature} must be between 0 and 100 (0 = greedy)",
@@ -327,7 +374,8 @@ class _Server:
                               top_k=req.top_k if req.top_k and req.top_k > 0 else None,
                               top_p=None if top_p is None or top_p >= 1 else top_p, stop=stop,
                               seed=None if seed is None else seed % 2 ** 63, logprobs=logprobs,
-                              stop_token_ids=list(stop_token_ids))
+                              stop_token_ids=list(stop_token_ids), presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0)
 
     def n(self, n: int | None) -> int:
         n = 1 if n is None else n
@@ -337,47 +385,61 @@ class _Server:
 
     # ------------------------------------------------------------ compute
     async def run(self, fn: Callable[[], Any]) -> Any:
-        def locked() -> Any:
-            with self.lock:
-                return fn()
-        return await run_in_threadpool(locked)
+        """Run ``fn()`` on the batcher's thread between two decode steps (model work that must not race it)."""
+        return await asyncio.wrap_future(self.batcher.call(fn))
 
-    async def iterate(self, make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-        """Run a generator in a worker thread under the lock; stop it when the consumer goes away."""
+    async def decode(self, jobs: Sequence[tuple[list[int], SamplingParams]], stream: bool
+                     ) -> AsyncIterator[tuple[int, Piece]]:
+        """Submit every job to the batcher and yield ``(job index, Piece)`` as they come, interleaved;
+        leaving early (a client that went away) cancels the jobs, which frees their batch slots."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-        done = object()
+        queue: asyncio.Queue[tuple[int, Piece | BaseException]] = asyncio.Queue()
 
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # loop closed: nobody is listening
-                cancel.set()
+        def emitter(i: int) -> Callable[[Piece | BaseException], None]:
+            def emit(item: Piece | BaseException) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, item))
+                except RuntimeError:  # the event loop is gone: nobody is listening
+                    pass
+            return emit
 
-        def worker() -> None:
-            try:
-                with self.lock:
-                    for item in make():
-                        if cancel.is_set():
-                            break
-                        put(item)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                put(_Failure(e))
-            finally:
-                put(done)
-
-        loop.run_in_executor(None, worker)
+        tickets = [self.batcher.submit(ids, params, emitter(i), stream) for i, (ids, params) in enumerate(jobs)]
+        left = len(tickets)
         try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
+            while left:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield i, item
+                left -= item.completion is not None
         finally:
-            cancel.set()
+            for t in tickets:
+                t.cancel()
+
+    async def complete(self, jobs: Sequence[tuple[list[int], SamplingParams]], request: Request
+                       ) -> list[Completion]:
+        """Every job's Completion; gives up (cancelling the jobs) when the client disconnects."""
+        out: list[Completion | None] = [None] * len(jobs)
+
+        async def collect() -> None:
+            async for i, piece in self.decode(jobs, stream=False):
+                out[i] = piece.completion
+
+        task = asyncio.ensure_future(collect())
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "the client closed the request", code="client_closed_request")
+        task.result()
+        return [c for c in out if c is not None]
+
+    @staticmethod
+    def choices(prompts: list[list[int]], n: int, params: SamplingParams) -> list[tuple[list[int], SamplingParams]]:
+        """n samples of each prompt; sample ``j`` uses ``seed + j``, streamed or not."""
+        def seeded(j: int) -> SamplingParams:
+            return replace(params, seed=None if params.seed is None else params.seed + j)
+        return [(p, seeded(j)) for p in prompts for j in range(n)]
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: list[int],
@@ -396,11 +458,6 @@ class _Server:
             tops += [[] for _ in chosen]
         return [None, *chosen], tops
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
-        if params.max_new_tokens == 0:
-            return [Completion([], "", "length", [], [], len(p)) for p in prompts for _ in range(n)]
-        return self.engine.generate_ids([p for p in prompts for _ in range(n)], params)
-
     # ----------------------------------------------------------- shaping
     def token_str(self, i: int) -> str:
         raw = self.tok.token_bytes(i)
@@ -410,21 +467,23 @@ class _Server:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def legacy_logprobs(self, ids: Sequence[int], lps: Sequence[float | None],
-                        tops: Sequence[Sequence[tuple[int, float]] | None]) -> dict[str, Any]:
+                        tops: Sequence[Sequence[tuple[int, float]] | None], start: int = 0) -> dict[str, Any]:
+        """The completions API's logprobs; ``start``: characters of text before these tokens (streaming)."""
         text, offsets = b"", []
         for i in ids:
-            offsets.append(len(text.decode("utf-8", errors="replace")))
+            offsets.append(start + len(text.decode("utf-8", errors="replace")))
             text += self.tok.token_bytes(i)
         top_dicts = [None if t is None else {self.token_str(j): v for j, v in t} for t in tops]
         return {"tokens": [self.token_str(i) for i in ids], "token_logprobs": list(lps),
                 "top_logprobs": top_dicts, "text_offset": offsets}
 
-    def chat_logprobs(self, c: Completion) -> dict[str, Any]:
+    def chat_logprobs(self, ids: Sequence[int], lps: Sequence[float],
+                      tops: Sequence[Sequence[tuple[int, float]]]) -> dict[str, Any]:
         def entry(i: int, lp: float) -> dict[str, Any]:
             return {"token": self.token_str(i), "logprob": lp, "bytes": list(self.tok.token_bytes(i))}
-        tops = c.top_logprobs or [[] for _ in c.token_ids]
+        tops = tops or [[] for _ in ids]
         return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
-                            for i, lp, top in zip(c.token_ids, c.logprobs, tops)], "refusal": None}
+                            for i, lp, top in zip(ids, lps, tops)], "refusal": None}
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         """The response's usage; called once per response, so it also feeds /metrics."""
@@ -449,7 +508,7 @@ class _Server:
             return [self.check_ids(prompt, "prompt")]
         return [self.check_ids(p, "prompt") for p in prompt]
 
-    async def completions(self, req: CompletionRequest) -> Any:
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
         self.check_model(req.model)
         k = req.logprobs
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
@@ -459,17 +518,13 @@ class _Server:
         prompts = self.prompts(req.prompt)
         for p in prompts:
             self.check_length(p, params.max_new_tokens, "prompt")
+        jobs = self.choices(prompts, n, params)
         if req.stream:
-            if k is not None:
-                raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
-            return self.stream_completions(req, prompts, n, params)
-
-        def work() -> tuple[list[Completion], list[Any]]:
-            comps = self.generate(prompts, n, params)
-            plps = [self.prompt_logprobs(p, k or 0) for p in prompts] if req.echo and k is not None else []
-            return comps, plps
-
-        comps, plps = await self.run(work)
+            return self.stream_completions(req, jobs, k, sum(map(len, prompts)))
+        comps = await self.complete(jobs, request)
+        plps = []
+        if req.echo and k is not None:
+            plps = await self.run(lambda: [self.prompt_logprobs(p, k) for p in prompts])
         choices = []
         for i, c in enumerate(comps):
             p = prompts[i // n]
@@ -486,47 +541,52 @@ class _Server:
                 "model": self.model_name, "system_fingerprint": None, "choices": choices,
                 "usage": self.usage(sum(map(len, prompts)), sum(map(self.generated, comps)))}
 
-    def stream_completions(self, req: CompletionRequest, prompts: list[list[int]], n: int,
-                           params: SamplingParams) -> StreamingResponse:
+    def stream_completions(self, req: CompletionRequest, jobs: list[tuple[list[int], SamplingParams]],
+                           k: int | None, prompt_tokens: int) -> StreamingResponse:
         echo = (lambda p: {"text": self.tok.decode(p)}) if req.echo else (lambda p: None)
-        return self.stream(
-            f"cmpl-{uuid.uuid4().hex}", "text_completion", {}, [(prompts[i // n], i % n) for i in range(len(prompts) * n)],
-            params, req, sum(map(len, prompts)), opening=echo, piece=lambda text: {"text": text or ""})
 
-    def stream(self, rid: str, obj: str, extra: dict[str, Any], jobs: Sequence[tuple[list[int], int]],
-               params: SamplingParams, req: _Request, prompt_tokens: int, *,
+        def logprobs(piece: Piece, shown: int) -> dict[str, Any] | None:
+            if k is None:
+                return None
+            return self.legacy_logprobs(piece.token_ids, piece.logprobs,
+                                        piece.top_logprobs or [[] for _ in piece.token_ids], start=shown)
+
+        return self.stream(f"cmpl-{uuid.uuid4().hex}", "text_completion", {}, jobs, req, prompt_tokens,
+                           opening=echo, piece=lambda text: {"text": text or ""}, logprobs=logprobs)
+
+    def stream(self, rid: str, obj: str, extra: dict[str, Any], jobs: Sequence[tuple[list[int], SamplingParams]],
+               req: _Request, prompt_tokens: int, *,
                opening: Callable[[list[int]], dict[str, Any] | None],
-               piece: Callable[[str | None], dict[str, Any]]) -> StreamingResponse:
-        """SSE for completions and chat alike: choice ``i`` generates ``jobs[i] = (prompt ids, sample j)`` with
-        seed + j. ``opening`` gives a choice's first chunk (echo, the assistant role) or None; ``piece``
-        the fields of a text piece (None: the empty piece that carries the finish reason)."""
+               piece: Callable[[str | None], dict[str, Any]],
+               logprobs: Callable[[Piece, int], dict[str, Any] | None]) -> StreamingResponse:
+        """SSE for completions and chat alike: choice ``i`` generates ``jobs[i]``, all choices in the batch at
+        once, their chunks interleaved. ``opening`` gives a choice's first chunk (echo, the assistant role) or
+        None; ``piece`` the fields of a text piece (None: the empty piece that carries the finish reason);
+        ``logprobs`` a piece's log-probs (given the characters already sent) or None."""
         head = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name, **extra}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(index: int, fields: dict[str, Any], finish: str | None) -> str:
-            body = {**head, "choices": [{"index": index, **fields, "logprobs": None, "finish_reason": finish}]}
+        def chunk(index: int, fields: dict[str, Any], finish: str | None, lps: dict[str, Any] | None = None) -> str:
+            body = {**head, "choices": [{"index": index, **fields, "logprobs": lps, "finish_reason": finish}]}
             if include_usage:
                 body["usage"] = None
             return _sse(body)
 
         async def events() -> AsyncIterator[str]:
-            completion_tokens = 0
+            completion_tokens, shown = 0, [0] * len(jobs)
             try:
-                for index, (ids, j) in enumerate(jobs):
+                for index, (ids, _) in enumerate(jobs):
                     first = opening(ids)
                     if first is not None:
                         yield chunk(index, first, None)
-                    if params.max_new_tokens == 0:
-                        yield chunk(index, piece(None), "length")
-                        continue
-                    choice = SamplingParams(**{**params.__dict__,
-                                               "seed": None if params.seed is None else params.seed + j})
-                    async for text, row in self.iterate(lambda: self.engine.stream_pieces(ids, choice)):
-                        if text:
-                            yield chunk(index, piece(text), None)
-                        elif row is not None:
-                            completion_tokens += len(row.token_ids) + (row.stop_token is not None)
-                            yield chunk(index, piece(None), row.finish_reason)
+                async for index, p in self.decode(jobs, stream=True):
+                    lps = logprobs(p, shown[index]) if p.token_ids else None
+                    if p.text or lps is not None:
+                        yield chunk(index, piece(p.text), None, lps)
+                        shown[index] += len(p.text)
+                    if p.completion is not None:
+                        completion_tokens += self.generated(p.completion)
+                        yield chunk(index, piece(None), p.completion.finish_reason)
                 usage = self.usage(prompt_tokens, completion_tokens)
                 if include_usage:
                     yield _sse({**head, "choices": [], "usage": usage})
@@ -562,7 +622,7 @@ class _Server:
         except UserError as e:
             raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from None
 
-    async def chat(self, req: ChatRequest) -> Any:
+    async def chat(self, req: ChatRequest, request: Request) -> Any:
         self.check_model(req.model)
         k = req.top_logprobs
         if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
@@ -575,24 +635,22 @@ class _Server:
         params = self.params(req, max_tokens, self.max_tokens_limit, k or 0, stop_ids(self.tok))
         self.check_length(ids, params.max_new_tokens, "messages")
         params.max_new_tokens = min(params.max_new_tokens, self.block - len(ids))
+        jobs = self.choices([ids], n, params)
         if req.stream:
-            if req.logprobs:
-                raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
-            return self.stream_chat(req, ids, n, params)
-        comps = await self.run(lambda: self.generate([ids], n, params))
+            return self.stream(
+                f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", {"system_fingerprint": None}, jobs, req,
+                len(ids), opening=lambda _: {"delta": {"role": "assistant", "content": ""}},
+                piece=lambda text: {"delta": {} if text is None else {"content": text}},
+                logprobs=lambda p, _: self.chat_logprobs(p.token_ids, p.logprobs, p.top_logprobs)
+                if req.logprobs else None)
+        comps = await self.complete(jobs, request)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text or "", "refusal": None},
-                    "logprobs": self.chat_logprobs(c) if req.logprobs else None, "finish_reason": c.finish_reason}
+                    "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason}
                    for i, c in enumerate(comps)]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "system_fingerprint": None, "choices": choices,
                 "usage": self.usage(len(ids), sum(map(self.generated, comps)))}
-
-    def stream_chat(self, req: ChatRequest, ids: list[int], n: int, params: SamplingParams) -> StreamingResponse:
-        return self.stream(
-            f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", {"system_fingerprint": None},
-            [(ids, j) for j in range(n)], params, req, len(ids),
-            opening=lambda _: {"delta": {"role": "assistant", "content": ""}},
-            piece=lambda text: {"delta": {} if text is None else {"content": text}})
 
     # --------------------------------------------------------- tokenizer
     def special_name(self, i: int | None) -> str | None:
@@ -615,24 +673,41 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)
 
 
-def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name: str, api_key: str | None = None,
+def create_app(model: Any = None, tokenizer: Any = None, config: dict[str, Any] | None = None, *, model_name: str,
+               load: Callable[[], tuple[Any, Any, dict[str, Any]]] | None = None, api_key: str | None = None,
                max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
-               max_queue: int = 64, data_dir: str | Path | None = None) -> FastAPI:
-    """The FastAPI app serving `model` under `model_name`.
+               max_queue: int = 64, max_batch: int = 16, data_dir: str | Path | None = None) -> FastAPI:
+    """The FastAPI app serving a model under ``model_name``.
 
-    Generation runs one request at a time through a single lock in a worker
-    thread (no dynamic batching yet). ``api_key`` set: every route but
-    ``/health`` needs ``Authorization: Bearer KEY``. ``max_tokens_limit``
-    defaults to the model's context length; more than ``max_queue`` generation
-    requests running or waiting get 429. ``data_dir`` receives what the web pages
-    collect (feedback.jsonl, rankings.jsonl); None disables those writes.
+    Give the model (``model, tokenizer, config``), or ``load`` returning them:
+    then the app starts answering at once and loads in a thread, with 503 on
+    every route (``/health`` included) until the model is there. Requests are
+    decoded together by a ``Batcher`` of up to ``max_batch`` sequences.
+    ``api_key`` set: every route but ``/health`` needs ``Authorization: Bearer
+    KEY``. ``max_tokens_limit`` defaults to the model's context length; more than
+    ``max_queue`` generation requests running or waiting get 429. ``data_dir``
+    receives what the web pages collect (feedback.jsonl, rankings.jsonl); None
+    disables those writes.
     """
-    server = _Server(model, tokenizer, config, model_name=model_name,
-                     max_tokens_limit=max_tokens_limit if max_tokens_limit is not None else model.config.block_size,
-                     max_n=max_n)
-    app = FastAPI(title="gptlab", description="OpenAI-compatible API for a gptlab model")
+    if (model is None) == (load is None):
+        raise UserError("create_app: give either the model (model, tokenizer, config) or load, not both")
+    if max_queue < 1:
+        raise UserError(f"max_queue={max_queue} must be >= 1")
+    server = _Server(model_name=model_name, max_tokens_limit=max_tokens_limit, max_n=max_n, max_batch=max_batch,
+                     data_dir=Path(data_dir) if data_dir is not None else None)
+    if model is not None:
+        server.attach(model, tokenizer, config or {})
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if load is not None:
+            threading.Thread(target=server.load, args=(load,), name="gptlab-load", daemon=True).start()
+        yield
+        if server.batcher is not None:
+            server.batcher.close()
+
+    app = FastAPI(title="gptlab", description="OpenAI-compatible API for a gptlab model", lifespan=lifespan)
     app.state.server = server
-    server.data_dir = Path(data_dir) if data_dir is not None else None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Any, exc: APIError) -> JSONResponse:
@@ -661,7 +736,7 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        return {"status": "ok"}
+        return {"status": "ok"}  # while loading (or after a failed load) the middleware answers 503
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -681,12 +756,12 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
         return model_card()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
-        return await server.completions(req)
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await server.completions(req, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
-        return await server.chat(req)
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        return await server.chat(req, request)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
@@ -705,8 +780,5 @@ def create_app(model: Any, tokenizer: Any, config: dict[str, Any], *, model_name
                 "max_model_len": server.block}
 
     add_web_routes(app, server)
-    if max_queue < 1:
-        raise UserError(f"max_queue={max_queue} must be >= 1")
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
-                       max_queue=max_queue)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, server=server, max_queue=max_queue)
     return app
