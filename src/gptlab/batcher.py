@@ -220,10 +220,18 @@ class Batcher:
         self.logits, self.next_pos = logits, next_pos
 
     def _step(self) -> None:
-        tokens = []
-        for i, s in enumerate(self.active):
-            tokens.append(self.engine.sample_rows(self.logits[i:i + 1], [s.row], s.ticket.params, s.generator,
-                                                  s.stop_ids, s.track_text))
+        tokens = [0] * len(self.active)
+        for idx in self._groups():
+            params = self.active[idx[0]].ticket.params
+            seqs = [self.active[i] for i in idx]
+            generators = [s.generator for s in seqs]  # all None: one draw from the global generator
+            drawn, chosen, tops = self.engine.draw(self.logits[idx], [s.row for s in seqs], params,
+                                                   None if not any(generators) else generators)
+            for i, s, tok, lp, top in zip(idx, seqs, drawn.tolist(), chosen, tops):
+                tokens[i] = tok
+                s.row.accept(tok, lp, top, s.stop_ids, s.ticket.params.stop,
+                             self.engine.tokenizer if s.track_text else None)
+        for s in self.active:
             s.steps += 1
             if s.steps >= s.max_new:
                 s.row.finish = s.row.finish or "length"
@@ -242,9 +250,18 @@ class Batcher:
             self.next_pos = self.next_pos[keep]
         elif self.cache.length == self.cache.max_len:
             self.cache = _combine(self.engine.config, [(self.cache, keep)], CACHE_CHUNK)
-        fed = torch.cat(tokens)[keep] if len(keep) < len(tokens) else torch.cat(tokens)
+        fed = torch.tensor([tokens[i] for i in keep], device=self.logits.device)
         self.logits = self.engine.model(fed[:, None], cache=self.cache, positions=self.next_pos)[:, -1]
         self.next_pos = self.next_pos + 1
+
+    def _groups(self) -> list[list[int]]:
+        """Rows that sample alike (same temperature, top-k/p, penalties, log-probs): one draw per group."""
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.active):
+            p = s.ticket.params
+            key = (p.temperature, p.top_k, p.top_p, p.presence_penalty, p.frequency_penalty, p.logprobs)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     def _send(self, s: _Seq) -> None:
         text = s.row.fresh_text(s.ticket.params.stop)

@@ -100,8 +100,13 @@ class _Row:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row from (B, V) logits; returns (tokens (B,), log-probs (B, V))."""
+                generator: torch.Generator | None | Sequence[torch.Generator | None]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from (B, V) logits; returns (tokens (B,), log-probs (B, V)).
+
+    ``generator``: one for the whole batch, or one per row (the server's requests each have their own
+    seed; a row then draws exactly what it would draw alone).
+    """
     if params.temperature == 0:
         return logits.argmax(-1), torch.log_softmax(logits.float(), -1)
     logits = logits.float() / params.temperature
@@ -117,7 +122,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     # Exponential race (argmax p / E, E ~ Exp(1)) draws from p like torch.multinomial, 2-4x faster on CPU
     probs = torch.softmax(logits, -1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    race = torch.empty_like(probs)
+    if isinstance(generator, Sequence):
+        for row, g in zip(race, generator):
+            row.exponential_(generator=g)
+    else:
+        race.exponential_(generator=generator)
     return (probs / race).argmax(-1), logprobs
 
 
@@ -287,19 +297,19 @@ class Engine:
         logits = self.model(idx, cache=cache, positions=positions)[:, -1]
         return logits, cache, positions[:, -1:] + 1
 
-    def sample_rows(self, logits: torch.Tensor, rows: Sequence[_Row], params: SamplingParams,
-                    generator: torch.Generator | None, stop_ids: set[int], track_text: bool) -> torch.Tensor:
-        """Sample one token per row from (B, V) logits and append it to the unfinished rows."""
+    @staticmethod
+    def draw(logits: torch.Tensor, rows: Sequence[_Row], params: SamplingParams,
+             generator: torch.Generator | None | Sequence[torch.Generator | None]
+             ) -> tuple[torch.Tensor, list[float], list[list[tuple[int, float]] | None]]:
+        """One token per row from (B, V) logits after the rows' penalties: (tokens (B,), their log-probs,
+        their top alternatives (None without ``params.logprobs``))."""
         logits = penalize(logits, [r.ids for r in rows], params)
         tokens, logprobs = sample_next(logits, params, generator)
         chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-        top = torch.topk(logprobs, params.logprobs, dim=-1) if params.logprobs else None
-        for b, (r, tok) in enumerate(zip(rows, tokens.tolist())):
-            if not r.finish:
-                r.accept(tok, chosen[b], None if top is None else
-                         list(zip(top.indices[b].tolist(), top.values[b].tolist())),
-                         stop_ids, params.stop, self.tokenizer if track_text else None)
-        return tokens
+        if not params.logprobs:
+            return tokens, chosen, [None] * len(rows)
+        top = torch.topk(logprobs, params.logprobs, dim=-1)
+        return tokens, chosen, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
 
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -331,7 +341,10 @@ class Engine:
             return
         logits, cache, next_pos = self.prefill(prompts, room=max_new)
         for step in range(max_new):
-            tokens = self.sample_rows(logits, rows, params, generator, stop_ids, track_text)
+            tokens, chosen, tops = self.draw(logits, rows, params, generator)
+            for r, tok, lp, top in zip(rows, tokens.tolist(), chosen, tops):
+                if not r.finish:
+                    r.accept(tok, lp, top, stop_ids, params.stop, self.tokenizer if track_text else None)
             if step == max_new - 1:
                 for r in rows:
                     r.finish = r.finish or "length"
