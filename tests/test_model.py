@@ -148,6 +148,28 @@ def test_layer_attention_equals_naive_reference(pattern):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm,pattern", [("pre", "D"), ("pre", "DL"), ("post", "LD")])
+def test_attention_weights_times_values_reproduce_the_layer_output(norm, pattern):
+    """The explorer's weights are the model's: weights @ v through c_proj equals what each layer computed (SDPA)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=50, norm_position=norm,
+                    attention_pattern=pattern, attn_window=5)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50, (2, 24))
+    records = _capture_qkv(model, idx)
+    weights = model.attention_weights(idx)
+    assert weights.shape == (2, 2, 4, 24, 24)
+    for layer, (module, _, _, v, out) in enumerate(records):
+        w = weights[:, layer]
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 24))
+        assert torch.all(w[:, :, ~naive_mask(0, 24, 24, module.window)] == 0)  # causal, and banded when local
+        y = module.c_proj((w @ v).transpose(1, 2).reshape(2, 24, 32))
+        torch.testing.assert_close(y, out, atol=1e-5, rtol=1e-5)
+    last = model.attention_weights(idx, queries=1)
+    assert last.shape == (2, 2, 4, 1, 24)
+    torch.testing.assert_close(last, weights[:, :, :, -1:])
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_band_attention_equals_naive_reference():
     torch.manual_seed(0)

@@ -354,6 +354,7 @@ def test_health_and_routes_answer_503_while_the_model_loads():
         assert r.status_code == 503 and r.json() == {"status": "loading"}
         r = httpx.post(running.url + "/v1/completions", json={"prompt": "abc"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        assert httpx.get(running.url + "/").status_code == 200  # the page loads, and shows the 503 it gets
         release.set()
         deadline = time.time() + 20
         while httpx.get(running.url + "/health").status_code != 200:

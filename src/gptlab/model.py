@@ -132,10 +132,30 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x`` (B, T, C), each (B, H, T, head_dim): shared by ``forward`` and
+        ``weights`` so the weights shown are those of the projections the model runs."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        return q, k, v
+
+    def weights(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attention probabilities (B, H, Tq, T) of the last ``queries`` positions (all when None).
+
+        An explicit softmax under ``attention_mask`` (causal, banded in a local layer): SDPA never
+        materialises these, so they are recomputed from the same q and k.
+        """
+        T = x.shape[1]
+        q, k, _ = self.heads(x)
+        tq = T if queries is None else min(queries, T)
+        scores = (q[:, :, T - tq:].float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        allowed = attention_mask(T - tq, tq, T, self.window, device=x.device)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None, masks: dict[str, Any]) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k, v = self.heads(x)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         kind = "L" if self.window is not None else "D"
@@ -174,11 +194,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What attention reads from the residual stream ``x``: ``ln_1(x)`` in GPT-2/3, ``x`` itself in GPT-1."""
+        return self.ln_1(x) if self.pre_norm else x
+
     def forward(self, x: torch.Tensor, cache: KVCache | None, masks: dict[str, Any]) -> torch.Tensor:
         if self.pre_norm:  # GPT-2/3
-            x = x + self.attn(self.ln_1(x), cache, masks)
+            x = x + self.attn(self.attn_input(x), cache, masks)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, cache, masks))  # GPT-1
+        x = self.ln_1(x + self.attn(self.attn_input(x), cache, masks))  # GPT-1
         return self.ln_2(x + self.mlp(x))
 
 
@@ -306,6 +330,26 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attention probabilities (B, n_layer, n_head, Tq, T) of the last ``queries`` positions of ``idx``
+        (all T when None); rows sum to 1 and are zero on masked keys.
+
+        Runs the blocks themselves for the residual stream and asks each attention module for the
+        weights of its own input, so post-LN (GPT-1) and banded layers are shown as they compute.
+        ``queries=1`` keeps the cost at O(T) per head for the explorer's last-token view.
+        """
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise UserError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        masks = self._masks(T, None, None, idx.device)
+        layers = []
+        for block in self.h:
+            layers.append(block.attn.weights(block.attn_input(x), queries))
+            x = block(x, None, masks)
+        return torch.stack(layers, dim=1)
 
     # ----------------------------------------------------------------- I/O
     @classmethod

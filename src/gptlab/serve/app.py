@@ -43,7 +43,7 @@ from ..chat import ROLES, Message, has_chat_tokens, render, stop_ids
 from ..batcher import Batcher, Piece
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
-from .web import add_web_routes
+from .web import PAGES, add_web_routes
 
 __all__ = ["create_app", "APIError"]
 
@@ -132,6 +132,13 @@ class DetokenizeRequest(BaseModel):
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
+def _public(scope: dict) -> bool:
+    """The web pages and their static files: not secret, so a browser can load them without the key (the
+    page then asks for it) and while the model loads (the page shows the 503 of the API it calls)."""
+    path = scope.get("path", "")
+    return scope.get("method") in ("GET", "HEAD") and (path in PAGES or path.startswith("/static/"))
+
+
 class _Metrics:
     """Counters for ``GET /metrics`` (Prometheus text format). Updated on the event loop's thread only."""
 
@@ -172,8 +179,8 @@ class _Metrics:
 
 
 class _Guard:
-    """Pure ASGI middleware: metrics, API key (401), body size (413) and queue limit (429), before any
-    route reads the body."""
+    """Pure ASGI middleware: metrics, 503 while loading, API key (401), body size (413) and queue limit
+    (429), before any route reads the body."""
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, server: "_Server", max_queue: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
@@ -197,7 +204,7 @@ class _Guard:
         if generating:
             m.in_flight += 1
         try:
-            if not self.server.loaded and path != "/metrics":
+            if not self.server.loaded and path != "/metrics" and not _public(scope):
                 await self._unavailable(path)(scope, receive, observed_send)
             elif generating and m.in_flight > self.max_queue:
                 m.rejected += 1
@@ -224,7 +231,7 @@ class _Guard:
 
     async def _checked(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope.get("path") != "/health":
+        if self.api_key is not None and scope.get("path") != "/health" and not _public(scope):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
                 what = "missing" if not given else "incorrect"

@@ -1,9 +1,279 @@
-"""The web pages served beside the API: ``/`` (chat), ``/explore`` (next-token explorer), ``/rank`` (labeler)."""
+"""The web pages served beside the API: ``/`` (chat), ``/explore`` (next-token explorer), ``/rank`` (labeler).
+
+The pages are static HTML/JS/CSS from ``static/`` (no build step, nothing fetched from elsewhere); they
+talk to the OpenAI routes (``/v1/chat/completions``, ``/v1/completions``) and to the JSON endpoints here:
+
+* ``GET /web/info``: what the pages need to know about the model (chat format or not, context, sizes).
+* ``POST /web/next``: the explorer's step: the text's tokens, the top next tokens, optionally the last
+  token's attention in every layer and head.
+* ``POST /web/feedback``: a thumbs up/down on a chat answer, appended to ``data_dir/feedback.jsonl``.
+* ``GET /web/prompt``: a prompt to label from ``data_dir/prompts.jsonl`` (one not yet ranked first).
+* ``POST /web/rankings``: a labeler's ranking, appended to ``data_dir/rankings.jsonl`` in the form
+  ``gptlab rm`` reads (``align_data.load_rankings``).
+
+The pages and ``/static/`` hold nothing secret, so they are meant to be reachable without the API key; the
+JSON endpoints are guarded like the API and the pages send the key they keep in the browser.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from ..align_data import MAX_RESPONSES, MIN_RESPONSES, load_prompts
+from ..chat import ROLES
+from ..errors import DataError, UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: the thread lock alone serialises this process's appends
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["add_web_routes", "append_jsonl", "PAGES", "STATIC"]
+
+STATIC = Path(__file__).with_name("static")
+PAGES = {"/": "chat.html", "/explore": "explore.html", "/rank": "rank.html"}
+FEEDBACK, RANKINGS, PROMPTS = "feedback.jsonl", "rankings.jsonl", "prompts.jsonl"
+MAX_TOP = 50
+# The pages load only their own files and talk only to this server.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+# ------------------------------------------------------------------ schemas
+class NextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    ids: list[int] | None = None
+    top: int = 10
+    attention: bool = False
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Turn]
+    answer: str
+    rating: Literal["up", "down"]
+
+
+class RankingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    responses: list[str]
+    ranking: list[int]
+
+
+# ------------------------------------------------------------------ errors
+def _bad(message: str, param: str | None = None, status: int = 400, code: str | None = None) -> Exception:
+    """An ``APIError`` (imported here: app.py imports this module before it defines the class)."""
+    from .app import APIError
+
+    return APIError(status, message, param=param, code=code)
+
+
+def _data_file(server: Any, name: str) -> Path:
+    if server.data_dir is None:
+        raise _bad(f"the server was started without a data directory, so it keeps no {name}: restart "
+                   "gptlab serve with --data-dir DIR", status=409, code="no_data_dir")
+    return Path(server.data_dir) / name
+
+
+# ------------------------------------------------------------------ appends
+_append_lock = threading.Lock()
+
+
+def _whole_lines_end(fd: int) -> int:
+    """Offset just past the file's last newline (0 if none): where its complete lines end."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 4096)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunk = os.read(fd, pos - start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``path`` as one JSON line that readers only ever see whole.
+
+    Chosen over temp + rename, which would rewrite the whole file for every label: the complete line
+    goes out in ``os.write`` calls on an ``O_APPEND`` descriptor under a thread lock and an advisory
+    ``flock`` (another server may share the data dir), and is fsynced before the request is answered.
+    A line torn by a failed write is cut off at once, or, after a crash, by the next append, which first
+    truncates the file to its last newline; so no line can be interleaved or left half-written under
+    a good one.
+    """
+    line = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _append_lock:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+            size = _whole_lines_end(fd)
+            if size != os.fstat(fd).st_size:
+                os.ftruncate(fd, size)
+            try:
+                while line:
+                    line = line[os.write(fd, line):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ------------------------------------------------------------------ explorer
+def _context(server: Any, req: NextRequest) -> tuple[list[int], int]:
+    """The explorer's token ids (ids win over text) cut to the model's context, and how many were cut."""
+    if req.ids is not None:
+        ids = list(req.ids)
+        if any(not 0 <= i < server.tok.vocab_size for i in ids):
+            raise _bad(f"ids must be token ids 0..{server.tok.vocab_size - 1}", "ids")
+    else:
+        try:
+            ids = server.tok.encode(req.text or "")
+        except UserError as e:
+            raise _bad(f"the text cannot be tokenized: {e}", "text") from None
+    if not ids:
+        raise _bad("type some text first: the explorer predicts the token after it", "text")
+    cut = max(0, len(ids) - server.block)
+    return ids[cut:], cut
+
+
+def _explore(server: Any, ids: list[int], top: int, attention: bool) -> dict[str, Any]:
+    """One forward pass on the worker thread: next-token probabilities, and the last row of attention."""
+    model = server.model
+    idx = torch.tensor([ids], dtype=torch.long, device=server.engine.device)
+    with torch.inference_mode():
+        probs = torch.softmax(model(idx)[0, -1].float(), -1)
+        best = torch.topk(probs, min(top, probs.numel()))
+        weights = model.attention_weights(idx, queries=1)[0, :, :, 0] if attention else None
+    top = [{"id": i, "token": server.token_str(i), "prob": round(p, 6)}
+           for i, p in zip(best.indices.tolist(), best.values.tolist())]
+    rows = None if weights is None else [[[round(w, 5) for w in head] for head in layer]
+                                         for layer in weights.float().cpu().tolist()]
+    return {"top": top, "attention": rows}
+
+
+# ------------------------------------------------------------------ rankings
+def _check_ranking(req: RankingRequest) -> None:
+    """The rules ``align_data.load_rankings`` applies, answered as 400s naming the field."""
+    if not req.prompt.strip():
+        raise _bad("prompt is empty: give the prompt the responses were sampled for", "prompt")
+    k = len(req.responses)
+    if not MIN_RESPONSES <= k <= MAX_RESPONSES:
+        raise _bad(f"{k} response(s): a ranking needs {MIN_RESPONSES} to {MAX_RESPONSES}", "responses")
+    seen: dict[str, int] = {}
+    for i, text in enumerate(req.responses):
+        if not text.strip():
+            raise _bad(f"responses[{i}] is empty: sample again or drop it", f"responses[{i}]")
+        if text in seen:
+            raise _bad(f"responses {seen[text]} and {i} are identical and cannot be ranked: drop one",
+                       f"responses[{i}]")
+        seen[text] = i
+    if sorted(req.ranking) != list(range(k)):
+        raise _bad(f"ranking {req.ranking} must list each response index 0..{k - 1} once, best first", "ranking")
+
+
+def _next_prompt(path: Path) -> str | None:
+    """A random prompt of ``path`` (prompts.jsonl), preferring those rankings.jsonl beside it does not hold yet."""
+    if not path.exists():
+        return None
+    prompts = load_prompts(path)
+    ranked = path.with_name(RANKINGS)
+    done = set(load_prompts(ranked)) if ranked.exists() else set()
+    fresh = [p for p in prompts if p not in done]
+    return random.choice(fresh or prompts)
+
+
+# ------------------------------------------------------------------ routes
+def _page(name: str) -> Any:
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / name, media_type="text/html",
+                            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+    return page
 
 
 def add_web_routes(app: Any, server: Any) -> None:
-    """Register the pages and their JSON endpoints on ``app``."""
+    """Register the pages, their static files and their JSON endpoints on ``app``."""
+    for path, name in PAGES.items():
+        app.add_api_route(path, _page(name), methods=["GET", "HEAD"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/web/info")
+    async def info() -> dict[str, Any]:
+        cfg = server.model.config
+        prompts = server.data_dir is not None and (Path(server.data_dir) / PROMPTS).exists()
+        return {"model": server.model_name, "chat": server.chat_ok, "context": server.block,
+                "max_tokens": getattr(server, "max_tokens_limit", server.block),
+                "max_n": getattr(server, "max_n", 1), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "data_dir": server.data_dir is not None, "prompts": prompts}
+
+    @app.post("/web/next")
+    async def explore_next(req: NextRequest) -> dict[str, Any]:
+        if not 1 <= req.top <= MAX_TOP:
+            raise _bad(f"top={req.top} must be between 1 and {MAX_TOP}", "top")
+        ids, cut = _context(server, req)
+        result = await server.run(lambda: _explore(server, ids, req.top, req.attention))
+        return {"ids": ids, "tokens": [server.token_str(i) for i in ids], "text": server.tok.decode(ids),
+                "truncated": cut, **result}
+
+    @app.post("/web/feedback")
+    async def feedback(req: FeedbackRequest) -> dict[str, Any]:
+        for i, turn in enumerate(req.messages):
+            if turn.role not in ROLES:
+                raise _bad(f"messages[{i}].role '{turn.role}' is not one of {', '.join(ROLES)}",
+                           f"messages[{i}].role")
+        path = _data_file(server, FEEDBACK)
+        row = {"time": _stamp(), "model": server.model_name, "rating": req.rating,
+               "messages": [t.model_dump() for t in req.messages], "answer": req.answer}
+        await run_in_threadpool(append_jsonl, path, row)
+        return {"saved": FEEDBACK}
+
+    @app.get("/web/prompt")
+    async def prompt() -> dict[str, Any]:
+        path = _data_file(server, PROMPTS)
+        try:
+            text = await run_in_threadpool(_next_prompt, path)
+        except DataError as e:
+            raise _bad(str(e)) from None
+        if text is None:
+            raise _bad(f"no {PROMPTS} in the data directory: write one {{\"prompt\": ...}} per line there, or "
+                       "type a prompt", status=404, code="no_prompts")
+        return {"prompt": text}
+
+    @app.post("/web/rankings")
+    async def rankings(req: RankingRequest) -> dict[str, Any]:
+        _check_ranking(req)
+        path = _data_file(server, RANKINGS)
+        row = {"prompt": req.prompt, "responses": req.responses, "ranking": req.ranking,
+               "model": server.model_name, "time": _stamp()}
+        await run_in_threadpool(append_jsonl, path, row)
+        return {"saved": RANKINGS}

@@ -1,0 +1,485 @@
+"""The web pages of `gptlab serve` (chat, explorer, labeler) end to end in headless Chromium, and their endpoints.
+
+The browser tests need Chromium at /usr/bin/chromium and the playwright package (no browser download);
+without them they skip with the reason, while the endpoint tests still run. Screenshots for the docs:
+``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from gptlab import GPT, GPTConfig  # noqa: E402
+from gptlab.align_data import load_rankings  # noqa: E402
+from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
+from gptlab.engine import Engine, SamplingParams  # noqa: E402
+from gptlab.serve import create_app  # noqa: E402
+from gptlab.serve.web import append_jsonl  # noqa: E402
+from gptlab.tokenizer import CharTokenizer  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-web"
+BLOCK = 64
+LETTERS = "abcdefghijklmnopqrstuvwxyz .!?"
+SCREENSHOT_CHAT = ("Is the king well?", "Good morrow, my lord. What news from the court?")
+
+
+def _browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is not installed (apt-get install chromium): the pages are tested in it"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    return None
+
+
+class _Running:
+    """An app under uvicorn on a free port, in a thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _model(tok: CharTokenizer, seed: int, **sizes) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size) | sizes
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A chat model with a data dir, a base model without one, and a chat model behind an API key."""
+    data = tmp_path_factory.mktemp("data")
+    tok = CharTokenizer.from_text(LETTERS)
+    add_chat_tokens(tok)
+    model = _model(tok, 0)
+    chat = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", data_dir=data,
+                               max_n=4))
+    base_tok = CharTokenizer.from_text(LETTERS)
+    base = _Running(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
+    keyed = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY))
+    yield {"url": chat.url, "base_url": base.url, "keyed_url": keyed.url, "data": data, "tok": tok, "model": model,
+           "engine": Engine(model, tok)}
+    for running in (chat, base, keyed):
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context (its own localStorage) that fails the test on any script error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(20_000)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    yield tab
+    context.close()
+    assert not errors, errors
+
+
+def _greedy_reply(served, text: str, max_tokens: int) -> str:
+    ids = render([Message("user", text)], served["tok"], add_generation_prompt=True)[0]
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=stop_ids(served["tok"]))
+    return served["engine"].generate_ids([ids], params)[0].text
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _chat_settings(page, max_tokens: int) -> None:
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+
+
+# ------------------------------------------------------------------ chat
+def test_chat_streams_regenerates_edits_and_keeps_the_conversation(served, page):
+    page.goto(served["url"] + "/")
+    _chat_settings(page, 20)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#input", "hello there")
+    page.press("#input", "Enter")
+    answer = page.locator(".msg.assistant").last
+    answer.locator(".regenerate").wait_for()
+    reference = _greedy_reply(served, "hello there", 20)
+    assert reference.strip(), "the fixture model must say something greedily"
+    assert _words(answer.locator(".body").inner_text()) == _words(reference)
+    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s · [\d.]+ s", answer.locator(".stats").inner_text())
+    assert sent[0]["stream"] is True and sent[0]["messages"] == [{"role": "user", "content": "hello there"}]
+    assert sent[0]["temperature"] == 0 and sent[0]["max_tokens"] == 20
+
+    answer.locator(".regenerate").click()
+    page.locator(".msg.assistant .regenerate").wait_for()
+    assert page.locator(".msg").count() == 2 and len(sent) == 2
+    assert _words(page.locator(".msg.assistant .body").inner_text()) == _words(reference)
+
+    page.click(".msg.user .edit")
+    page.fill(".msg.user textarea", "good day")
+    page.click(".msg.user .resend")
+    page.locator(".msg.assistant .regenerate").wait_for()
+    assert page.locator(".msg.user .body").inner_text() == "good day" and page.locator(".msg").count() == 2
+    assert _words(page.locator(".msg.assistant .body").inner_text()) == _words(_greedy_reply(served, "good day", 20))
+    assert sent[-1]["messages"] == [{"role": "user", "content": "good day"}]
+
+    page.reload()  # conversations and settings live in localStorage
+    page.locator(".msg.assistant .regenerate").wait_for()
+    assert page.locator("#conversations li").all_inner_texts()[0].startswith("hello there")
+    assert page.input_value("#max-tokens") == "20"
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.click("#conversations .open")
+    assert page.locator(".msg.user .body").inner_text() == "good day"
+
+
+def test_stop_aborts_a_streaming_answer(served, page):
+    tok = served["tok"]
+    model = _model(tok, 3, n_layer=4, n_embd=128, block_size=1024)
+    with torch.no_grad():  # logit 0 for the stop ids (tied embeddings): greedy decoding never ends by itself
+        model.wte.weight[stop_ids(tok)] = 0
+    slow = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="slow"))
+    try:
+        page.goto(slow.url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "1000")
+        page.fill("#input", "tell me a long story")
+        page.press("#input", "Enter")
+        page.locator(".msg.assistant.streaming .stats").filter(has_text=re.compile(r"^[1-9]\d* tokens")).wait_for()
+        page.click("#stop")
+        page.locator(".msg.assistant .note").filter(has_text="stopped").wait_for()
+        tokens = int(page.locator(".msg.assistant .stats").inner_text().split()[0])
+        assert 0 < tokens < 1000 and page.locator("#send").is_visible()
+    finally:
+        slow.stop()
+
+
+def test_thumbs_up_appends_one_feedback_line(served, page):
+    page.goto(served["url"] + "/")
+    _chat_settings(page, 12)
+    page.fill("#system", "be kind")
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    page.click(".msg.assistant .thumb-up")
+    page.locator(".msg.assistant .feedback").wait_for()
+    assert page.get_attribute(".thumb-up", "aria-pressed") == "true"
+    rows = [json.loads(line) for line in (served["data"] / "feedback.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["rating"] == "up" and row["model"] == "tiny" and re.match(r"\d{4}-\d\d-\d\dT", row["time"])
+    assert row["messages"] == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
+    assert _words(row["answer"]) == _words(page.locator(".msg.assistant .body").inner_text()) != ""
+
+
+def test_chat_page_of_a_base_model_points_to_the_explorer(served, page):
+    page.goto(served["base_url"] + "/")
+    notice = page.locator("#notice")
+    notice.filter(has_text="base model").wait_for()
+    assert notice.locator("a[href='/explore']").count() == 1
+    assert page.locator("#input").is_disabled() and page.locator("#send").is_disabled()
+
+
+def test_markdown_is_escaped_before_it_is_formatted(served, page):
+    page.goto(served["url"] + "/")
+
+    def md(source: str) -> str:
+        return page.evaluate("s => renderMarkdown(s)", source)
+
+    assert md("<img src=x onerror=alert(1)> & co") == "<p>&lt;img src=x onerror=alert(1)&gt; &amp; co</p>"
+    assert md("[x](javascript:alert(1))") == "<p>[x](javascript:alert(1))</p>"
+    assert md("[docs](https://example.org/?a=1&b=2)") == (
+        '<p><a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">docs</a></p>')
+    assert md("**bold**, *it* and `a**b**`") == "<p><strong>bold</strong>, <em>it</em> and <code>a**b**</code></p>"
+    assert md("```py\nx = '<b>'\n```\n- one\n- two\n\n1. a") == (
+        '<pre><code class="language-py">x = &#39;&lt;b&gt;&#39;</code></pre>\n<ul><li>one</li><li>two</li></ul>\n'
+        "<ol><li>a</li></ol>")
+    assert md("```\nstill streaming <i>") == "<pre><code>still streaming &lt;i&gt;</code></pre>"
+
+
+# ------------------------------------------------------------------ explorer
+def _next_probs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([ids]))[0, -1], -1)
+
+
+def test_explorer_appends_a_clicked_token_and_shows_the_attention(served, page):
+    tok, model = served["tok"], served["model"]
+    page.goto(served["url"] + "/explore")
+    page.fill("#text", "hello")
+    page.locator("#top li").nth(9).wait_for()
+    first = page.locator("#top .cand").first
+    chosen = int(first.get_attribute("data-id"))
+    probs = _next_probs(model, tok.encode("hello"))
+    assert chosen == int(probs.argmax())
+    assert float(first.locator(".p").inner_text().rstrip("%")) == pytest.approx(100 * probs[chosen].item(), abs=0.051)
+    first.click()
+    grown = "hello" + tok.decode([chosen])
+    page.wait_for_function("t => document.querySelector('#text').value === t", arg=grown)
+    page.wait_for_function("() => document.querySelectorAll('#tokens .tok').length === 6")
+    ids = tok.encode("hello") + [chosen]  # the tokens and the new top ten are drawn together
+    assert page.locator("#top .cand").first.get_attribute("data-id") == str(int(_next_probs(model, ids).argmax()))
+
+    page.check("#heat")
+    page.locator("#grid .cell").nth(3).wait_for()
+    assert page.locator("#grid .cell").count() == 2 * 2
+    page.click("#grid .cell[data-layer='1'][data-head='0']")
+    assert page.get_attribute("#grid .cell[data-layer='1'][data-head='0']", "aria-pressed") == "true"
+    shown = [float(t.split()[1]) for t in page.locator("#tokens .tok").evaluate_all("els => els.map(e => e.title)")]
+    expected = model.attention_weights(torch.tensor([ids]), queries=1)[0, 1, 0, 0].tolist()
+    assert shown == pytest.approx(expected, abs=1e-3)
+    colours = page.locator("#tokens .tok").evaluate_all("els => els.map(e => e.style.backgroundColor)")
+    assert all(c.startswith("rgba") for c in colours)
+    page.uncheck("#heat")
+    assert page.locator("#heat-panel").is_hidden()
+
+
+# ------------------------------------------------------------------ labeler
+def _order(page) -> list[int]:
+    """The responses' indices (in the order they were sampled) as the page lists them."""
+    return [int(i) for i in page.locator("#responses li").evaluate_all("els => els.map(e => e.dataset.index)")]
+
+
+def test_rank_page_samples_reorders_and_saves_a_ranking_rm_can_read(served, page):
+    page.goto(served["url"] + "/rank")
+    page.fill("#prompt", "say something nice")
+    page.select_option("#k", "3")
+    page.fill("#max-tokens", "12")
+    page.click("#sample")
+    page.locator("#responses li").nth(2).wait_for()
+    assert _order(page) == [0, 1, 2]
+
+    page.click("#responses li:nth-child(1) .down")  # [b, a, c]
+    page.focus("#responses li:nth-child(3)")
+    page.keyboard.press("Alt+ArrowUp")  # [b, c, a]
+    assert page.evaluate("document.activeElement.dataset.index") == "2"
+    page.keyboard.press("ArrowUp")  # focus only
+    assert page.evaluate("document.activeElement.dataset.index") == "1"
+    page.drag_and_drop("#responses li:nth-child(1)", "#responses li:nth-child(3)")  # [c, a, b]
+    assert _order(page) == [2, 0, 1]
+    page.click("#submit")
+    page.locator("#submit-status").filter(has_text="Saved to rankings.jsonl").wait_for()
+
+    path = served["data"] / "rankings.jsonl"
+    row = json.loads(path.read_text().splitlines()[-1])
+    sampled = row["responses"]
+    assert len(set(sampled)) == 3 and all(t.strip() for t in sampled) and row["model"] == "tiny"
+    assert _words(page.locator("#responses li[data-index='0'] .text").inner_text()) == _words(sampled[0])
+    ranking = load_rankings(path)[-1]
+    assert ranking.prompt == "say something nice" and ranking.responses == [sampled[2], sampled[0], sampled[1]]
+
+
+# ------------------------------------------------------------------ endpoints
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "responses"),
+    ({"prompt": "p", "responses": [str(i) for i in range(10)], "ranking": list(range(10))}, "responses"),
+    ({"prompt": "p", "responses": ["a", " "], "ranking": [0, 1]}, "responses[1]"),
+    ({"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}, "responses[2]"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}, "ranking"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0, 2]}, "ranking"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [1]}, "ranking"),
+    ({"prompt": "  ", "responses": ["a", "b"], "ranking": [0, 1]}, "prompt"),
+    ({"prompt": "p", "responses": ["a", "b"]}, "ranking"),
+])
+def test_rankings_are_validated_like_load_rankings(served, body, param):
+    before = (served["data"] / "rankings.jsonl").read_text() if (served["data"] / "rankings.jsonl").exists() else ""
+    error = _error(httpx.post(served["url"] + "/web/rankings", json=body), 400)
+    assert error["param"] == param
+    after = (served["data"] / "rankings.jsonl").read_text() if (served["data"] / "rankings.jsonl").exists() else ""
+    assert after == before
+
+
+def test_without_a_data_dir_feedback_and_rankings_are_refused(served):
+    ranking = {"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0]}
+    feedback = {"messages": [{"role": "user", "content": "hi"}], "answer": "yo", "rating": "down"}
+    for path, body in (("/web/rankings", ranking), ("/web/feedback", feedback)):
+        error = _error(httpx.post(served["base_url"] + path, json=body), 409)
+        assert error["code"] == "no_data_dir" and "--data-dir" in error["message"]
+    assert _error(httpx.get(served["base_url"] + "/web/prompt"), 409)["code"] == "no_data_dir"
+
+
+def test_feedback_is_validated(served):
+    url = served["url"] + "/web/feedback"
+    assert _error(httpx.post(url, json={"messages": [], "answer": "a", "rating": "meh"}), 400)["param"] == "rating"
+    bad_role = {"messages": [{"role": "wizard", "content": "hi"}], "answer": "a", "rating": "up"}
+    assert _error(httpx.post(url, json=bad_role), 400)["param"] == "messages[0].role"
+
+
+def test_explore_endpoint_tokens_top_and_attention(served):
+    tok, model, url = served["tok"], served["model"], served["url"] + "/web/next"
+    out = httpx.post(url, json={"text": "the cat", "top": 5, "attention": True}).json()
+    ids = tok.encode("the cat")
+    assert out["ids"] == ids and "".join(out["tokens"]) == "the cat" == out["text"] and out["truncated"] == 0
+    probs = _next_probs(model, ids)
+    assert [t["id"] for t in out["top"]] == torch.topk(probs, 5).indices.tolist()
+    assert [t["prob"] for t in out["top"]] == pytest.approx(torch.topk(probs, 5).values.tolist(), abs=1e-5)
+    attention = torch.tensor(out["attention"])
+    assert attention.shape == (2, 2, len(ids))
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2), atol=1e-3, rtol=0)
+    assert httpx.post(url, json={"ids": ids}).json()["attention"] is None
+    long = httpx.post(url, json={"text": "ab" * BLOCK}).json()
+    assert long["truncated"] == BLOCK and len(long["ids"]) == BLOCK
+    assert _error(httpx.post(url, json={"text": ""}), 400)["param"] == "text"
+    assert _error(httpx.post(url, json={"text": "ABC"}), 400)["param"] == "text"
+    assert _error(httpx.post(url, json={"ids": [10_000]}), 400)["param"] == "ids"
+    assert _error(httpx.post(url, json={"text": "a", "top": 0}), 400)["param"] == "top"
+
+
+def test_prompt_endpoint_prefers_prompts_not_ranked_yet(served):
+    prompts = served["data"] / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("already ranked", "a fresh one")))
+    done = {"prompt": "already ranked", "responses": ["yes", "no"], "ranking": [1, 0]}
+    assert httpx.post(served["url"] + "/web/rankings", json=done).status_code == 200
+    try:
+        assert httpx.get(served["url"] + "/web/info").json()["prompts"] is True
+        assert {httpx.get(served["url"] + "/web/prompt").json()["prompt"] for _ in range(5)} == {"a fresh one"}
+    finally:
+        prompts.unlink()
+    assert _error(httpx.get(served["url"] + "/web/prompt"), 404)["code"] == "no_prompts"
+
+
+def test_pages_and_static_files_are_served(served):
+    for path, title in (("/", "chat"), ("/explore", "explorer"), ("/rank", "labeler")):
+        r = httpx.get(served["url"] + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert f"gptlab · {title}" in r.text and "script-src 'self'" in r.headers["content-security-policy"]
+        assert not re.search(r'(src|href)="(https?:)?//', r.text)  # nothing is loaded from elsewhere
+    assert httpx.get(served["url"] + "/static/chat.js").status_code == 200
+    assert _error(httpx.get(served["url"] + "/static/nothing.js"), 404)
+
+
+def test_pages_load_without_the_key_and_the_api_asks_for_it(served, browser):
+    url = served["keyed_url"]
+    for path in ("/", "/explore", "/rank", "/static/common.js"):
+        assert httpx.get(url + path).status_code == 200
+    assert _error(httpx.get(url + "/web/info"), 401)["code"] == "invalid_api_key"
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        tab.goto(url + "/explore")
+        tab.fill("#api-key", KEY)
+        tab.click("#keybar .primary")
+        tab.locator("#model").filter(has_text="model: tiny").wait_for()
+        tab.fill("#text", "hello")
+        tab.locator("#top li").nth(9).wait_for()
+    finally:
+        context.close()
+
+
+# ------------------------------------------------------------------ appends
+def test_append_jsonl_cuts_a_torn_line_and_never_interleaves(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"n": -1}\n{"n": -2, "torn')  # a crash in the middle of a write
+    append_jsonl(path, {"n": 0})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"n": -1}, {"n": 0}]
+    big = "x" * 200_000  # far beyond one pipe/page buffer
+
+    def writer(t: int) -> None:
+        for i in range(20):
+            append_jsonl(path, {"t": t, "i": i, "pad": big if i % 5 == 0 else ""})
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 + 6 * 20
+    assert sorted((r["t"], r["i"]) for r in rows[2:]) == [(t, i) for t in range(6) for i in range(20)]
+
+
+# ------------------------------------------------------------------ screenshots (opt-in)
+@pytest.mark.skipif(not os.environ.get("GPTLAB_WEB_SCREENSHOTS"),
+                    reason="opt-in: GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] writes docs/img/web-*.png")
+def test_screenshots_for_the_docs(browser, tmp_path):
+    from gptlab.checkpoint import load_model
+    from gptlab.tokenizer import load_tokenizer
+
+    runs = os.environ["GPTLAB_WEB_SCREENSHOTS"].split(",")
+
+    def serve(run: str) -> _Running:
+        config = json.loads((Path(run) / "config.json").read_text())
+        return _Running(create_app(load_model(run), load_tokenizer(str(Path(run) / "tokenizer")), config,
+                                   model_name=Path(run).name, data_dir=tmp_path, max_n=9))
+
+    chat = serve(runs[0])
+    base = serve(runs[-1]) if len(runs) > 1 else chat
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, device_scale_factor=1)
+    context.set_default_timeout(60_000)
+    tab = context.new_page()
+    try:
+        tab.goto(chat.url + "/")
+        tab.fill("#temperature", "0.3")
+        for text in SCREENSHOT_CHAT:  # one conversation each: the model was tuned on single exchanges
+            tab.click("#new-chat")
+            tab.fill("#input", text)
+            tab.press("#input", "Enter")
+            tab.locator(".msg.assistant .regenerate").wait_for()
+        tab.click(".msg.assistant .thumb-up")
+        tab.locator(".msg.assistant .feedback").wait_for()
+        tab.screenshot(path=str(ROOT / "docs/img/web-chat.png"))
+
+        tab.goto(base.url + "/explore")
+        tab.fill("#text", "ROMEO.\nBut soft, what light through yonder window")
+        tab.locator("#top li").nth(9).wait_for()
+        tab.click("#top .cand >> nth=0")
+        tab.locator("#top li").nth(9).wait_for()
+        tab.check("#heat")
+        tab.locator("#grid .cell").first.wait_for()
+        tab.click("#grid .cell[data-layer='3'][data-head='1']")
+        tab.screenshot(path=str(ROOT / "docs/img/web-explore.png"), full_page=True)
+
+        tab.goto(chat.url + "/rank")
+        tab.fill("#prompt", "What say you to this marriage?")
+        tab.fill("#max-tokens", "40")
+        tab.click("#sample")
+        tab.locator("#responses li").nth(3).wait_for()
+        tab.click("#responses li:nth-child(3) .up")
+        tab.screenshot(path=str(ROOT / "docs/img/web-rank.png"), full_page=True)
+    finally:
+        context.close()
+        chat.stop()
+        if base is not chat:
+            base.stop()
