@@ -39,8 +39,9 @@ test: .venv/.installed testdata
 	$(PY) -m pytest -q
 
 bench: .venv/.installed testdata
-	# The peer of the PPO benchmark: the last TRL release with PPO (adds accelerate and psutil only).
-	$(PIP) install trl==1.12.0
+	# The peer of the PPO benchmark: the last TRL release with PPO (adds accelerate and psutil only);
+	# schemathesis for fuzz_serve.py.
+	$(PIP) install trl==1.12.0 schemathesis==4.32.5
 	$(PY) benchmarks/run_all.py
 
 clean:

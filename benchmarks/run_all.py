@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--quick]
 
-``--quick`` shrinks the inputs (prepare 64 MB, baby GPT 300 steps) for a smoke run;
+``--quick`` shrinks the inputs (prepare 64 MB, baby GPT 300 steps, a 10 s serving soak) for a smoke run;
 the figures in docs/BENCHMARKS.md come from the full run.
 """
 
@@ -30,6 +30,8 @@ def main() -> int:
         ["bench_ppo_trl.py", *(["--quick"] if args.quick else [])],
         ["bench_rlhf.py", "--out", "runs/bench-rlhf-quick" if args.quick else "runs/bench-rlhf",
          *(["--quick"] if args.quick else [])],
+        ["bench_serve.py", *(["--quick"] if args.quick else [])],
+        ["fuzz_serve.py", *(["--max-examples", "20"] if args.quick else [])],
     ]
     failed = []
     for cmd in runs:

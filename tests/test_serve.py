@@ -196,6 +196,21 @@ def test_errors_come_in_openai_shape(served):
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(served["url"] + "/v1/completions", json={"prompt": "a" * 30_000}, headers=headers)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for path, body in [("/tokenize", b'{"prompt": "\\ud800"}'),
+                       ("/v1/completions", b'{"prompt": ["ok", "a\\udfff"], "max_tokens": 2}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}')]:
+        r = httpx.post(served["url"] + path, content=body, headers=headers)  # valid JSON, not encodable text
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], (path, r.text)
+    escaped = httpx.post(served["url"] + "/tokenize", content=b'{"prompt": "\\u0061\\u0064"}', headers=headers)
+    assert escaped.json()["tokens"] == served["tok"].encode("ad")  # escapes that are text pass
+    r = httpx.post(served["url"] + "/v1/completions", json={"prompt": [[1]] * 65, "n": 4}, headers=headers)
+    assert r.status_code == 400 and "256 sequences" in r.json()["error"]["message"]
+    for tokens in ([False], ["5"], [1.0]):  # not token ids, however pydantic would coerce them
+        r = httpx.post(served["url"] + "/detokenize", json={"tokens": tokens}, headers=headers)
+        assert r.status_code == 400, tokens
+    for wrong in ({"echo": 0}, {"max_tokens": "5"}, {"stream": "yes"}, {"prompt": [[False]]}):
+        r = httpx.post(served["url"] + "/v1/completions", json={"prompt": "abc", **wrong}, headers=headers)
+        assert r.status_code == 400, wrong
     r = httpx.get(served["url"] + "/v2/nothing", headers=headers)
     assert r.status_code == 404 and "unknown route" in r.json()["error"]["message"]
     assert httpx.get(served["url"] + "/health").status_code == 200  # still serving after all that

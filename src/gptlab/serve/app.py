@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +51,7 @@ __all__ = ["create_app", "APIError"]
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 5  # legacy completions
 MAX_TOP_LOGPROBS = 20  # chat
+MAX_SEQUENCES = 256  # prompts x n in one request: bounds its memory and how long it holds the batch
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting non-streamed request checks its client is still there
 
 
@@ -73,12 +75,12 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
 
 # ------------------------------------------------------------------ schemas
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool | None = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we ignore (user, metadata, ...)
+    model_config = ConfigDict(extra="allow", strict=True)  # ignored extras (user, metadata, ...); no coercion
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -100,13 +102,13 @@ class CompletionRequest(_Request):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[ContentPart] | None = None
 
@@ -119,12 +121,12 @@ class ChatRequest(_Request):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     prompt: str
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     tokens: list[int]
 
 
@@ -265,6 +267,12 @@ class _Guard:
             if len(body) > self.max_body:
                 await too_big(scope, receive, send)
                 return
+        where = _lone_surrogate(bytes(body))
+        if where is not None:
+            await _error(400, f"{where} is not valid Unicode (a lone UTF-16 surrogate such as \\ud800): "
+                              "send text that encodes as UTF-8", param=where.split(".")[0].split("[")[0])(
+                scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> dict:
@@ -275,6 +283,39 @@ class _Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """Where a JSON body holds a string Python cannot encode as UTF-8 (``"\\ud800"`` is valid JSON), or None.
+
+    Checked once here, before any route sees the text, rather than in every tokenizer and JSONL writer.
+    """
+    if b"\\ud" not in body.lower():
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route answers that
+
+    def walk(v: Any, path: str) -> str | None:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                found = walk(k, path) or walk(item, f"{path}.{k}" if path else str(k))
+                if found:
+                    return found
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                found = walk(item, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    return walk(value, "")
 
 
 # ------------------------------------------------------------------ server
@@ -523,6 +564,9 @@ class _Server:
         n = self.n(req.n)
         params = self.params(req, req.max_tokens, 16, k or 0)
         prompts = self.prompts(req.prompt)
+        if len(prompts) * n > MAX_SEQUENCES:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} is more than the {MAX_SEQUENCES} sequences one "
+                                "request may ask for: split it into several requests", param="prompt")
         for p in prompts:
             self.check_length(p, params.max_new_tokens, "prompt")
         jobs = self.choices(prompts, n, params)
@@ -680,6 +724,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)
 
 
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {  # each event: data is a JSON chunk, or [DONE]
+        "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}},
+          "description": "JSON, or with stream=true Server-Sent Events ending in data: [DONE]"}}
+ERRORS = {"400": "invalid request", "401": "missing or wrong API key", "404": "unknown model or route",
+          "413": "body too large", "429": "queue full", "503": "model loading"}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the errors this server really answers (OpenAI's shape) instead of its 422."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = error
+        for item in schema["paths"].values():
+            for operation in item.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, text in ERRORS.items():
+                    responses.setdefault(status, {"description": text, "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(model: Any = None, tokenizer: Any = None, config: dict[str, Any] | None = None, *, model_name: str,
                load: Callable[[], tuple[Any, Any, dict[str, Any]]] | None = None, api_key: str | None = None,
                max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
@@ -745,7 +817,7 @@ def create_app(model: Any = None, tokenizer: Any = None, config: dict[str, Any] 
     async def health() -> dict[str, str]:
         return {"status": "ok"}  # while loading (or after a failed load) the middleware answers 503
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics.text(), media_type="text/plain; version=0.0.4")
 
@@ -762,11 +834,11 @@ def create_app(model: Any = None, tokenizer: Any = None, config: dict[str, Any] 
         server.check_model(name)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMED)
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await server.completions(req, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
         return await server.chat(req, request)
 
@@ -787,5 +859,6 @@ def create_app(model: Any = None, tokenizer: Any = None, config: dict[str, Any] 
                 "max_model_len": server.block}
 
     add_web_routes(app, server)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, server=server, max_queue=max_queue)
     return app
