@@ -69,15 +69,15 @@ def _rows(path: PathLike) -> list[tuple[int, str, dict[str, Any]]]:
 
 def _text(row: dict[str, Any], field: str, where: str) -> str:
     if field not in row:
-        raise DataError(f"{where}: missing field {field!r}; give it the text")
-    return _check_text(row[field], f"field {field!r}", where)
+        raise DataError(f"{where}: missing field {field!r}; give it the text", field)
+    return _check_text(row[field], f"field {field!r}", where, field)
 
 
-def _check_text(value: Any, what: str, where: str) -> str:
+def _check_text(value: Any, what: str, where: str, field: str | None = None) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} is {json_type(value)}, not a string; write the text in quotes")
+        raise DataError(f"{where}: {what} is {json_type(value)}, not a string; write the text in quotes", field)
     if not value.strip():
-        raise DataError(f"{where}: {what} is empty; give it some text or drop the row")
+        raise DataError(f"{where}: {what} is empty; give it some text or drop the row", field)
     return value
 
 
@@ -128,39 +128,41 @@ def _ranked(row: dict[str, Any], where: str) -> list[str]:
             raise DataError(f"{where}: 'chosen' and 'rejected' are identical, so there is no preference; drop the row")
         return [chosen, rejected]
     if "responses" not in row:
-        raise DataError(f"{where}: missing field 'responses'; give the {MIN_RESPONSES} to {MAX_RESPONSES} response texts")
+        raise DataError(f"{where}: missing field 'responses'; give the {MIN_RESPONSES} to {MAX_RESPONSES} response texts",
+                        "responses")
     responses = row["responses"]
     if not isinstance(responses, list):
         raise DataError(f"{where}: field 'responses' is {json_type(responses)}; give a list of "
-                        f"{MIN_RESPONSES} to {MAX_RESPONSES} response texts")
+                        f"{MIN_RESPONSES} to {MAX_RESPONSES} response texts", "responses")
     k = len(responses)
     if not MIN_RESPONSES <= k <= MAX_RESPONSES:
         raise DataError(f"{where}: field 'responses' has {k} text(s); a ranking needs {MIN_RESPONSES} to "
-                        f"{MAX_RESPONSES} (split a longer list into several rows)")
+                        f"{MAX_RESPONSES} (split a longer list into several rows)", "responses")
     first: dict[str, int] = {}
     for i, response in enumerate(responses):
-        _check_text(response, f"response {i}", where)
+        _check_text(response, f"response {i}", where, f"responses[{i}]")
         if response in first:
-            raise DataError(f"{where}: responses {first[response]} and {i} are identical and cannot be ranked; drop one")
+            raise DataError(f"{where}: responses {first[response]} and {i} are identical and cannot be ranked; drop one",
+                            f"responses[{i}]")
         first[response] = i
     if "ranking" not in row:
-        raise DataError(f"{where}: missing field 'ranking'; list the response indices from best to worst")
+        raise DataError(f"{where}: missing field 'ranking'; list the response indices from best to worst", "ranking")
     ranking = row["ranking"]
     fix = f"list each index 0..{k - 1} once, best response first"
     if not isinstance(ranking, list):
-        raise DataError(f"{where}: field 'ranking' is {json_type(ranking)}, not a list; {fix}")
+        raise DataError(f"{where}: field 'ranking' is {json_type(ranking)}, not a list; {fix}", "ranking")
     for j, index in enumerate(ranking):
         if not isinstance(index, int) or isinstance(index, bool):
-            raise DataError(f"{where}: ranking[{j}] is {json_type(index)}, not an integer index; {fix}")
+            raise DataError(f"{where}: ranking[{j}] is {json_type(index)}, not an integer index; {fix}", "ranking")
         if not 0 <= index < k:
-            raise DataError(f"{where}: ranking[{j}] = {index} is out of range for {k} responses; {fix}")
+            raise DataError(f"{where}: ranking[{j}] = {index} is out of range for {k} responses; {fix}", "ranking")
     size = f" ({len(ranking)} entries for {k} responses)" if len(ranking) != k else ""
     repeated = [i for i, n in Counter(ranking).items() if n > 1]
     if repeated:
-        raise DataError(f"{where}: field 'ranking' lists index {repeated[0]} more than once{size}; {fix}")
+        raise DataError(f"{where}: field 'ranking' lists index {repeated[0]} more than once{size}; {fix}", "ranking")
     missing = sorted(set(range(k)) - set(ranking))
     if missing:
-        raise DataError(f"{where}: field 'ranking' leaves out index {missing[0]}{size}; {fix}")
+        raise DataError(f"{where}: field 'ranking' leaves out index {missing[0]}{size}; {fix}", "ranking")
     return [responses[i] for i in ranking]
 
 
@@ -172,7 +174,13 @@ def load_sft(path: PathLike) -> list[SFTExample]:
 
 def load_rankings(path: PathLike) -> list[Ranking]:
     """Comparisons for the reward model and DPO; both row forms may be mixed in one file."""
-    return [Ranking(_text(row, "prompt", where), _ranked(row, where), line) for line, where, row in _rows(path)]
+    return [ranking_of(row, where, line) for line, where, row in _rows(path)]
+
+
+def ranking_of(row: dict[str, Any], where: str, line: int = 0) -> Ranking:
+    """One rankings row as ``load_rankings`` reads it, or a DataError (with its ``field``) saying why not:
+    the check the /rank page runs before it appends a row."""
+    return Ranking(_text(row, "prompt", where), _ranked(row, where), line)
 
 
 def load_prompts(path: PathLike) -> list[str]:
@@ -190,8 +198,6 @@ def write_rankings(path: PathLike, rankings: Sequence[Ranking]) -> None:
     rows = []
     for n, r in enumerate(rankings, 1):
         row = {"prompt": r.prompt, "responses": list(r.responses), "ranking": list(range(len(r.responses)))}
-        where = f"{path}: ranking {n}"
-        _text(row, "prompt", where)
-        _ranked(row, where)
+        ranking_of(row, f"{path}: ranking {n}")
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(path, "".join(rows))

@@ -24,4 +24,11 @@ class CheckpointError(UserError):
 
 
 class DataError(UserError):
-    """An input or data directory is empty, malformed or incompatible."""
+    """An input or data directory is empty, malformed or incompatible.
+
+    ``field`` names the row's field at fault when there is one (the web pages answer it as ``param``).
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from ..align_data import MAX_RESPONSES, MIN_RESPONSES, load_prompts
+from ..align_data import load_prompts, ranking_of
 from ..chat import ROLES
 from ..errors import DataError, UserError
 
@@ -184,22 +184,11 @@ def _explore(server: Any, ids: list[int], top: int, attention: bool) -> dict[str
 
 # ------------------------------------------------------------------ rankings
 def _check_ranking(req: RankingRequest) -> None:
-    """The rules ``align_data.load_rankings`` applies, answered as 400s naming the field."""
-    if not req.prompt.strip():
-        raise _bad("prompt is empty: give the prompt the responses were sampled for", "prompt")
-    k = len(req.responses)
-    if not MIN_RESPONSES <= k <= MAX_RESPONSES:
-        raise _bad(f"{k} response(s): a ranking needs {MIN_RESPONSES} to {MAX_RESPONSES}", "responses")
-    seen: dict[str, int] = {}
-    for i, text in enumerate(req.responses):
-        if not text.strip():
-            raise _bad(f"responses[{i}] is empty: sample again or drop it", f"responses[{i}]")
-        if text in seen:
-            raise _bad(f"responses {seen[text]} and {i} are identical and cannot be ranked: drop one",
-                       f"responses[{i}]")
-        seen[text] = i
-    if sorted(req.ranking) != list(range(k)):
-        raise _bad(f"ranking {req.ranking} must list each response index 0..{k - 1} once, best first", "ranking")
+    """``align_data.ranking_of``, the rules ``gptlab rm`` reads rankings by, answered as a 400 naming the field."""
+    try:
+        ranking_of(req.model_dump(include={"prompt", "responses", "ranking"}), "the ranking")
+    except DataError as e:
+        raise _bad(str(e), e.field) from None
 
 
 def _next_prompt(path: Path) -> str | None:
@@ -232,8 +221,7 @@ def add_web_routes(app: Any, server: Any) -> None:
         cfg = server.model.config
         prompts = server.data_dir is not None and (Path(server.data_dir) / PROMPTS).exists()
         return {"model": server.model_name, "chat": server.chat_ok, "context": server.block,
-                "max_tokens": getattr(server, "max_tokens_limit", server.block),
-                "max_n": getattr(server, "max_n", 1), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "max_tokens": server.max_tokens_limit, "max_n": server.max_n, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                 "data_dir": server.data_dir is not None, "prompts": prompts}
 
     @app.post("/web/next")
