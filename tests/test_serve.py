@@ -17,6 +17,7 @@ from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
 from gptlab.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.serve import create_app  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
+from serving import RunningApp  # noqa: E402
 
 KEY = "sk-test"
 BLOCK = 64
@@ -27,32 +28,15 @@ def _model(tok: CharTokenizer, seed: int) -> GPT:
     return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size)).eval()
 
 
-class _Running:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def served():
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
     add_chat_tokens(tok)
     model = _model(tok, 0)
-    chat = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY,
+    chat = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY,
                                max_body_bytes=20_000, max_n=4))
     base_tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
-    base = _Running(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
+    base = RunningApp(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
     yield {"tok": tok, "engine": Engine(model, tok), "url": chat.url, "base_url": base.url,
            "client": openai.OpenAI(base_url=f"{chat.url}/v1", api_key=KEY, max_retries=0, timeout=30),
            "base": openai.OpenAI(base_url=f"{base.url}/v1", api_key="unused", max_retries=0, timeout=30)}
@@ -244,7 +228,7 @@ def test_metrics_count_requests_tokens_and_the_queue_refuses_beyond_its_limit():
     import re
 
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
-    running = _Running(create_app(_model(tok, 2), tok, {}, model_name="q", max_queue=1))
+    running = RunningApp(create_app(_model(tok, 2), tok, {}, model_name="q", max_queue=1))
     client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=30)
     try:
         done = client.completions.create(model="q", prompt="hello", max_tokens=5, temperature=0)
@@ -330,7 +314,7 @@ def test_a_client_that_goes_away_frees_its_slot():
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=1024, vocab_size=tok.vocab_size)).eval()
-    running = _Running(create_app(model, tok, {}, model_name="slow", max_batch=1))
+    running = RunningApp(create_app(model, tok, {}, model_name="slow", max_batch=1))
     body = {"prompt": "hi", "max_tokens": 1000, "temperature": 0, "stream": True}
 
     def steps_until_idle() -> float:
@@ -362,8 +346,8 @@ def test_health_and_routes_answer_503_while_the_model_loads():
         release.wait(30)
         return _model(tok, 3), tok, {}
 
-    running = _Running(create_app(model_name="later", load=load))
-    failed = _Running(create_app(model_name="broken", load=lambda: (_ for _ in ()).throw(OSError("disk gone"))))
+    running = RunningApp(create_app(model_name="later", load=load))
+    failed = RunningApp(create_app(model_name="broken", load=lambda: (_ for _ in ()).throw(OSError("disk gone"))))
     try:
         r = httpx.get(running.url + "/health")
         assert r.status_code == 503 and r.json() == {"status": "loading"}
@@ -410,7 +394,7 @@ def test_lm_evaluation_harness_requests_give_the_scores_of_gptlab_eval_icl(tmp_p
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = load_task(path)
     expected = evaluate_icl(model, tok, task, [0])["results"]["0"]
-    running = _Running(create_app(model, tok, {}, model_name="m"))
+    running = RunningApp(create_app(model, tok, {}, model_name="m"))
     try:
         requests, golds = [], []
         for row in task.rows:

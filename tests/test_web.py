@@ -12,7 +12,6 @@ import json
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from gptlab.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.serve import create_app  # noqa: E402
 from gptlab.serve.web import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
+from serving import RunningApp  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -46,24 +46,6 @@ def _browser_missing() -> str | None:
     return None
 
 
-class _Running:
-    """An app under uvicorn on a free port, in a thread."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def _model(tok: CharTokenizer, seed: int, **sizes) -> GPT:
     torch.manual_seed(seed)
     cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size) | sizes
@@ -77,11 +59,11 @@ def served(tmp_path_factory):
     tok = CharTokenizer.from_text(LETTERS)
     add_chat_tokens(tok)
     model = _model(tok, 0)
-    chat = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", data_dir=data,
+    chat = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", data_dir=data,
                                max_n=4))
     base_tok = CharTokenizer.from_text(LETTERS)
-    base = _Running(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
-    keyed = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY))
+    base = RunningApp(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
+    keyed = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", api_key=KEY))
     yield {"url": chat.url, "base_url": base.url, "keyed_url": keyed.url, "data": data, "tok": tok, "model": model,
            "engine": Engine(model, tok)}
     for running in (chat, base, keyed):
@@ -174,7 +156,7 @@ def test_stop_aborts_a_streaming_answer(served, page):
     model = _model(tok, 3, n_layer=4, n_embd=128, block_size=1024)
     with torch.no_grad():  # logit 0 for the stop ids (tied embeddings): greedy decoding never ends by itself
         model.wte.weight[stop_ids(tok)] = 0
-    slow = _Running(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="slow"))
+    slow = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="slow"))
     try:
         page.goto(slow.url + "/")
         page.fill("#temperature", "0")
@@ -439,9 +421,9 @@ def test_screenshots_for_the_docs(browser, tmp_path):
 
     runs = os.environ["GPTLAB_WEB_SCREENSHOTS"].split(",")
 
-    def serve(run: str) -> _Running:
+    def serve(run: str) -> RunningApp:
         config = json.loads((Path(run) / "config.json").read_text())
-        return _Running(create_app(load_model(run), load_tokenizer(str(Path(run) / "tokenizer")), config,
+        return RunningApp(create_app(load_model(run), load_tokenizer(str(Path(run) / "tokenizer")), config,
                                    model_name=Path(run).name, data_dir=tmp_path, max_n=9))
 
     chat = serve(runs[0])
