@@ -37,7 +37,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from gptlab.cli import main as cli
-    from gptlab.stages.pretrain import pretrain_configs, run_pretrain
+    from gptlab.runs import read_run_config
+    from gptlab.stages.pretrain import run_pretrain
 
     data_file = Path(args.data_file).resolve()
     if not data_file.is_file():
@@ -57,17 +58,20 @@ def main() -> int:
         overrides = {"max_steps": args.max_steps, "device": args.device}
         if args.max_steps is not None:
             overrides["lr_decay_steps"] = args.max_steps
-        model_cfg, train_cfg = pretrain_configs(data_dir, out, config_file=args.config,
-                                                train_overrides=overrides)
         t0 = time.perf_counter()
-        result = run_pretrain(data_dir, out, model_cfg, train_cfg)
+        result = run_pretrain(data_dir, out, train=overrides, config_file=args.config)
         wall = time.perf_counter() - t0
         import torch
 
-        from gptlab.checkpoint import load_run
+        from gptlab.runs import load_run
         from gptlab.evaluate import evaluate_ppl
 
+        from gptlab.config import GPTConfig
+        from gptlab.train.config import TrainConfig
+
         model = load_run(out)[0]
+        saved = read_run_config(out)
+        model_cfg, train_cfg = GPTConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
         full = evaluate_ppl(model, data_dir, block_size=train_cfg.block_size or model_cfg.block_size, batch_size=64)
 
         print()

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from gptlab import GPT
-from gptlab.checkpoint import import_hf
+from gptlab.hf import import_hf
 from gptlab.engine import Engine, SamplingParams
 
 
@@ -114,7 +114,7 @@ def bench_generation(hf, ours, new_tokens: int, rounds: int) -> dict:
 
 def int8_quality(run: str, data: str, prompts: int = 20, new_tokens: int = 64) -> dict:
     """Perplexity on the validation split and greedy agreement of the int8 path vs fp32 on a trained run."""
-    from gptlab.checkpoint import load_run
+    from gptlab.runs import load_run
     from gptlab.data import TokenData, eval_batches
 
     model, tokenizer, _ = load_run(run)

@@ -55,16 +55,17 @@ import transformers  # noqa: E402
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: E402
 
 from gptlab.chat import render_pair, render_prompt  # noqa: E402
-from gptlab.checkpoint import export_hf  # noqa: E402
 from gptlab.config import GPTConfig  # noqa: E402
 from gptlab.engine import Engine  # noqa: E402
-from gptlab.heads import ScalarModel  # noqa: E402
+from gptlab.heads import ActorCritic, PolicyModel, ScalarModel  # noqa: E402
+from gptlab.hf import export_hf  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.rl import ranking_loss  # noqa: E402
-from gptlab.stages.ppo import ActorCritic, PPOConfig, PPOStage, ppo_train_config  # noqa: E402
-from gptlab.stages.sequences import PolicyModel, pad_right  # noqa: E402
+from gptlab.stages.ppo import PPOConfig, PPOStage, ppo_train_config  # noqa: E402
+from gptlab.stages.common import pad_right  # noqa: E402
 from gptlab.tokenizer import END_OF_TURN, train_bpe  # noqa: E402
-from gptlab.trainer import Trainer, make_optimizer  # noqa: E402
+from gptlab.train.loop import Trainer  # noqa: E402
+from gptlab.train.optim import make_optimizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -96,7 +97,7 @@ def build(setting: dict, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     gpt = GPT(cfg)
     torch.manual_seed(seed + 1)
-    rm = ScalarModel(cfg)
+    rm = ScalarModel(GPT(cfg))
     torch.nn.init.zeros_(rm.head.bias)  # TRL's score layer has no bias
     return {"tok": tok, "end": end, "prompts": prompts, "pairs": pairs, "cfg": cfg,
             "policy_sd": copy.deepcopy(gpt.state_dict()), "rm_sd": copy.deepcopy(rm.state_dict())}
@@ -110,7 +111,7 @@ def loaded(module: torch.nn.Module, state: dict) -> torch.nn.Module:
 def export_pair(b: dict, rm_sd: dict, out: Path) -> tuple[str, str]:
     """Policy -> GPT2LMHeadModel dir; RM -> GPT2ForSequenceClassification(num_labels=1) dir, same weights."""
     export_hf(loaded(GPT(b["cfg"]), b["policy_sd"]), out / "policy")
-    rm = loaded(ScalarModel(b["cfg"]), rm_sd)
+    rm = loaded(ScalarModel(GPT(b["cfg"])), rm_sd)
     export_hf(rm.gpt, out / "rm_backbone")
     hf = GPT2ForSequenceClassification.from_pretrained(out / "rm_backbone", num_labels=1)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def export_pair(b: dict, rm_sd: dict, out: Path) -> tuple[str, str]:
 @torch.no_grad()
 def parity(b: dict, policy_dir: str, rm_dir: str) -> dict:
     """Max |gptlab - transformers| of policy logits and RM score on one sequence (checks the export)."""
-    gpt, rm = loaded(GPT(b["cfg"]), b["policy_sd"]).eval(), loaded(ScalarModel(b["cfg"]), b["rm_sd"]).eval()
+    gpt, rm = loaded(GPT(b["cfg"]), b["policy_sd"]).eval(), loaded(ScalarModel(GPT(b["cfg"])), b["rm_sd"]).eval()
     hp, hr = GPT2LMHeadModel.from_pretrained(policy_dir), GPT2ForSequenceClassification.from_pretrained(rm_dir)
     x = torch.tensor([b["pairs"][0][0]])
     return {"policy_logits": float((gpt(x) - hp.eval()(x).logits).abs().max()),
@@ -132,9 +133,9 @@ def parity(b: dict, policy_dir: str, rm_dir: str) -> dict:
 def our_stage(b: dict, seed: int) -> tuple[ActorCritic, PPOStage, PPOConfig]:
     """The models and stage exactly as run_ppo builds them (the value function starts from the RM)."""
     gpt = loaded(GPT(b["cfg"]), b["policy_sd"])
-    reward = loaded(ScalarModel(b["cfg"]), b["rm_sd"]).eval().requires_grad_(False)
+    reward = loaded(ScalarModel(GPT(b["cfg"])), b["rm_sd"]).eval().requires_grad_(False)
     reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False)
-    value = ScalarModel(b["cfg"], copy.deepcopy(reward.gpt).requires_grad_(True))
+    value = ScalarModel(copy.deepcopy(reward.gpt).requires_grad_(True))
     value.head.load_state_dict(reward.head.state_dict())
     model = ActorCritic(PolicyModel(gpt), value)
     cfg = PPOConfig(rollout_batch=PPO["batch"], minibatches=PPO["minibatches"], ppo_epochs=PPO["ppo_epochs"],
@@ -229,7 +230,7 @@ def rm_loss_acc(b: dict, rm: ScalarModel) -> tuple[torch.Tensor, float]:
 
 def trained_rm(b: dict, steps: int = 30) -> dict:
     """A slightly trained RM: full-batch Adam on ranking_loss (the head bias stays 0)."""
-    rm = loaded(ScalarModel(b["cfg"]), b["rm_sd"])
+    rm = loaded(ScalarModel(GPT(b["cfg"])), b["rm_sd"])
     rm.head.bias.requires_grad_(False)
     opt = torch.optim.Adam([p for p in rm.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(steps):
@@ -267,7 +268,7 @@ def bench_setting(name: str, args, tmp: Path) -> dict:
     res["rm_agreement"] = {}
     for label, sd in (("random", b["rm_sd"]), ("trained", trained_rm(b))):
         with torch.no_grad():
-            loss, acc = rm_loss_acc(b, loaded(ScalarModel(b["cfg"]), sd).eval())
+            loss, acc = rm_loss_acc(b, loaded(ScalarModel(GPT(b["cfg"])), sd).eval())
         ours = {"loss": float(loss), "accuracy": acc, "n": len(b["pairs"])}
         theirs = trl_side.trl_reward_loss_accuracy(export_pair(b, sd, tmp / f"{name}_{label}")[1], b["pairs"],
                                                    pad_id=b["tok"].pad_id, eos_id=b["end"],

@@ -112,15 +112,15 @@ def main() -> int:
 
     import torch
 
-    from gptlab.checkpoint import load_run, save_model
+    from gptlab.runs import load_run, save_model
     from gptlab.config import GPTConfig
     from gptlab.data import TokenData, prepare
     from gptlab.icl import evaluate_icl
     from gptlab.model import GPT
-    from gptlab.stages.finetune import finetune_configs, predict, run_finetune
+    from gptlab.stages.finetune import FINETUNE_TRAIN, predict, run_finetune
     from gptlab.stages.pretrain import run_pretrain
     from gptlab.tasks import load_task
-    from gptlab.trainer import TrainConfig
+    from gptlab.train.config import TrainConfig
 
     n = SIZES["quick" if args.quick else "full"]
     pre_steps = args.pretrain_steps or (30 if args.quick else 600)
@@ -176,12 +176,12 @@ def main() -> int:
         every = max(1, ft_steps // 4)  # the trainer re-plots loss.png at every evaluation: not cheap on CPU
         for key, (init, coef) in runs.items():
             out = tmp / f"ft-{key}"
-            ft_cfg, _ = finetune_configs(out, len(train), {"max_steps": ft_steps, "seed": args.seed, "device": args.device,
-                                                           "keep_last": 1, "eval_every": every,
-                                                           "checkpoint_every": every})
+            ft_cfg = FINETUNE_TRAIN.config(len(train), {"max_steps": ft_steps, "seed": args.seed, "device": args.device,
+                                                        "keep_last": 1, "eval_every": every, "checkpoint_every": every})
             t0 = time.perf_counter()
-            res = run_finetune("classification", str(tmp / ("pretrained" if init == "pre-trained" else "scratch")),
-                               files["train"], files["val"], out, ft_cfg, lm_coef=coef, progress=False)
+            res = run_finetune(str(tmp / ("pretrained" if init == "pre-trained" else "scratch")), files["train"],
+                               files["val"], out, ft_cfg, {"task_type": "classification", "lm_coef": coef},
+                               progress=False)
             predict(out, files["test"], tmp / f"pred-{key}.jsonl", device=args.device)
             last = read_jsonl(out / "metrics.jsonl")
             val_acc = next((m["val_accuracy"] for m in reversed(last) if "val_accuracy" in m), None)

@@ -60,7 +60,7 @@ def random_run(out: Path, seed: int = 0) -> Path:
     import torch
 
     from gptlab import GPT, GPTConfig
-    from gptlab.checkpoint import save_model
+    from gptlab.runs import save_model
     from gptlab.tokenizer import train_bpe
 
     rng = random.Random(seed)
@@ -74,7 +74,7 @@ def random_run(out: Path, seed: int = 0) -> Path:
 
 def describe(run_dir: Path) -> dict[str, Any]:
     """The served model's size, from its config.json (weights: 12·d² per layer + embeddings, tied head)."""
-    from gptlab.checkpoint import read_run_config
+    from gptlab.runs import read_run_config
 
     m = read_run_config(run_dir)["model"]
     size = {k: m[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}

@@ -63,7 +63,7 @@ def tiny_run(out: Path) -> Path:
 
     from gptlab import GPT, GPTConfig
     from gptlab.chat import CHAT_FORMAT, add_chat_tokens
-    from gptlab.checkpoint import save_model
+    from gptlab.runs import save_model
     from gptlab.tokenizer import train_bpe
 
     rng = random.Random(0)

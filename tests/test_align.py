@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gptlab import chat
 from gptlab.align_data import load_rankings
-from gptlab.checkpoint import load_run, save_model
+from gptlab.runs import load_run, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError, DataError
@@ -33,15 +33,20 @@ from gptlab.stages.dpo import DPOStage, encode_pairs, run_dpo
 from gptlab.stages.ppo import PPOConfig, encode_prompts, ppo_train_config, rollout, run_ppo
 from gptlab.stages.reward import (RewardStage, encode_rankings, load_reward_model, run_rm, sample_responses,
                                   save_reward_model)
-from gptlab.stages.sequences import PolicyModel, pad_right
-from gptlab.stages.sft import IGNORE, SFTStage, encode_sft, load_chat_model, run_sft, sft_sample
+from gptlab.heads import PolicyModel
+from gptlab.stages.common import pad_right
+from gptlab.stages.common import load_chat_model
+from gptlab.stages.sft import IGNORE, SFTStage, encode_sft, run_sft, sft_sample
 from gptlab.tokenizer import ASSISTANT, END_OF_TURN, EOS, PAD, SYSTEM, USER, CharTokenizer, load_tokenizer
-from gptlab.trainer import TrainConfig, TrainingDiverged, checkpoint_dirs, read_metrics, verify_checkpoint
+from gptlab.errors import TrainingDiverged
+from gptlab.train.checkpoints import checkpoint_dirs, verify_checkpoint
+from gptlab.train.config import TrainConfig
+from gptlab.train.metrics import read_metrics
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}
 SFT_ROWS = {"ab": "cab", "ba": "dcd"}  # prompt -> the one response the demonstrations give
-TIMING_KEYS = {"time_s", "tokens_per_sec", "mfu"}
+TIMING_KEYS = {"time_s", "tokens_per_sec", "mfu", "rollout_s", "rollout_tokens_per_sec"}
 
 
 def cpu_cfg(**kw) -> TrainConfig:
@@ -143,7 +148,7 @@ RM_NORM_TOKENS = 8
 @pytest.fixture(scope="module")
 def rm_run(work, sft_run, rank_files) -> Path:
     train, val = rank_files
-    run_rm(str(sft_run), train, work / "rm", cpu_cfg(**RM_CFG), val_file=val, norm_tokens=RM_NORM_TOKENS,
+    run_rm(str(sft_run), train, work / "rm", cpu_cfg(**RM_CFG), {"norm_tokens": RM_NORM_TOKENS}, val_file=val,
            progress=False)
     return work / "rm"
 
@@ -286,7 +291,7 @@ def test_sft_learns_the_responses_and_writes_a_chat_run(sft_run, base_run):
 def test_ranking_loss_equals_the_hand_formula(sft_run, rank_files):
     gpt, tok, _ = load_chat_model(sft_run)
     torch.manual_seed(1)
-    model = ScalarModel(gpt.config, gpt).eval()
+    model = ScalarModel(gpt).eval()
     groups = [g for _, g in encode_rankings(rank_files[0], tok, 64)][:6]
     assert {len(g) for g in groups} == {2, 3}
     stage = RewardStage(groups, [], batch_size=5, seed=0, pad_id=tok.pad_id)
@@ -389,7 +394,7 @@ def test_dpo_reference_equals_the_policy_at_step_zero(sft_run, rank_files):
 
 def test_dpo_learns_the_preferences(work, sft_run, rank_files):
     out = work / "dpo"
-    run_dpo(str(sft_run), rank_files[0], out, cpu_cfg(max_steps=30, lr=3e-3, min_lr=3e-4, eval_every=10), beta=0.5,
+    run_dpo(str(sft_run), rank_files[0], out, cpu_cfg(max_steps=30, lr=3e-3, min_lr=3e-4, eval_every=10), {"beta": 0.5},
             val_file=rank_files[1], progress=False)
     records = read_metrics(out / "metrics.jsonl")
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
@@ -410,7 +415,7 @@ def test_rollout_masks_flags_and_scores_match_the_sequences(sft_run, rm_run, pro
     policy = PolicyModel(gpt)
     reference = PolicyModel(copy.deepcopy(gpt)).eval()
     reward, _, _ = load_reward_model(rm_run)
-    value = ScalarModel(reward.config, copy.deepcopy(reward.gpt))
+    value = ScalarModel(copy.deepcopy(reward.gpt))
     cfg = PPOConfig(rollout_batch=4, minibatches=1, max_new_tokens=4, temperature=1.5, missing_eos_penalty=0.7)
     prompts = encode_prompts(prompts_file, tok, 64, cfg.max_new_tokens) * 2
     buf = rollout(policy, reference, reward, tok, prompts, cfg, seed=11, kl_coef=0.05, value=value)
@@ -457,7 +462,7 @@ def ppo_run(work, sft_run, rm_run, prompts_file) -> Path:
     cfg = ppo_cfg()
     tc = ppo_tc(cfg, 2, eval_every=2)
     assert tc.max_steps == 8 and tc.grad_accum == 1 and tc.batch_size == cfg.ptx_batch
-    run_ppo(str(sft_run), str(rm_run), prompts_file, work / "ppo", tc, cfg, val_fraction=0.3, progress=False)
+    run_ppo(str(sft_run), str(rm_run), prompts_file, work / "ppo", tc, cfg.replace(val_fraction=0.3), progress=False)
     return work / "ppo"
 
 
@@ -503,13 +508,13 @@ def test_ppo_resumes_bit_for_bit_from_the_middle_of_an_iteration(work, ppo_run, 
     cfg = ppo_cfg()
     assert cfg.updates_per_iteration == 4
     args = (str(sft_run), str(rm_run), prompts_file, out)
-    run_ppo(*args, ppo_tc(cfg, 2, eval_every=2, checkpoint_every=2, max_steps=6), cfg, val_fraction=0.3,
+    run_ppo(*args, ppo_tc(cfg, 2, eval_every=2, checkpoint_every=2, max_steps=6), cfg.replace(val_fraction=0.3),
             progress=False)  # stops after step 6: update 2 of iteration 2
     ckpts = checkpoint_dirs(out)
     assert [c.name for c in ckpts] == ["step-00000002", "step-00000004", "step-00000006"]
     stage_state = torch.load(ckpts[-1] / "stage.pt", weights_only=True)[0]
     assert stage_state["iteration"] == 1 and stage_state["buffer"]["idx"].shape[0] == 8
-    run_ppo(*args, ppo_tc(cfg, 2, eval_every=2, checkpoint_every=2, max_steps=8), cfg, val_fraction=0.3,
+    run_ppo(*args, ppo_tc(cfg, 2, eval_every=2, checkpoint_every=2, max_steps=8), cfg.replace(val_fraction=0.3),
             resume=True, progress=False)
     assert stable_records(out) == stable_records(ppo_run)  # losses, rewards, KL, samples: bit for bit
     from safetensors.torch import load_file
@@ -532,8 +537,8 @@ def test_ppo_ptx_needs_data_and_logs_the_pretraining_loss(work, base_run, sft_ru
     # tokenized with the base run's tokenizer, from before SFT added the chat tokens
     prepare([work / "ptx.txt"], str(base_run / "tokenizer"), work / "ptx-data", val_fraction=0.0, progress=False)
     out = work / "ppo-ptx-2"
-    run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1), cfg, ptx_data=work / "ptx-data",
-            val_fraction=0.3, progress=False)
+    run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1), cfg.replace(val_fraction=0.3),
+            ptx_data=work / "ptx-data", progress=False)
     records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 2
     for r in records:  # an untrained LM loss on these letters: a few nats, part of the total
@@ -548,7 +553,7 @@ def test_ppo_divergence_stops_and_keeps_the_last_good_checkpoint(work, sft_run, 
     out = work / "ppo-diverged"
     tc = ppo_tc(cfg, 3, lr=5e-2, min_lr=5e-2, checkpoint_every=2, eval_every=0)
     with pytest.raises(TrainingDiverged) as info:
-        run_ppo(str(sft_run), str(rm_run), prompts_file, out, tc, cfg, val_fraction=0.3, progress=False)
+        run_ppo(str(sft_run), str(rm_run), prompts_file, out, tc, cfg.replace(val_fraction=0.3), progress=False)
     good = out / "checkpoints" / "step-00000002"
     message = str(info.value)
     assert "PPO diverged at iteration 2" in message and f"the last good checkpoint is {good}" in message
@@ -571,7 +576,7 @@ def test_bad_input_is_refused_before_anything_is_written(work, sft_run, rm_run, 
     # a reward model over another vocabulary
     other_tok = CharTokenizer.from_text("xyz")
     torch.manual_seed(0)
-    other = ScalarModel(GPTConfig(vocab_size=other_tok.vocab_size, **MODEL))
+    other = ScalarModel(GPT(GPTConfig(vocab_size=other_tok.vocab_size, **MODEL)))
     save_reward_model(work / "other-rm", other, other_tok, {})
     cfg = ppo_cfg()
     with pytest.raises(ConfigError, match="different tokenizers"):

@@ -11,7 +11,7 @@ import torch
 from gptlab import GPT, GPTConfig
 from gptlab.chat import Message, render, stop_ids
 from gptlab.chat_repl import Conversation, run_chat
-from gptlab.checkpoint import save_model
+from gptlab.runs import save_model
 from gptlab.cli import main
 from gptlab.engine import Engine, SamplingParams
 from gptlab.errors import UserError

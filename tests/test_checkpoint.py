@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 
 from gptlab import GPT, GPTConfig
-from gptlab.checkpoint import (
-    atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text, export_hf,
-    load_model, load_run, model_tensors, save_model, sha256_file,
-)
+from gptlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from gptlab.hf import export_hf
+from gptlab.runs import load_model, load_run, save_model
+from gptlab.weights import atomic_save_safetensors, model_tensors
 from gptlab.cli import main
 from gptlab.errors import CheckpointError, ConfigError
 
@@ -80,7 +80,7 @@ def test_load_run_with_tokenizer_and_extra(tmp_path, small_tokenizer):
     assert cfg["stage"] == "sft" and cfg["step"] == 7 and cfg["tokenizer"] == "tokenizer"
     assert cfg["format_version"] == 1 and cfg["model"] == model.config.to_dict()
     assert cfg["weights"]["sha256"] == sha256_file(tmp_path / "model.safetensors")
-    assert GPT.load(str(tmp_path)).config == model.config
+    assert load_model(str(tmp_path)).config == model.config
     with pytest.raises(ValueError, match="reserved"):
         save_model(tmp_path, model, extra={"model": {}})
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab import GPT, GPTConfig
-from gptlab.checkpoint import save_model
+from gptlab.runs import save_model
 from gptlab.cli import main
 from gptlab.config import PRESETS
 from gptlab.engine import Engine, SamplingParams

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from gptlab.checkpoint import load_run
+from gptlab.runs import load_run
 from gptlab.cli import main
-from gptlab.trainer import read_metrics
+from gptlab.train.metrics import read_metrics
 
 
 def test_demo_runs_end_to_end_within_budget(tmp_path, shakespeare_files, capsys):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from gptlab.cli import main
-from gptlab.trainer import checkpoint_dirs, read_metrics
+from gptlab.train.checkpoints import checkpoint_dirs
+from gptlab.train.metrics import read_metrics
 
 from test_trainer import corpus, prepare, write_config
 

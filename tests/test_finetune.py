@@ -15,16 +15,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gptlab.checkpoint import load_run, save_model
+from gptlab.runs import load_run, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.errors import ConfigError, TokenizerError, UserError
 from gptlab.model import GPT
 from gptlab.stages import finetune as ft
-from gptlab.stages.finetune import (Example, FinetuneConfig, FinetuneModel, FinetuneStage, add_finetune_tokens,
+from gptlab.heads import TaskModel, TaskModelConfig
+from gptlab.stages.finetune import (Example, FinetuneConfig, FinetuneStage, add_finetune_tokens,
                                     classification_metrics, collate, load_finetuned, regression_metrics, transform)
 from gptlab.tokenizer import DELIM, EOS, EXTRACT, START, CharTokenizer
-from gptlab.trainer import checkpoint_dirs, read_metrics
+from gptlab.train.checkpoints import checkpoint_dirs
+from gptlab.train.metrics import read_metrics
 
 ALPHABET = "abcdefghijxyz ."
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 48}
@@ -145,19 +147,20 @@ def test_gpt2_vocabulary_gets_the_tokens_appended(gpt2_ranks_path, tmp_path):
 
 def test_default_train_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg, coef = ft.finetune_configs(tmp_path / "run", 100)
+    cfg, coef = ft.FINETUNE_TRAIN.config(100), FinetuneConfig().lm_coef
     assert coef == 0.5
     assert (cfg.batch_size, cfg.lr, cfg.min_lr, cfg.weight_decay) == (16, 2.5e-4, 0.0, 0.01)
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_every, cfg.checkpoint_every) == (19, 2, 2, 2)  # 3 epochs
-    cfg, coef = ft.finetune_configs(tmp_path / "run", 100, {"max_steps": 200, "lr": 1e-4, "seed": None}, lm_coef=0.0)
+    cfg = ft.FINETUNE_TRAIN.config(100, {"max_steps": 200, "lr": 1e-4, "seed": None})
+    coef = FinetuneConfig(lm_coef=0.0).lm_coef
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_every, cfg.lr, cfg.seed, coef) == (200, 20, 20, 1e-4, 1337, 0.0)
 
 
 # --------------------------------------------------------------------- model
-def tiny_model(task_type: str, n_classes: int, vocab: int | None = None, seed: int = 0) -> FinetuneModel:
+def tiny_model(task_type: str, n_classes: int, vocab: int | None = None, seed: int = 0) -> TaskModel:
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(vocab_size=vocab or char_tok().vocab_size, **SMALL))
-    return FinetuneModel(FinetuneConfig(gpt.config, task_type, n_classes), gpt)
+    return TaskModel(TaskModelConfig(gpt.config, task_type, n_classes), gpt)
 
 
 def test_special_tokens_grow_embedding_and_train(base_run):
@@ -172,7 +175,7 @@ def test_special_tokens_grow_embedding_and_train(base_run):
     torch.manual_seed(0)
     assert torch.equal(grown.wte.weight[old_vocab:], torch.randn(3, 64) * 0.02)  # N(0, 0.02) rows
     assert add_finetune_tokens(grown, tok) is grown  # nothing to add a second time
-    model = FinetuneModel(FinetuneConfig(grown.config, "entailment", 3), grown)
+    model = TaskModel(TaskModelConfig(grown.config, "entailment", 3), grown)
     ex = [Example(transform("entailment", {"premise": "abc", "hypothesis": "de"}, tok, 32), 2),
           Example(transform("entailment", {"premise": "x", "hypothesis": "yz."}, tok, 32), 0)]
     stage = FinetuneStage(ex, [], model.config, batch_size=2, seed=0)

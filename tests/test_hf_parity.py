@@ -17,7 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptlab import GPT, GPTConfig  # noqa: E402
-from gptlab.checkpoint import export_hf, import_hf, load_model, load_run  # noqa: E402
+from gptlab.hf import export_hf, import_hf  # noqa: E402
+from gptlab.runs import load_model, load_run  # noqa: E402
 from gptlab.errors import CheckpointError, UserError  # noqa: E402
 
 TOL = 1e-4
@@ -89,7 +90,7 @@ def test_load_model_hf_spec(hf_pair):
     for spec in (f"hf:{d}", str(d)):  # a plain path to a transformers directory is recognised too
         m = load_model(spec)
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ours.state_dict().values()))
-    m = GPT.load(f"hf:{d}")
+    m = load_model(f"hf:{d}")
     model, tok, cfg = load_run(f"hf:{d}")
     assert tok is None and cfg["model"] == model.config.to_dict() and cfg["source"] == f"hf:{d}"
 

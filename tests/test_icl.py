@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from gptlab import GPT, GPTConfig
-from gptlab.checkpoint import export_hf, save_model
+from gptlab.hf import export_hf
+from gptlab.runs import save_model
 from gptlab.cli import main
 from gptlab.engine import Engine
 from gptlab.errors import UserError

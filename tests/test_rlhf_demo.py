@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 from gptlab.align_data import load_rankings
-from gptlab.checkpoint import load_run
+from gptlab.runs import load_run
 from gptlab.rlhf_demo import DemoSizes, run_rlhf_demo
-from gptlab.trainer import read_metrics
+from gptlab.train.metrics import read_metrics
 
 TOY = DemoSizes(labeler_rows=200, sft_rows=120, ranking_prompts=24, ppo_prompts=40, eval_prompts=16,
                 pretrain_steps=6, labeler_steps=4, sft_steps=4, rm_steps=4, ppo_iterations=1, dpo_steps=2,

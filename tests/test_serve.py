@@ -204,7 +204,7 @@ def test_serve_command_prints_the_url_and_answers(tmp_path):
     import subprocess
     import sys
 
-    from gptlab.checkpoint import save_model
+    from gptlab.runs import save_model
 
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
     save_model(tmp_path / "run", _model(tok, 2), tok)

@@ -416,7 +416,7 @@ def test_append_jsonl_cuts_a_torn_line_and_never_interleaves(tmp_path):
 @pytest.mark.skipif(not os.environ.get("GPTLAB_WEB_SCREENSHOTS"),
                     reason="opt-in: GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] writes docs/img/web-*.png")
 def test_screenshots_for_the_docs(browser, tmp_path):
-    from gptlab.checkpoint import load_model
+    from gptlab.runs import load_model
     from gptlab.tokenizer import load_tokenizer
 
     runs = os.environ["GPTLAB_WEB_SCREENSHOTS"].split(",")

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPT": "model", "KVCache": "model", "GPTConfig": "config", "PRESETS": "config", "UserError": "errors",
     "Engine": "engine", "SamplingParams": "engine", "load_tokenizer": "tokenizer", "train_bpe": "tokenizer",
-    "TokenData": "data", "prepare": "data", "TrainConfig": "trainer", "Trainer": "trainer",
+    "TokenData": "data", "prepare": "data", "TrainConfig": "train.config", "Trainer": "train.loop",
+    "load_model": "runs", "load_run": "runs", "save_model": "runs",
 }
 __all__ = sorted(_EXPORTS)
 

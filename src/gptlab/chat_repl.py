@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
+from .atomic import atomic_write_text
 from .chat import Message, has_chat_tokens, render, stop_ids
+from .engine import Engine, SamplingParams
 from .errors import UserError
+from .tokenizer import Tokenizer
 
 __all__ = ["Conversation", "run_chat"]
 
@@ -30,7 +34,7 @@ HELP = "commands: /reset, /system [TEXT], /save FILE, /help, /quit (or Ctrl-D)"
 class Conversation:
     """The messages of one conversation and how to fit them into ``block_size`` tokens."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
     block_size: int
     reply_tokens: int
     system: str | None = None
@@ -64,16 +68,12 @@ class Conversation:
                           ensure_ascii=False, indent=2) + "\n"
 
 
-def run_chat(engine: Any, params: Any, *, system: str | None = None, read: Callable[[str], str] = input,
+def run_chat(engine: Engine, params: SamplingParams, *, system: str | None = None, read: Callable[[str], str] = input,
              out: TextIO | None = None) -> Conversation:
     """The REPL over ``engine`` (a model with a chat format); returns the conversation at exit.
 
     ``read`` is called with the prompt string and raises EOFError at the end of input.
     """
-    import sys
-
-    from .atomic import atomic_write_text
-
     out = out or sys.stdout
     tokenizer = engine.tokenizer
     if tokenizer is None or not has_chat_tokens(tokenizer):

@@ -31,38 +31,143 @@ use 256 tokens (an eighth of the 2048 context), configurable via
 from __future__ import annotations
 
 import dataclasses
-import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping, TypeVar, Union
 
 from .errors import ConfigError
 
+__all__ = ["Config", "GPTConfig", "PRESETS", "NOMINAL_PARAMS", "ACTIVATIONS"]
+
 ACTIVATIONS = ("gelu", "gelu_tanh")
+C = TypeVar("C", bound="Config")
 
 
-@dataclass
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
-    norm_position: Literal["pre", "post"] = "pre"
-    attention_pattern: str = "D"
-    attn_window: int = 256
-    activation: str = "gelu_tanh"
-    dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
-    layer_norm_eps: float = 1e-5
-    # GPT-2's init: residual output projections get std 0.02 / sqrt(2 * n_layer).
-    scale_residual_init: bool = True
-    name: str = field(default="custom", compare=False)
+class Config:
+    """Base of every configuration dataclass (model, training, each stage's settings).
+
+    One rule for building any of them from a mapping (a YAML section, a run's
+    config.json, command-line flags): unknown keys and wrong types are a
+    ``ConfigError`` naming the source and the field; ``validate`` checks the
+    values. ``section`` names the config in files and messages ("model", "train",
+    "ppo", ...). Fields are documented by a string literal under each field (the
+    CLI shows it as the flag's help).
+    """
+
+    section: ClassVar[str] = "config"
 
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ConfigError`` when values contradict each other or are out of range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self: C, **changes: Any) -> C:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], source: str | None = None) -> C:
+        """Build from a mapping, naming ``source`` and the key on an unknown key, a wrong type or a bad value."""
+        source = source or f"{cls.section} config"
+        cls.check_keys(data, source)
+        hints = field_types(cls)
+        values = {key: _typed(key, value, hints[key], source) for key, value in data.items()}
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+    @classmethod
+    def check_keys(cls, data: Mapping[str, Any], source: str, extra: tuple[str, ...] = ()) -> None:
+        """A ``ConfigError`` naming ``source`` for keys that are not fields (nor one of ``extra``)."""
+        known = [*field_types(cls), *extra]
+        unknown = sorted(set(map(str, data)) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown {cls.section} field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(known)}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each dataclass field of ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` checked against the field type ``hint`` (ints widen to float; "1e-3" from YAML is a float)."""
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if typing.get_origin(option) is Literal and value in typing.get_args(option) and isinstance(value, str):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{source}: field {key}={value!r} should be of type {type_name(hint)}")
+
+
+@dataclass
+class GPTConfig(Config):
+    """The shape of a GPT of any generation."""
+
+    section: ClassVar[str] = "model"
+
+    n_layer: int = 12
+    """transformer blocks"""
+    n_head: int = 12
+    """attention heads per block (must divide n_embd)"""
+    n_embd: int = 768
+    """width of the residual stream"""
+    block_size: int = 1024
+    """context length: learned positions"""
+    vocab_size: int = 50257
+    """rows of the token embedding"""
+    norm_position: Literal["pre", "post"] = "pre"
+    """where LayerNorm sits: post (GPT-1) or pre with a final LayerNorm (GPT-2/3)"""
+    attention_pattern: str = "D"
+    """layer kinds tiled over the blocks: D dense, L locally banded (GPT-3: DL)"""
+    attn_window: int = 256
+    """width of the band of an L layer, in tokens"""
+    activation: Literal["gelu", "gelu_tanh"] = "gelu_tanh"
+    """GELU variant: gelu_tanh (OpenAI's GPT-1/2 code) or exact gelu"""
+    dropout: float = 0.0
+    """dropout probability of embeddings, attention and residual branches"""
+    bias: bool = True
+    """biases in linear layers and LayerNorms"""
+    tie_embeddings: bool = True
+    """share the token embedding with the LM head"""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon"""
+    scale_residual_init: bool = True
+    """GPT-2 init: residual output projections get std 0.02 / sqrt(2 * n_layer)"""
+    name: str = field(default="custom", compare=False)
+    """the preset or a label of this shape"""
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -101,39 +206,12 @@ class GPTConfig:
         pattern = self.attention_pattern
         return pattern[layer % len(pattern)] == "L"
 
-    # ------------------------------------------------------------ (de)serialise
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "GPTConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"{source}: unknown model field(s) {', '.join(unknown)}; "
-                              f"known fields: {', '.join(known)}")
-        for key, value in data.items():
-            expected = type(getattr(cls(), key)) if key != "name" else str
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(f"{source}: field {key}={value!r} should be of type "
-                                  f"{expected.__name__}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, path: str) -> "GPTConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh), source=str(path))
-
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; run `gptlab presets` to list them "
                               f"({', '.join(PRESETS)})")
-        data = dict(PRESETS[name], name=name)
-        data.update(overrides)
-        return cls.from_dict(data, source=f"preset {name}")
+        return cls.from_dict({**PRESETS[name], "name": name, **overrides}, source=f"preset {name}")
 
 
 def _gpt1(**kw: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_write_json
@@ -36,7 +37,7 @@ from .corpus import Piece, expand_inputs, iter_pieces
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
 
-__all__ = ["META_FILE", "TokenData", "ShardedTokens", "PretrainBatches", "eval_batches", "prepare"]
+__all__ = ["META_FILE", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw", "eval_batches", "prepare"]
 
 META_FILE = "meta.json"
 FORMAT = "gptlab-tokens/1"
@@ -166,8 +167,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
     train split first. ``workers`` defaults to the number of cores (inputs under
     16 MB are tokenized in this process: starting workers would cost more).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; choose another --out or remove it")
@@ -348,6 +347,17 @@ class TokenData:
                     raise DataError(f"{p}: checksum mismatch (the file changed after prepare); re-run gptlab prepare")
 
 
+def rank_draw(seed: Sequence[int], high: int, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's rows of one seeded global draw of ``batch_size * world_size`` indices in ``[0, high)``.
+
+    Every stage samples its batches this way: the draw depends only on ``seed``
+    (e.g. ``(seed, step, micro_step)``), so a resumed run draws the same batch and
+    N processes together see exactly the batch of one process.
+    """
+    everyone = np.random.default_rng(list(seed)).integers(0, high, size=batch_size * world_size)
+    return everyone[rank * batch_size:(rank + 1) * batch_size]
+
+
 class PretrainBatches:
     """Random training windows; batch ``(step, micro)`` depends only on ``(seed, step, micro)``.
 
@@ -364,12 +374,11 @@ class PretrainBatches:
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
     def starts(self, step: int, micro: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step, micro])
-        everyone = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
-        return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return rank_draw((self.seed, step, micro), len(self.tokens) - self.block_size, self.batch_size,
+                         self.rank, self.world_size)
 
     def get(self, step: int, micro: int) -> tuple[Any, Any]:
-        import torch
+        import torch  # here, not at the top: prepare's tokenizer processes import this module without torch
 
         rows = np.stack([self.tokens.window(int(s), self.block_size + 1) for s in self.starts(step, micro)])
         t = torch.from_numpy(rows)
@@ -379,7 +388,7 @@ class PretrainBatches:
 def eval_batches(tokens: ShardedTokens, batch_size: int, block_size: int,
                  max_batches: int | None = None) -> Iterator[tuple[Any, Any]]:
     """Consecutive non-overlapping windows from the start of a split, ``batch_size`` at a time."""
-    import torch
+    import torch  # see PretrainBatches.get
 
     n_windows = (len(tokens) - 1) // block_size
     if max_batches is not None:

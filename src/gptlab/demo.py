@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
+from .data import TokenData, prepare
+from .engine import Engine, SamplingParams
 from .errors import DataError
-from .trainer import TrainConfig
+from .model import GPT
+from .runs import load_run
+from .stages.pretrain import run_pretrain
+from .tokenizer import Tokenizer
+from .train.config import TrainConfig
+from .train.optim import make_optimizer
 
 __all__ = ["shakespeare_files", "run_demo", "DEMO_MODEL"]
 
@@ -43,9 +50,6 @@ def shakespeare_files() -> list[str]:
 
 def _seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
     """Time forward + backward + AdamW on a throwaway copy of the model (after one warm-up step)."""
-    from .model import GPT
-    from .trainer import make_optimizer
-
     model = GPT(model_cfg)
     opt = make_optimizer(model, train, torch.device("cpu"))
     x = torch.randint(0, model_cfg.vocab_size, (train.batch_size, model_cfg.block_size))
@@ -60,9 +64,7 @@ def _seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
     return sorted(times[1:])[1]
 
 
-def _sample(model: torch.nn.Module, tokenizer, tokens: int, seed: int) -> str:
-    from .engine import Engine, SamplingParams
-
+def _sample(model: GPT, tokenizer: Tokenizer, tokens: int, seed: int) -> str:
     params = SamplingParams(max_new_tokens=tokens, temperature=0.8, top_k=50, seed=seed)
     return PROMPT + Engine(model, tokenizer).complete(PROMPT, params).text
 
@@ -70,11 +72,6 @@ def _sample(model: torch.nn.Module, tokenizer, tokens: int, seed: int) -> str:
 def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0,
              corpus: list[str] | None = None, vocab_size: int = 4096, seed: int = 1337) -> Path:
     """Run the demo into ``out`` (default ``runs/demo-YYYYmmdd-HHMMSS``); returns the run directory."""
-    from .checkpoint import load_run
-    from .data import TokenData, prepare
-    from .model import GPT
-    from .stages.pretrain import run_pretrain
-
     if minutes <= 0:
         raise DataError(f"--minutes {minutes} must be > 0")
     start = time.perf_counter()

@@ -14,13 +14,15 @@ log-likelihood of given continuations (in-context evaluation, the server).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .errors import UserError
 from .model import GPT, KVCache
 from .quantize import with_precision
+from .runs import load_run
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -73,7 +75,7 @@ class _Row:
     shown: int = 0  # characters of ``text`` already handed out by ``fresh_text``
 
     def accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None, stop_ids: set[int],
-               stops: Sequence[str], tokenizer: Any) -> None:
+               stops: Sequence[str], tokenizer: Tokenizer | None) -> None:
         """Append a sampled token; a stop id ends the row (and is not kept), as does a stop string
         (the text is cut before it). ``tokenizer`` None: no text is tracked."""
         if token in stop_ids:
@@ -159,15 +161,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class Engine:
     """Generation over a model; ``precision="int8"`` decodes through int8 weights on CPU (quantize.py)."""
 
-    def __init__(self, model: GPT, tokenizer: Any = None, precision: str = "fp32"):
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, precision: str = "fp32"):
         self.model = with_precision(model.eval(), precision)
         self.tokenizer = tokenizer
         self.config = model.config
 
     @classmethod
     def from_spec(cls, spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> "Engine":
-        from .checkpoint import load_run
-
         model, tokenizer, _ = load_run(spec, device=device)
         return cls(model, tokenizer, precision)
 

@@ -32,3 +32,7 @@ class DataError(UserError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class TrainingDiverged(UserError):
+    """The loss, gradient norm or a stage's own measure became NaN/inf or too large; the last good checkpoint is kept."""

@@ -19,16 +19,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import TokenData, eval_batches
 from .errors import DataError, UserError
 
-__all__ = ["lm_loss_sums", "evaluate_ppl", "check_tokenizers_match", "tokenizer_difference"]
+__all__ = ["lm_loss_sums", "evaluate_ppl"]
 
 
 @torch.no_grad()
@@ -59,57 +60,7 @@ def lm_loss_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     return float(nats.item()), int(count.item())
 
 
-def _tokenizer_name(tok: Any, spec: Any) -> str:
-    name = spec if isinstance(spec, str) and spec else type(tok).__name__ if tok is not None else "unknown"
-    vocab = getattr(tok, "vocab_size", None)
-    return f"{name} (vocab {vocab})" if vocab is not None else str(name)
-
-
-def check_tokenizers_match(model_tok: Any, data_tok: Any, *, model_vocab: int, data_vocab: int,
-                           model_name: str, data_name: str, model_spec: Any = None, data_spec: Any = None) -> None:
-    """UserError naming both sides when a data dir was tokenized differently from the model's tokenizer."""
-    def fail(why: str) -> None:
-        raise UserError(f"tokenizer mismatch ({why}): data {data_name} uses "
-                        f"{_tokenizer_name(data_tok, data_spec)} but model {model_name} uses "
-                        f"{_tokenizer_name(model_tok, model_spec)}; prepare the data with the model's tokenizer "
-                        f"(gptlab prepare --tokenizer {model_name}/tokenizer)")
-
-    if data_vocab > model_vocab:
-        fail(f"data vocab_size {data_vocab} > model vocab_size {model_vocab}")
-    if model_tok is None or data_tok is None:
-        if data_vocab != model_vocab:
-            fail(f"vocab_size {data_vocab} != {model_vocab}")
-        return
-    why = tokenizer_difference(model_tok, data_tok)
-    if why is not None:
-        fail(why)
-
-
-def tokenizer_difference(model_tok: Any, data_tok: Any) -> str | None:
-    """Why ``data_tok`` does not encode text as ``model_tok`` does, or None when it does.
-
-    The model's tokenizer may extend the data's with special tokens at new ids.
-    """
-    model_special, data_special = dict(model_tok.special_tokens), dict(data_tok.special_tokens)
-    # a model may have grown special tokens after the data was prepared (chat or GPT-1 task tokens)
-    if not set(range(data_tok.vocab_size, model_tok.vocab_size)) <= set(model_special.values()):
-        return f"vocab_size {data_tok.vocab_size} != {model_tok.vocab_size}"
-    if any(model_special.get(k) != v for k, v in data_special.items()):
-        return "different special tokens"
-    special = set(data_special.values())
-    for i in range(data_tok.vocab_size):  # ~50k lookups for GPT-2: a few tens of milliseconds
-        if i in special:
-            continue
-        try:
-            a, b = data_tok.token_bytes(i), model_tok.token_bytes(i)
-        except Exception:  # an id without bytes (gap in a vocabulary): compare the failure
-            continue
-        if a != b:
-            return f"token {i} is {a!r} in the data but {b!r} in the model"
-    return None
-
-
-def evaluate_ppl(model: nn.Module, data: Any, split: str = "val", batch_size: int = 8,
+def evaluate_ppl(model: nn.Module, data: TokenData | str | os.PathLike[str], split: str = "val", batch_size: int = 8,
                  block_size: int | None = None, max_batches: int | None = None,
                  device: torch.device | str | None = None) -> dict[str, float]:
     """Loss, perplexity, bits per byte and token count of ``model`` on a split of a data dir.
@@ -117,11 +68,7 @@ def evaluate_ppl(model: nn.Module, data: Any, split: str = "val", batch_size: in
     ``data`` is a data directory or a ``gptlab.data.TokenData``. ``block_size``
     defaults to the model's context; ``max_batches`` None scores the whole split.
     """
-    from .data import TokenData
-
     td = data if isinstance(data, TokenData) else TokenData(os.fspath(data))
-    from .data import eval_batches
-
     cfg = getattr(model, "config", None)
     ctx = getattr(cfg, "block_size", None)
     block = block_size or ctx

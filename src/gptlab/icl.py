@@ -36,14 +36,15 @@ from __future__ import annotations
 import io
 import random
 import warnings
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from .engine import Engine
 from .errors import UserError
 from .model import GPT
-
-if TYPE_CHECKING:
-    from .tasks import Task
+from .tasks import Task
 
 __all__ = ["TEMPLATES", "DEMO_SEPARATOR", "evaluate_icl", "render", "sample_demos", "markdown_table",
            "plot_accuracy"]
@@ -215,9 +216,6 @@ def markdown_table(by_model: dict[str, dict[str, Any]]) -> str:
 
 def plot_accuracy(by_model: dict[str, dict[str, Any]], title: str = "") -> bytes:
     """PNG of accuracy vs shots (GPT-3's figure): one line per model and scoring rule, symlog x so 0 shows."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import GPTConfig
 from .errors import UserError
+from .tokenizer import Tokenizer
 
 
 # --------------------------------------------------------------------- masks
@@ -52,8 +54,6 @@ def attention_mask(q_start: int, q_len: int, k_len: int, window: int | None = No
 
 
 def _flex_band_block_mask(q_len: int, window: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def band(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
 
@@ -71,8 +71,6 @@ def flex_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     O(T * window) instead of O(T^2).
     """
     global _flex_fn
-    from torch.nn.attention.flex_attention import flex_attention
-
     key = (q.shape[-2], window, str(q.device))
     if key not in _flex_cache:
         _flex_cache[key] = _flex_band_block_mask(q.shape[-2], window, q.device)
@@ -250,6 +248,14 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + self.wpe.weight.numel()
         return n
 
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks, which FSDP shards one by one (the embeddings and head go with the root)."""
+        return list(self.h)
+
+    def empty_copy(self) -> "GPT":
+        """A new GPT of this config on the CPU (the trainer loads a full state dict into it after FSDP)."""
+        return GPT(self.config)
+
     @staticmethod
     def count_params(config: GPTConfig) -> int:
         """Parameter count of a config without allocating it (meta device): instant even for 175B."""
@@ -351,16 +357,7 @@ class GPT(nn.Module):
             x = block(x, None, masks)
         return torch.stack(layers, dim=1)
 
-    # ----------------------------------------------------------------- I/O
-    @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> "GPT":
-        """Load a run directory or ``"hf:DIR"`` (a transformers GPT-2 / OpenAI-GPT directory)."""
-        from .checkpoint import load_model
-
-        return load_model(path, device=device)
-
-
-def with_tokens(gpt: GPT, tokenizer: Any, tokens: list[str], dropout: float | None = None) -> GPT:
+def with_tokens(gpt: GPT, tokenizer: Tokenizer, tokens: list[str], dropout: float | None = None) -> GPT:
     """Add special ``tokens`` to ``tokenizer``; return ``gpt`` with embedding rows for every id (``rebuilt``).
 
     GPT-1's delimiter tokens and the chat format's role tokens come in this way.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import random
 import time
@@ -35,8 +36,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from .align_data import Ranking, write_rankings
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .chat import render_pair, render_prompt
+from .config import GPTConfig
+from .data import TokenData, prepare
 from .errors import DataError
+from .evaluate import evaluate_ppl
+from .heads import response_positions
+from .model import GPT
+from .runs import load_run
+from .stages.common import pad_right, responses_of, sample_replies
+from .stages.dpo import run_dpo
+from .stages.finetune import FINETUNE_TRAIN, Example, head_outputs, load_finetuned, run_finetune, transform
+from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
+from .stages.pretrain import run_pretrain
+from .stages.reward import run_rm
+from .stages.sft import run_sft
+from .tokenizer import Tokenizer
+from .train.config import TrainConfig
+from .train.metrics import read_metrics
 
 __all__ = ["DemoSizes", "Labeler", "load_tweets", "measure", "run_rlhf_demo"]
 
@@ -99,8 +121,6 @@ def load_tweets() -> list[tuple[str, str]]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    from .atomic import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
@@ -119,26 +139,19 @@ class Labeler:
     """The stand-in for InstructGPT's human labelers: P(positive) from the fine-tuned classifier."""
 
     def __init__(self, run_dir: Path) -> None:
-        from .stages.finetune import load_finetuned
-
         self.model, self.tokenizer, ft = load_finetuned(run_dir)
         self.max_len = int(ft["max_len"])
         self.positive = list(ft["labels"]).index("positive")
 
     @torch.no_grad()
     def p_positive(self, texts: Sequence[str]) -> list[float]:
-        from .stages.finetune import Example, head_outputs, transform
-
         examples = [Example(transform("classification", {"text": t}, self.tokenizer, self.max_len), None)
                     for t in texts]
         return [float(torch.softmax(o, -1)[self.positive]) for o in head_outputs(self.model, examples, 64)]
 
 
-def _sample(gpt: Any, tokenizer: Any, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
+def _sample(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
     """``n`` sampled responses (text, T = 1) per prompt."""
-    from .chat import render_prompt
-    from .stages.sequences import sample_replies
-
     ids = [render_prompt(p, tokenizer) for p in prompts for _ in range(n)]
     out = [c.text.strip() for c in sample_replies(gpt.eval(), tokenizer, ids, max_new_tokens=tokens, seed=seed,
                                                   batch_size=64)]
@@ -146,16 +159,13 @@ def _sample(gpt: Any, tokenizer: Any, prompts: Sequence[str], n: int, tokens: in
 
 
 @torch.no_grad()
-def _kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]
-                     ) -> float:
+def _kl_to_reference(policy: GPT, reference: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
+                     responses: Sequence[str]) -> float:
     """Mean over responses of Σ_t KL(π(·|x, y<t) ‖ π_SFT(·|x, y<t)) on the policy's own samples.
 
     Summing the exact per-token KL over the vocabulary (rather than log π(y_t) − log π_SFT(y_t) at
     the sampled token) estimates the same sequence KL with far less variance, and is never negative.
     """
-    from .chat import render_pair
-    from .stages.sequences import pad_right, response_positions, responses_of
-
     pairs = [render_pair(p, r, tokenizer) for p, r in zip(prompts, responses)]
     total = 0.0
     for i in range(0, len(pairs), 64):
@@ -171,16 +181,13 @@ def _kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: Seque
     return total / len(pairs)
 
 
-def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: Any, prompts: Sequence[str],
+def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: TokenData, prompts: Sequence[str],
             response_tokens: int, seed: int) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     """Per policy run: positive rate, mean P(positive), KL to SFT per response, pretraining val loss, words.
 
     One sampled response (T = 1, the same seed for every policy) per held-out prompt. Returns
     (metrics per run, responses per run).
     """
-    from .checkpoint import load_run
-    from .evaluate import evaluate_ppl
-
     sft, tokenizer, _ = load_run(sft_dir)
     policies: dict[str, dict[str, float]] = {}
     samples: dict[str, list[str]] = {}
@@ -200,12 +207,6 @@ def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: Any, p
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .atomic import atomic_write_bytes
-    from .trainer import read_metrics
-
     fig = Figure(figsize=(10, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -225,8 +226,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
@@ -238,17 +237,6 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
 
     ``sizes`` (tests) replaces the full or ``quick`` configuration.
     """
-    from .checkpoint import load_run
-    from .config import GPTConfig
-    from .data import TokenData, prepare
-    from .stages.dpo import run_dpo
-    from .stages.finetune import finetune_configs, run_finetune
-    from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
-    from .stages.pretrain import run_pretrain
-    from .stages.reward import run_rm
-    from .stages.sft import run_sft
-    from .trainer import TrainConfig, read_metrics
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; pass another --out")
@@ -302,11 +290,11 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     rows = [{"text": t, "label": y} for t, y in polar]
     _write_jsonl(out / "labeler-train.jsonl", rows[500:])
     _write_jsonl(out / "labeler-val.jsonl", rows[:500])
-    lab_cfg, _ = finetune_configs(out / "labeler", len(rows) - 500, {
+    lab_cfg = FINETUNE_TRAIN.config(len(rows) - 500, {
         "max_steps": sizes.labeler_steps, "batch_size": 32, "seed": seed, "device": "cpu", "keep_last": 1,
         "eval_every": max(1, sizes.labeler_steps // 2), "checkpoint_every": 0, "block_size": 64})
-    run_finetune("classification", str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl",
-                 out / "labeler", lab_cfg, lm_coef=0.5, progress=progress)
+    run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl",
+                 out / "labeler", lab_cfg, {"task_type": "classification", "lm_coef": 0.5}, progress=progress)
     labeler_acc = next(r["val_accuracy"] for r in reversed(read_metrics(out / "labeler" / "metrics.jsonl"))
                        if "val_accuracy" in r)
     labeler = Labeler(out / "labeler")
@@ -325,8 +313,6 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     print(f"[4/7] rankings: {K} SFT samples for each of {sizes.ranking_prompts} prompts, ordered by the labeler",
           flush=True)
     t0 = time.perf_counter()
-    from .align_data import Ranking, write_rankings
-
     prompts = [p for _, _, (p, _) in take(sizes.ranking_prompts)]
     rankings = []
     for prompt, responses in zip(prompts, _sample(sft, tokenizer, prompts, K, sizes.response_tokens, seed)):
@@ -344,7 +330,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     run_rm(str(out / "sft"), out / "rankings.jsonl", out / "rm", TrainConfig(
         max_steps=sizes.rm_steps, batch_size=8, lr=3e-4, min_lr=0.0, warmup_steps=max(1, sizes.rm_steps // 10),
         weight_decay=0.0, eval_every=max(1, sizes.rm_steps // 4), checkpoint_every=0, keep_last=1, seed=seed,
-        device="cpu"), val_fraction=0.1, norm_tokens=sizes.response_tokens, progress=progress)
+        device="cpu"), {"val_fraction": 0.1, "norm_tokens": sizes.response_tokens}, progress=progress)
     rm_val = [r for r in read_metrics(out / "rm" / "metrics.jsonl") if "val_accuracy" in r][-1]
     stage("rm", t0)
 
@@ -354,7 +340,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
                         kl_coef=0.15, kl_target=5.0, kl_horizon=300)
     for name, ptx in (("ppo", 0.0), ("ppo-ptx", 1.0)):
         t0 = time.perf_counter()
-        cfg = PPOConfig(**{**vars(ppo_cfg), "ptx_coef": ptx})
+        cfg = ppo_cfg.replace(ptx_coef=ptx)
         run_ppo(str(out / "sft"), str(out / "rm"), out / "prompts.jsonl", out / name,
                 ppo_train_config(cfg, sizes.ppo_iterations, {"lr": 1e-4, "min_lr": 1e-4, "seed": seed, "device": "cpu",
                                                               "keep_last": 1, "batch_size": 16}),
@@ -364,7 +350,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     run_dpo(str(out / "sft"), out / "rankings.jsonl", out / "dpo", TrainConfig(
         max_steps=sizes.dpo_steps, batch_size=16, lr=1e-4, min_lr=0.0, warmup_steps=max(1, sizes.dpo_steps // 10),
         weight_decay=0.0, eval_every=max(1, sizes.dpo_steps // 4), checkpoint_every=0, keep_last=1, seed=seed,
-        device="cpu"), beta=DPO_BETA, progress=progress)
+        device="cpu"), {"beta": DPO_BETA}, progress=progress)
     stage("dpo", t0)
 
     print(f"[7/7] measuring on {n_eval} held-out prompts", flush=True)
@@ -386,8 +372,6 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
         "runs": {k: str(out / k) for k in ("pretrained", "labeler", "sft", "rm", "ppo", "ppo-ptx", "dpo")},
     }
     _write_jsonl(out / "samples.jsonl", report["samples"])
-    from .atomic import atomic_write_json, atomic_write_text
-
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _markdown(report))
     _plot(report, out / "report.png")

@@ -30,6 +30,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
 from .atomic import atomic_write_bytes
 from .errors import TokenizerError
 
@@ -37,7 +41,7 @@ __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
     "CharTokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
-    "save_ranks", "load_gpt2_pair", "save_gpt2_pair",
+    "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "tokenizer_difference", "check_tokenizers_match",
 ]
 
 EOS = "<|endoftext|>"
@@ -300,8 +304,6 @@ class TiktokenTokenizer(Tokenizer):
         name: str | None = None,
         pat_str: str = GPT2_PATTERN,
     ) -> None:
-        import tiktoken
-
         if not ranks:
             raise TokenizerError("ranks are empty; load a genuine ranks file such as gpt2.tiktoken")
         n = max(ranks.values()) + 1
@@ -389,8 +391,6 @@ class TiktokenTokenizer(Tokenizer):
         return dict(self._special)
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
-        import tiktoken
-
         tokens = _check_special_names(tokens)
         new = [t for t in tokens if t not in self._special]
         if new:
@@ -537,9 +537,6 @@ def save_gpt2_pair(
 
 
 def _bytelevel_tokenizer(model: Any) -> Any:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, pre_tokenizers
-
     tok = HFTokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -552,8 +549,6 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, hf_tokenizer: Any, *, eos_token: str = EOS, spec: str | None = None, source: str = "tokenizer") -> None:
-        from tokenizers import decoders
-
         self._tok = hf_tokenizer
         self._byte_level = isinstance(hf_tokenizer.decoder, decoders.ByteLevel)
         self._eos_token = eos_token
@@ -568,8 +563,6 @@ class BPETokenizer(Tokenizer):
 
     def _rebuild(self) -> None:
         """Refresh the derived state after the HF tokenizer changed (init, add_special_tokens)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         added = self._tok.get_added_tokens_decoder()
         self._special = {t.content: i for i, t in sorted(added.items()) if t.special}
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -592,8 +585,6 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, eos_token: str | None = None) -> BPETokenizer:
         """Wrap a Hugging Face `tokenizer.json` (its directory's transformers config may name the EOS token)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         try:
             tok = HFTokenizer.from_file(str(path))
@@ -608,13 +599,20 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_gpt2_pair(cls, dir_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> BPETokenizer:
         """Wrap a GPT-2 `encoder.json`+`vocab.bpe` / `vocab.json`+`merges.txt` pair with HF's BPE."""
-        from tokenizers import AddedToken, models
-
         vocab_path, merges_path = _pair_paths(dir_or_files)
         vocab, merges, specials = _read_gpt2_pair(vocab_path, merges_path)
         tok = _bytelevel_tokenizer(models.BPE(vocab=vocab, merges=merges))
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
         return cls(tok, source=str(vocab_path))
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether ids decode through GPT-2's byte-to-unicode table (what transformers' GPT-2 tokenizers expect)."""
+        return self._byte_level
+
+    @property
+    def eos_token(self) -> str:
+        return self._eos_token
 
     @property
     def hf_tokenizer(self) -> Any:
@@ -657,8 +655,6 @@ class BPETokenizer(Tokenizer):
         return self._special[self._eos_token]
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
-        from tokenizers import AddedToken
-
         tokens = _check_special_names(tokens)
         new = [t for t in tokens if t not in self._special]
         for t in new:
@@ -749,8 +745,6 @@ def train_bpe(
     """Train a byte-level BPE. A path, or a list/tuple of paths, is read as UTF-8 files;
     any other iterable is taken as a stream of training texts. Special tokens get ids
     0..len(special_tokens)-1, in order, so EOS is id 0 in every vocabulary trained here."""
-    from tokenizers import models, pre_tokenizers, trainers
-
     special_tokens = _check_special_names(list(special_tokens))
     if EOS not in special_tokens:
         raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
@@ -958,8 +952,6 @@ def _load_gpt2() -> TiktokenTokenizer:
             raise TokenizerError(f"{_GPT2_ENV}={env}: no such file; point it at gpt2.tiktoken or unset it")
         return TiktokenTokenizer.from_file(p, name="gpt2")
     try:
-        import tiktoken
-
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # network or cache failures come in many types
         raise TokenizerError(f"could not load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); {_GPT2_HINT}") from None
@@ -1009,3 +1001,54 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
     elif path.suffix or os.sep in s:
         hint = f" ({path} does not exist)"
     raise TokenizerError(f"unknown tokenizer spec {s!r}{hint}; expected gpt2, char, a directory or a .tiktoken file")
+
+
+# --------------------------------------------------------------------------- comparing tokenizers
+def _tokenizer_name(tok: Tokenizer | None, spec: Any) -> str:
+    name = spec if isinstance(spec, str) and spec else type(tok).__name__ if tok is not None else "unknown"
+    vocab = getattr(tok, "vocab_size", None)
+    return f"{name} (vocab {vocab})" if vocab is not None else str(name)
+
+
+def check_tokenizers_match(model_tok: Tokenizer | None, data_tok: Tokenizer | None, *, model_vocab: int, data_vocab: int,
+                           model_name: str, data_name: str, model_spec: Any = None, data_spec: Any = None) -> None:
+    """UserError naming both sides when a data dir was tokenized differently from the model's tokenizer."""
+    def fail(why: str) -> None:
+        raise TokenizerError(f"tokenizer mismatch ({why}): data {data_name} uses "
+                        f"{_tokenizer_name(data_tok, data_spec)} but model {model_name} uses "
+                        f"{_tokenizer_name(model_tok, model_spec)}; prepare the data with the model's tokenizer "
+                        f"(gptlab prepare --tokenizer {model_name}/tokenizer)")
+
+    if data_vocab > model_vocab:
+        fail(f"data vocab_size {data_vocab} > model vocab_size {model_vocab}")
+    if model_tok is None or data_tok is None:
+        if data_vocab != model_vocab:
+            fail(f"vocab_size {data_vocab} != {model_vocab}")
+        return
+    why = tokenizer_difference(model_tok, data_tok)
+    if why is not None:
+        fail(why)
+
+
+def tokenizer_difference(model_tok: Tokenizer, data_tok: Tokenizer) -> str | None:
+    """Why ``data_tok`` does not encode text as ``model_tok`` does, or None when it does.
+
+    The model's tokenizer may extend the data's with special tokens at new ids.
+    """
+    model_special, data_special = dict(model_tok.special_tokens), dict(data_tok.special_tokens)
+    # a model may have grown special tokens after the data was prepared (chat or GPT-1 task tokens)
+    if not set(range(data_tok.vocab_size, model_tok.vocab_size)) <= set(model_special.values()):
+        return f"vocab_size {data_tok.vocab_size} != {model_tok.vocab_size}"
+    if any(model_special.get(k) != v for k, v in data_special.items()):
+        return "different special tokens"
+    special = set(data_special.values())
+    for i in range(data_tok.vocab_size):  # ~50k lookups for GPT-2: a few tens of milliseconds
+        if i in special:
+            continue
+        try:
+            a, b = data_tok.token_bytes(i), model_tok.token_bytes(i)
+        except Exception:  # an id without bytes (gap in a vocabulary): compare the failure
+            continue
+        if a != b:
+            return f"token {i} is {a!r} in the data but {b!r} in the model"
+    return None

@@ -22,10 +22,12 @@ import os
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +36,9 @@ from starlette.concurrency import run_in_threadpool
 from ..align_data import load_prompts, ranking_of
 from ..chat import ROLES
 from ..errors import DataError, UserError
+from .openai import OpenAIHandler
+from .protocol import APIError
+from .state import ServeState
 
 try:
     import fcntl
@@ -80,19 +85,12 @@ class RankingRequest(BaseModel):
     ranking: list[int]
 
 
-# ------------------------------------------------------------------ errors
-def _bad(message: str, param: str | None = None, status: int = 400, code: str | None = None) -> Exception:
-    """An ``APIError`` (imported here: app.py imports this module before it defines the class)."""
-    from .app import APIError
-
-    return APIError(status, message, param=param, code=code)
-
-
-def _data_file(server: Any, name: str) -> Path:
-    if server.data_dir is None:
-        raise _bad(f"the server was started without a data directory, so it keeps no {name}: restart "
-                   "gptlab serve with --data-dir DIR", status=409, code="no_data_dir")
-    return Path(server.data_dir) / name
+# ------------------------------------------------------------------ data
+def _data_file(data_dir: Path | None, name: str) -> Path:
+    if data_dir is None:
+        raise APIError(409, f"the server was started without a data directory, so it keeps no {name}: restart "
+                            "gptlab serve with --data-dir DIR", code="no_data_dir")
+    return data_dir / name
 
 
 # ------------------------------------------------------------------ appends
@@ -150,32 +148,32 @@ def _stamp() -> str:
 
 
 # ------------------------------------------------------------------ explorer
-def _context(server: Any, req: NextRequest) -> tuple[list[int], int]:
+def _context(api: OpenAIHandler, req: NextRequest) -> tuple[list[int], int]:
     """The explorer's token ids (ids win over text) cut to the model's context, and how many were cut."""
     if req.ids is not None:
         ids = list(req.ids)
-        if any(not 0 <= i < server.tok.vocab_size for i in ids):
-            raise _bad(f"ids must be token ids 0..{server.tok.vocab_size - 1}", "ids")
+        if any(not 0 <= i < api.tok.vocab_size for i in ids):
+            raise APIError(400, f"ids must be token ids 0..{api.tok.vocab_size - 1}", param="ids")
     else:
         try:
-            ids = server.tok.encode(req.text or "")
+            ids = api.tok.encode(req.text or "")
         except UserError as e:
-            raise _bad(f"the text cannot be tokenized: {e}", "text") from None
+            raise APIError(400, f"the text cannot be tokenized: {e}", param="text") from None
     if not ids:
-        raise _bad("type some text first: the explorer predicts the token after it", "text")
-    cut = max(0, len(ids) - server.block)
+        raise APIError(400, "type some text first: the explorer predicts the token after it", param="text")
+    cut = max(0, len(ids) - api.block)
     return ids[cut:], cut
 
 
-def _explore(server: Any, ids: list[int], top: int, attention: bool) -> dict[str, Any]:
+def _explore(api: OpenAIHandler, ids: list[int], top: int, attention: bool) -> dict[str, Any]:
     """One forward pass on the worker thread: next-token probabilities, and the last row of attention."""
-    model = server.model
-    idx = torch.tensor([ids], dtype=torch.long, device=server.engine.device)
+    model = api.model
+    idx = torch.tensor([ids], dtype=torch.long, device=api.engine.device)
     with torch.inference_mode():
         probs = torch.softmax(model(idx)[0, -1].float(), -1)
         best = torch.topk(probs, min(top, probs.numel()))
         weights = model.attention_weights(idx, queries=1)[0, :, :, 0] if attention else None
-    top = [{"id": i, "token": server.token_str(i), "prob": round(p, 6)}
+    top = [{"id": i, "token": api.token_str(i), "prob": round(p, 6)}
            for i, p in zip(best.indices.tolist(), best.values.tolist())]
     rows = None if weights is None else [[[round(w, 5) for w in head] for head in layer]
                                          for layer in weights.float().cpu().tolist()]
@@ -188,7 +186,7 @@ def _check_ranking(req: RankingRequest) -> None:
     try:
         ranking_of(req.model_dump(include={"prompt", "responses", "ranking"}), "the ranking")
     except DataError as e:
-        raise _bad(str(e), e.field) from None
+        raise APIError(400, str(e), param=e.field) from None
 
 
 def _next_prompt(path: Path) -> str | None:
@@ -203,65 +201,68 @@ def _next_prompt(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------ routes
-def _page(name: str) -> Any:
+def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
     async def page() -> FileResponse:
         return FileResponse(STATIC / name, media_type="text/html",
                             headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
     return page
 
 
-def add_web_routes(app: Any, server: Any) -> None:
-    """Register the pages, their static files and their JSON endpoints on ``app``."""
+def add_web_routes(app: FastAPI, state: ServeState, data_dir: Path | None) -> None:
+    """Register the pages, their static files and their JSON endpoints on ``app``; ``data_dir`` None keeps
+    no feedback or rankings."""
     for path, name in PAGES.items():
         app.add_api_route(path, _page(name), methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/web/info")
     async def info() -> dict[str, Any]:
-        cfg = server.model.config
-        prompts = server.data_dir is not None and (Path(server.data_dir) / PROMPTS).exists()
-        return {"model": server.model_name, "chat": server.chat_ok, "context": server.block,
-                "max_tokens": server.max_tokens_limit, "max_n": server.max_n, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "data_dir": server.data_dir is not None, "prompts": prompts}
+        api = state.api
+        cfg = api.model.config
+        prompts = data_dir is not None and (data_dir / PROMPTS).exists()
+        return {"model": api.model_name, "chat": api.chat_ok, "context": api.block,
+                "max_tokens": api.max_tokens_limit, "max_n": api.max_n, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "data_dir": data_dir is not None, "prompts": prompts}
 
     @app.post("/web/next")
     async def explore_next(req: NextRequest) -> dict[str, Any]:
         if not 1 <= req.top <= MAX_TOP:
-            raise _bad(f"top={req.top} must be between 1 and {MAX_TOP}", "top")
-        ids, cut = _context(server, req)
-        result = await server.run(lambda: _explore(server, ids, req.top, req.attention))
-        return {"ids": ids, "tokens": [server.token_str(i) for i in ids], "text": server.tok.decode(ids),
+            raise APIError(400, f"top={req.top} must be between 1 and {MAX_TOP}", param="top")
+        api = state.api
+        ids, cut = _context(api, req)
+        result = await api.run(lambda: _explore(api, ids, req.top, req.attention))
+        return {"ids": ids, "tokens": [api.token_str(i) for i in ids], "text": api.tok.decode(ids),
                 "truncated": cut, **result}
 
     @app.post("/web/feedback")
     async def feedback(req: FeedbackRequest) -> dict[str, Any]:
         for i, turn in enumerate(req.messages):
             if turn.role not in ROLES:
-                raise _bad(f"messages[{i}].role '{turn.role}' is not one of {', '.join(ROLES)}",
-                           f"messages[{i}].role")
-        path = _data_file(server, FEEDBACK)
-        row = {"time": _stamp(), "model": server.model_name, "rating": req.rating,
+                raise APIError(400, f"messages[{i}].role '{turn.role}' is not one of {', '.join(ROLES)}",
+                               param=f"messages[{i}].role")
+        path = _data_file(data_dir, FEEDBACK)
+        row = {"time": _stamp(), "model": state.api.model_name, "rating": req.rating,
                "messages": [t.model_dump() for t in req.messages], "answer": req.answer}
         await run_in_threadpool(append_jsonl, path, row)
         return {"saved": FEEDBACK}
 
     @app.get("/web/prompt")
     async def prompt() -> dict[str, Any]:
-        path = _data_file(server, PROMPTS)
+        path = _data_file(data_dir, PROMPTS)
         try:
             text = await run_in_threadpool(_next_prompt, path)
         except DataError as e:
-            raise _bad(str(e)) from None
+            raise APIError(400, str(e)) from None
         if text is None:
-            raise _bad(f"no {PROMPTS} in the data directory: write one {{\"prompt\": ...}} per line there, or "
-                       "type a prompt", status=404, code="no_prompts")
+            raise APIError(404, f"no {PROMPTS} in the data directory: write one {{\"prompt\": ...}} per line "
+                                "there, or type a prompt", code="no_prompts")
         return {"prompt": text}
 
     @app.post("/web/rankings")
     async def rankings(req: RankingRequest) -> dict[str, Any]:
         _check_ranking(req)
-        path = _data_file(server, RANKINGS)
+        path = _data_file(data_dir, RANKINGS)
         row = {"prompt": req.prompt, "responses": req.responses, "ranking": req.ranking,
-               "model": server.model_name, "time": _stamp()}
+               "model": state.api.model_name, "time": _stamp()}
         await run_in_threadpool(append_jsonl, path, row)
         return {"saved": RANKINGS}

@@ -1,19 +1,14 @@
-"""Training stages: one file per objective (pretrain, finetune, sft, rm, dpo).
+"""Training stages: one file per objective, each a ``Stage`` on the shared trainer and a ``run_*`` function.
 
-Each stage gives the shared trainer (``gptlab.trainer.Trainer``) its data and
-its loss through the ``Stage`` protocol::
+    pretrain.py   next-token loss on token shards (GPT-2/3)
+    finetune.py   GPT-1: input transformations, a task head, L3 = L2 + λ·L1
+    sft.py        InstructGPT step 1: response-only loss through the chat format
+    reward.py     step 2: a reward model from rankings of K responses
+    ppo.py        step 3: PPO with a per-token KL penalty and the pretraining mix (the rollout is ``prepare``)
+    dpo.py        DPO on the same rankings, without a reward model
+    common.py     what they share: ``StageRun`` (run set-up and config resolution), batches, sequences
 
-    class MyStage:
-        name = "sft"
-        def batch(self, step: int, micro_step: int) -> Any: ...       # pure in (step, micro_step)
-        def loss(self, model, batch) -> tuple[Tensor, dict]: ...       # mean loss, metrics
-        # optional: evaluate(model) -> dict, sample(model) -> str,
-        #           num_tokens(batch) -> int, save(run_dir, model)
-
-and a ``run_<stage>(...)`` function that builds the model, the stage and a
-``Trainer`` (see ``stages.pretrain.run_pretrain``).
+A ``run_*`` takes its inputs, a ``train`` config (a ``TrainConfig`` or the fields
+to set), its own settings (e.g. ``DPOConfig`` or ``{"beta": 0.5}``) and
+``resume``; a resumed run restores its saved settings itself.
 """
-
-from ..trainer import Stage
-
-__all__ = ["Stage"]

@@ -16,28 +16,51 @@ implicit reward β·log π/π_ref ranks the pair right) and ``reward_margin``;
 
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ..align_data import load_rankings
-from ..chat import render_pair
+from ..chat import CHAT_FORMAT, render_pair
+from ..config import Config
+from ..data import rank_draw
 from ..errors import ConfigError, DataError
+from ..heads import PolicyModel
 from ..rl import dpo_loss
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
-from .sequences import (PolicyModel, align_run_config, data_record, pad_right, responses_of, split_held_out,
-                        stage_run)
-from .sft import load_chat_model
+from ..runs import save_model
+from ..tokenizer import Tokenizer
+from ..train.config import Given
+from ..train.dist import DistEnv
+from ..train.loop import Stage, TrainResult
+from .common import StageRun, TrainDefaults, data_record, load_chat_model, pad_right, responses_of, split_held_out
 
-__all__ = ["DPO_DEFAULTS", "DPO_EPOCHS", "DPOStage", "encode_pairs", "run_dpo"]
+__all__ = ["DPO_TRAIN", "DPOConfig", "DPOStage", "encode_pairs", "run_dpo"]
 
-DPO_EPOCHS = 2
-DPO_DEFAULTS: dict[str, Any] = {"batch_size": 16, "lr": 5e-5, "min_lr": 0.0, "weight_decay": 0.0}
+DPO_TRAIN = TrainDefaults({"batch_size": 16, "lr": 5e-5, "min_lr": 0.0, "weight_decay": 0.0}, epochs=2)
 Pair = tuple[list[int], int, list[int], int]  # chosen ids, response start, rejected ids, response start
+
+
+@dataclass
+class DPOConfig(Config):
+    """DPO's own settings (config.json's ``dpo`` section)."""
+
+    section: ClassVar[str] = "dpo"
+
+    beta: float = 0.1
+    """β: strength of the implicit KL constraint to the reference (the SFT model)"""
+    val_fraction: float = 0.1
+    """share of prompts held out for validation when no --val file is given"""
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta={self.beta} must be > 0")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
 
 
 def _fit(ids: list[int], start: int, max_len: int, where: str) -> tuple[list[int], int]:
@@ -49,7 +72,7 @@ def _fit(ids: list[int], start: int, max_len: int, where: str) -> tuple[list[int
     return ids[cut:], start - cut
 
 
-def encode_pairs(path: str | os.PathLike[str], tokenizer: Any, max_len: int) -> list[tuple[str, Pair]]:
+def encode_pairs(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[str, Pair]]:
     """(prompt, pair) for every (better, worse) pair of every ranking in ``path``."""
     out = []
     for r in load_rankings(path):
@@ -75,18 +98,17 @@ def _sequence_logprobs(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[to
     return sums.chunk(2)
 
 
-class DPOStage:
+class DPOStage(Stage):
     """Random pairs per micro batch (stateless in ``(seed, step, micro_step)``), the DPO loss."""
 
     name = "dpo"
 
     def __init__(self, train: Sequence[Pair], val: Sequence[Pair], reference: nn.Module, *, batch_size: int, seed: int,
-                 pad_id: int, beta: float = 0.1, rank: int = 0, world_size: int = 1, tokenizer: Any = None,
+                 pad_id: int, beta: float = 0.1, rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | None = None,
                  save_extra: dict[str, Any] | None = None) -> None:
         if not train:
             raise DataError("no training pairs (all held out for validation?); add rows or lower --val-fraction")
-        if beta <= 0:
-            raise ConfigError(f"beta={beta} must be > 0")
+        DPOConfig(beta=beta)  # the one rule for β
         self.train, self.val = list(train), list(val)
         self.batch_size, self.seed, self.pad_id, self.beta = batch_size, seed, pad_id, beta
         self.rank, self.world_size = rank, world_size
@@ -105,9 +127,7 @@ class DPOStage:
         return torch.cat(out)
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
-        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
         return {**_collate([self.train[i] for i in mine], self.pad_id), "ref": self.ref_train[torch.from_numpy(mine)]}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -133,37 +153,35 @@ class DPOStage:
         return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / len(self.val)}
 
     def save(self, run_dir: Path, model: nn.Module) -> None:
-        from ..checkpoint import save_model
-
         save_model(run_dir, model.gpt, self.tokenizer, stage=self.name, extra=self.save_extra)
 
 
 def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-            train_config: TrainConfig, *, beta: float = 0.1, val_file: str | os.PathLike[str] | None = None,
-            val_fraction: float = 0.1, resume: bool = False, progress: bool = True,
+            train: Given = None, dpo: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+            config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
             env: DistEnv | None = None) -> TrainResult:
     """DPO of the SFT run ``model_spec`` on the rankings in ``data_file`` (it is also the reference)."""
-    import copy
-
-    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
-        gpt, tokenizer, _ = load_chat_model(model_spec, train_config.dropout)
-        max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size)
+    run = StageRun(DPOStage.name, out_dir, resume=resume, config_file=config_file, sections=(DPOConfig.section,))
+    settings = run.settings(DPOConfig, dpo)
+    n_pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in load_rankings(data_file))
+    train_cfg = run.train(train, DPO_TRAIN.values, DPO_TRAIN.derive(n_pairs))
+    with run.joined(env, train_cfg) as env:
+        gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
+        max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size)
         rows = encode_pairs(data_file, tokenizer, max_len)
         pairs = [p for _, p in rows]
         if val_file is not None:
-            train, val = pairs, [p for _, p in encode_pairs(val_file, tokenizer, max_len)]
+            train_pairs, val = pairs, [p for _, p in encode_pairs(val_file, tokenizer, max_len)]
         else:
-            train, val = split_held_out([prompt for prompt, _ in rows], pairs, val_fraction, train_config.seed)
+            train_pairs, val = split_held_out([prompt for prompt, _ in rows], pairs, settings.val_fraction,
+                                              train_cfg.seed)
         reference = PolicyModel(copy.deepcopy(gpt)).eval().to(env.device)
-        extra, run_config = align_run_config(
-            DPOStage.name, gpt.config, train_config,
-            {"beta": beta, "train_pairs": len(train), "val_pairs": len(val),
-             "val_fraction": None if val_file else val_fraction}, data_record(model_spec, data_file, val_file))
-        if env.is_main and not started:
-            tokenizer.save(Path(out_dir) / "tokenizer")
-        stage = DPOStage(train, val, reference, batch_size=train_config.batch_size, seed=train_config.seed,
-                         pad_id=tokenizer.pad_id, beta=beta, rank=env.rank, world_size=env.world_size,
+        extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
+                 "dpo": {**settings.to_dict(), "train_pairs": len(train_pairs), "val_pairs": len(val)},
+                 "data": data_record(model_spec, data_file, val_file)}
+        run.begin(env, gpt.config, tokenizer, extra)
+        stage = DPOStage(train_pairs, val, reference, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+                         pad_id=tokenizer.pad_id, beta=settings.beta, rank=env.rank, world_size=env.world_size,
                          tokenizer=tokenizer, save_extra=extra)
         del reference
-        return Trainer(PolicyModel(gpt), stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
-                       progress=progress).fit()
+        return run.trainer(PolicyModel(gpt), stage, train_cfg, env, progress).fit()

@@ -27,7 +27,7 @@ A fine-tuned run directory is an ordinary run directory (``load_run`` /
 sequence length trained with, used by ``predict``) and the head file's name,
 sha256 and size (checked on load).
 
-Defaults (``finetune_configs``) follow GPT-1 scaled for small models: 3 epochs,
+Defaults (``FINETUNE_TRAIN``) follow GPT-1 scaled for small models: 3 epochs,
 batch 16, peak lr 2.5e-4 (GPT-1's 6.25e-5 barely moves small models), warmup
 over the first 10% of steps then cosine decay to 0 (GPT-1 decays linearly; the
 shared trainer's schedule is cosine), weight decay 0.01, classifier dropout 0.1,
@@ -36,36 +36,58 @@ and 10 evaluations/checkpoints per run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import GPTConfig
+from ..atomic import atomic_write_text
+from ..config import Config
+from ..data import rank_draw
 from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError
+from ..heads import CLF_DROPOUT, TaskModel, TaskModelConfig
 from ..model import GPT, with_tokens
+from ..runs import load_head, load_run, save_head, save_model
+from ..tasks import Task, load_task
 from ..tokenizer import DELIM, EXTRACT, START, Tokenizer
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult, check_run_dir, distributed, epoch_config
+from ..train.config import Given
+from ..train.dist import DistEnv, resolve_device
+from ..train.loop import Stage, TrainResult
+from .common import StageRun, TrainDefaults
 
-if TYPE_CHECKING:
-    from ..tasks import Task
-
-__all__ = ["FINETUNE_TYPES", "HEAD_FILE", "check_task_type", "FinetuneConfig", "FinetuneModel", "FinetuneStage",
+__all__ = ["FINETUNE_TYPES", "HEAD_FILE", "FINETUNE_TRAIN", "FinetuneConfig", "FinetuneStage", "check_task_type",
            "Example", "transform", "special_ids", "add_finetune_tokens", "encode_task", "collate", "classifier_loss",
-           "classification_metrics", "regression_metrics", "finetune_configs", "run_finetune", "head_outputs",
-           "save_finetuned", "load_finetuned", "predict"]
+           "classification_metrics", "regression_metrics", "run_finetune", "head_outputs", "save_finetuned",
+           "load_finetuned", "predict"]
 
 FINETUNE_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 HEAD_FILE = "head.safetensors"
-EPOCHS = 3  # GPT-1: 3 epochs for most tasks
-DEFAULTS: dict[str, Any] = {"batch_size": 16, "lr": 2.5e-4, "min_lr": 0.0, "weight_decay": 0.01}
-CLF_DROPOUT = 0.1  # GPT-1's classifier dropout
+# GPT-1 scaled for small models: 3 epochs, batch 16, lr 2.5e-4 (GPT-1's 6.25e-5 barely moves small models).
+FINETUNE_TRAIN = TrainDefaults({"batch_size": 16, "lr": 2.5e-4, "min_lr": 0.0, "weight_decay": 0.01}, epochs=3)
+
+
+@dataclass
+class FinetuneConfig(Config):
+    """GPT-1 fine-tuning's own settings (config.json's ``finetune`` section)."""
+
+    section: ClassVar[str] = "finetune"
+
+    task_type: str = "classification"
+    """classification, entailment, similarity or multiple_choice"""
+    lm_coef: float = 0.5
+    """λ: weight of the auxiliary LM loss (L3 = L2 + λ·L1; 0 disables it)"""
+
+    def validate(self) -> None:
+        check_task_type(self.task_type)
+        if self.lm_coef < 0:
+            raise ConfigError(f"lm_coef={self.lm_coef} must be >= 0 (0 disables the auxiliary LM loss)")
 
 
 def check_task_type(task_type: str) -> None:
@@ -128,62 +150,6 @@ def add_finetune_tokens(gpt: GPT, tokenizer: Tokenizer, dropout: float | None = 
     return with_tokens(gpt, tokenizer, [START, DELIM, EXTRACT], dropout)
 
 
-# ====================================================================== model
-@dataclass
-class FinetuneConfig:
-    """Enough to rebuild a ``FinetuneModel`` (the trainer's FSDP path calls ``FinetuneModel(config)``)."""
-
-    gpt: GPTConfig
-    task_type: str
-    n_classes: int  # head outputs: the labels, or 1 (graded similarity, multiple choice)
-    clf_dropout: float = CLF_DROPOUT
-
-    @property
-    def regression(self) -> bool:
-        return self.task_type == "similarity" and self.n_classes == 1
-
-
-class FinetuneModel(nn.Module):
-    """A GPT (``self.gpt``) plus a linear head on the final hidden state at each sequence's ``[extract]``.
-
-    Batches are right-padded (causal attention never lets a real token see the
-    padding after it), so ``[extract]`` sits at ``lengths - 1``. ``slot`` (B, K)
-    lists each row's sequences (-1 where a row has fewer choices).
-    """
-
-    def __init__(self, config: FinetuneConfig, gpt: GPT | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.gpt = gpt if gpt is not None else GPT(config.gpt)
-        self.drop = nn.Dropout(config.clf_dropout)
-        self.head = nn.Linear(config.gpt.n_embd, config.n_classes)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return self.gpt.flops_per_token(seq_len)
-
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
-                lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(head outputs, mean next-token loss over the real tokens or None without ``lm``).
-
-        Outputs: logits (B, n_classes); scores (B,) for graded similarity; choice
-        logits (B, K) with -inf at missing choices for multiple choice.
-        """
-        h = self.gpt.hidden_states(idx)
-        feats = self.drop(h[torch.arange(idx.shape[0], device=idx.device), lengths - 1])
-        lm_loss = None
-        if lm:
-            keep = torch.arange(idx.shape[1] - 1, device=idx.device)[None] < (lengths - 1)[:, None]
-            logits = self.gpt.lm_head(h[:, :-1][keep])
-            lm_loss = F.cross_entropy(logits.float(), idx[:, 1:][keep])
-        if self.config.task_type == "multiple_choice":
-            scores = self.head(feats).squeeze(-1)
-            return scores[slot.clamp(min=0)].masked_fill(slot < 0, float("-inf")), lm_loss
-        out = self.head(feats[slot].sum(1))  # similarity: both orders added; else one sequence per row
-        return (out.squeeze(-1) if self.config.regression else out), lm_loss
-
-
 def classifier_loss(out: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
     return F.mse_loss(out.float(), labels.float()) if regression else F.cross_entropy(out.float(), labels)
 
@@ -229,7 +195,7 @@ def collate(examples: Sequence[Example], regression: bool) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def head_outputs(model: FinetuneModel, examples: Sequence[Example], batch_size: int) -> list[torch.Tensor]:
+def head_outputs(model: TaskModel, examples: Sequence[Example], batch_size: int) -> list[torch.Tensor]:
     """The head's output per example (float32, CPU); multiple-choice rows keep only their choices."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
@@ -285,12 +251,12 @@ def regression_metrics(pred: Sequence[float], gold: Sequence[float]) -> dict[str
 
 
 # ====================================================================== stage
-class FinetuneStage:
+class FinetuneStage(Stage):
     """Random train rows per micro batch (stateless in ``(seed, step, micro_step)``), L3 loss, full-val metrics."""
 
     name = "finetune"
 
-    def __init__(self, train: Sequence[Example], val: Sequence[Example], config: FinetuneConfig, *,
+    def __init__(self, train: Sequence[Example], val: Sequence[Example], config: TaskModelConfig, *,
                  batch_size: int, seed: int, lm_coef: float = 0.5, rank: int = 0, world_size: int = 1,
                  tokenizer: Tokenizer | None = None, save_extra: dict[str, Any] | None = None) -> None:
         if not train:
@@ -301,10 +267,7 @@ class FinetuneStage:
         self.tokenizer, self.save_extra = tokenizer, save_extra or {}
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        # One global batch per (step, micro_step); each rank takes its slice.
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
-        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
         return collate([self.train[i] for i in mine], self.config.regression)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -335,22 +298,16 @@ class FinetuneStage:
 
 
 # ================================================================ run dirs
-def save_finetuned(run_dir: str | os.PathLike[str], model: FinetuneModel, tokenizer: Tokenizer | None,
+def save_finetuned(run_dir: str | os.PathLike[str], model: TaskModel, tokenizer: Tokenizer | None,
                    extra: dict[str, Any]) -> Path:
     """``head.safetensors`` first, then the backbone run directory whose config.json records the head."""
-    from ..checkpoint import save_model
-    from ..heads import save_head
-
     ft = {**extra.get("finetune", {}), "head": save_head(run_dir, model.head, HEAD_FILE)}
     return save_model(run_dir, model.gpt, tokenizer, stage=FinetuneStage.name, extra={**extra, "finetune": ft})
 
 
 def load_finetuned(run_dir: str | os.PathLike[str],
-                   device: str | torch.device = "cpu") -> tuple[FinetuneModel, Tokenizer, dict[str, Any]]:
+                   device: str | torch.device = "cpu") -> tuple[TaskModel, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, the config's ``finetune`` section) of a fine-tuned run."""
-    from ..checkpoint import load_run
-    from ..heads import load_head
-
     gpt, tokenizer, config = load_run(run_dir, device=device)
     ft = config.get("finetune")
     if not isinstance(ft, dict) or not isinstance(ft.get("head"), dict):
@@ -358,38 +315,29 @@ def load_finetuned(run_dir: str | os.PathLike[str],
                               f"fine-tune one with gptlab finetune")
     if tokenizer is None:
         raise CheckpointError(f"{run_dir}: the run has no tokenizer directory; copy the whole run directory")
-    cfg = FinetuneConfig(gpt.config, ft["task_type"], int(ft["n_classes"]), float(ft.get("clf_dropout", CLF_DROPOUT)))
-    model = FinetuneModel(cfg, gpt)
+    cfg = TaskModelConfig(gpt.config, ft["task_type"], int(ft["n_classes"]), float(ft.get("clf_dropout", CLF_DROPOUT)))
+    model = TaskModel(cfg, gpt)
     load_head(run_dir, ft["head"], model.head, "classifier")
     return model.to(device).eval(), tokenizer, ft
 
 
 # ====================================================================== runs
-def finetune_configs(out_dir: str | os.PathLike[str], n_train: int, overrides: Mapping[str, Any] | None = None, *,
-                     lm_coef: float | None = None, resume: bool = False) -> tuple[TrainConfig, float]:
-    """The train config and ``lm_coef`` of a run (``trainer.epoch_config``: 3 epochs, GPT-1's defaults)."""
-    train, saved = epoch_config(out_dir, n_train, overrides, DEFAULTS, EPOCHS, resume=resume, source="finetune flags")
-    saved_coef = (saved.get("finetune") or {}).get("lm_coef", 0.5)
-    return train, float(saved_coef if lm_coef is None else lm_coef)
-
-
-def run_finetune(task_type: str, model_spec: str, train_file: str | os.PathLike[str],
-                 val_file: str | os.PathLike[str], out_dir: str | os.PathLike[str], train_config: TrainConfig, *,
-                 lm_coef: float = 0.5, resume: bool = False, progress: bool = True,
+def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: str | os.PathLike[str],
+                 out_dir: str | os.PathLike[str], train: Given = None, finetune: Given = None, *,
+                 config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
                  env: DistEnv | None = None) -> TrainResult:
     """Fine-tune the run directory / ``hf:DIR`` ``model_spec`` on a task file with the shared trainer.
 
-    The train file's labels define the label set (val labels outside it are an
-    error naming file:line); ``train_config.block_size`` caps the sequence
-    length (default: the model's context) and ``train_config.dropout``, when
+    ``finetune`` (``FinetuneConfig`` or its fields) names the task type and λ; a
+    resumed run keeps its own. The train file's labels define the label set (val
+    labels outside it are an error naming file:line); ``train.block_size`` caps
+    the sequence length (default: the model's context) and ``train.dropout``, when
     set, replaces the backbone's and the classifier's dropout.
     """
-    from ..checkpoint import load_run
-    from ..tasks import load_task
-
-    check_task_type(task_type)
-    if lm_coef < 0:
-        raise ConfigError(f"lm_coef={lm_coef} must be >= 0 (0 disables the auxiliary LM loss)")
+    run = StageRun(FinetuneStage.name, out_dir, resume=resume, config_file=config_file,
+                   sections=(FinetuneConfig.section,))
+    settings = run.settings(FinetuneConfig, finetune)
+    task_type = settings.task_type
     train_task = load_task(train_file, task_type)
     val_task = load_task(val_file, task_type, labels=train_task.labels)
     if train_task.graded != val_task.graded:
@@ -402,39 +350,29 @@ def run_finetune(task_type: str, model_spec: str, train_file: str | os.PathLike[
         if n_classes < 2:
             raise DataError(f"{train_file}: needs at least two distinct labels to train a classifier, "
                             f"found {n_classes}")
-
-    with distributed(env, train_config.device) as env:
-        started = check_run_dir(out_dir, resume)
-        if env.is_distributed:
-            torch.distributed.barrier()  # every rank has looked before rank 0 writes
+    train_cfg = run.train(train, FINETUNE_TRAIN.values, FINETUNE_TRAIN.derive(len(train_task.rows)))
+    with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_run(model_spec)
         if tokenizer is None:
             raise UserError(f"{model_spec}: has no tokenizer gptlab can use; fine-tuning needs one")
-        torch.manual_seed(train_config.seed)  # new embedding rows and the head: the same on every rank
-        gpt = add_finetune_tokens(gpt, tokenizer, train_config.dropout)
-        max_len = train_config.block_size or gpt.config.block_size
+        gpt = add_finetune_tokens(gpt, tokenizer, train_cfg.dropout)
+        max_len = train_cfg.block_size or gpt.config.block_size
         if max_len > gpt.config.block_size:
             raise ConfigError(f"block_size {max_len} exceeds the model's context {gpt.config.block_size}")
         train_examples = encode_task(train_task, tokenizer, max_len)  # before anything is written
         val_examples = encode_task(val_task, tokenizer, max_len)
-        clf_dropout = CLF_DROPOUT if train_config.dropout is None else train_config.dropout
-        config = FinetuneConfig(gpt.config, task_type, n_classes, clf_dropout)
-        model = FinetuneModel(config, gpt)
-        extra = {"finetune": {"task_type": task_type, "labels": train_task.labels, "lm_coef": lm_coef,
-                              "n_classes": n_classes, "clf_dropout": clf_dropout, "max_len": max_len},
-                 "train": train_config.to_dict(),
+        clf_dropout = CLF_DROPOUT if train_cfg.dropout is None else train_cfg.dropout
+        config = TaskModelConfig(gpt.config, task_type, n_classes, clf_dropout)
+        extra = {"finetune": {**settings.to_dict(), "labels": train_task.labels, "n_classes": n_classes,
+                              "clf_dropout": clf_dropout, "max_len": max_len},
+                 "train": train_cfg.to_dict(),
                  "data": {"train": os.path.abspath(train_file), "val": os.path.abspath(val_file),
                           "base_model": os.fspath(model_spec)}}
-        run_config = {"format_version": 1, "model": gpt.config.to_dict(), "tokenizer": "tokenizer",
-                      "stage": FinetuneStage.name, **extra}
-        if env.is_main and not started:
-            tokenizer.save(Path(out_dir) / "tokenizer")
-        stage = FinetuneStage(train_examples, val_examples, config, batch_size=train_config.batch_size,
-                              seed=train_config.seed, lm_coef=lm_coef, rank=env.rank, world_size=env.world_size,
+        run.begin(env, gpt.config, tokenizer, extra)
+        stage = FinetuneStage(train_examples, val_examples, config, batch_size=train_cfg.batch_size,
+                              seed=train_cfg.seed, lm_coef=settings.lm_coef, rank=env.rank, world_size=env.world_size,
                               tokenizer=tokenizer, save_extra=extra)
-        trainer = Trainer(model, stage, train_config, out_dir, env=env, resume=resume,
-                          run_config=run_config, progress=progress)
-        return trainer.fit()
+        return run.trainer(TaskModel(config, gpt), stage, train_cfg, env, progress).fit()
 
 
 def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[str],
@@ -448,12 +386,6 @@ def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[st
     line, and a row's label stays in the output for comparison.
     The file is replaced atomically. Returns the number of rows.
     """
-    import json
-
-    from ..atomic import atomic_write_text
-    from ..tasks import load_task
-    from ..trainer import resolve_device
-
     model, tokenizer, ft = load_finetuned(ft_run_dir, device=resolve_device(device))
     task = load_task(input_file, ft["task_type"], labels=ft.get("labels"), require_label=False)
     examples = encode_task(task, tokenizer, int(ft.get("max_len", model.config.gpt.block_size)), labelled=False)

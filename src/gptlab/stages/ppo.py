@@ -32,62 +32,100 @@ the last good checkpoint.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..align_data import load_prompts
-from ..chat import render_prompt, stop_ids
-from ..errors import ConfigError, DataError
-from ..heads import ScalarModel
+from ..chat import CHAT_FORMAT, render_prompt, stop_ids
+from ..config import Config
+from ..data import PretrainBatches, TokenData
+from ..engine import Engine, SamplingParams
+from ..errors import ConfigError, DataError, TrainingDiverged
+from ..heads import ActorCritic, PolicyModel, ScalarModel, response_positions
 from ..model import rebuilt
 from ..rl import (KL_KINDS, AdaptiveKLController, gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                   ppo_policy_loss, value_loss)
-from ..trainer import (DistEnv, TrainConfig, Trainer, TrainingDiverged, TrainResult,
-                       latest_checkpoint)
-from .sequences import (PolicyModel, align_run_config, held_out, pad_right, response_positions, responses_of,
-                        stage_run)
+from ..runs import save_model
+from ..tokenizer import ASSISTANT, END_OF_TURN, USER, Tokenizer, check_tokenizers_match, tokenizer_difference
+from ..train.checkpoints import latest_checkpoint
+from ..train.config import Given, TrainConfig, resolve
+from ..train.dist import DistEnv
+from ..train.loop import Stage, TrainResult
+from .common import StageRun, held_out, load_chat_model, pad_right, responses_of
+from .reward import load_reward_model
+from .sft import sft_sample
 
-__all__ = ["PPOConfig", "ActorCritic", "PPOStage", "encode_prompts", "ppo_train_config", "run_ppo", "rollout"]
+__all__ = ["PPOConfig", "PPOStage", "PPO_TRAIN", "encode_prompts", "ppo_train_config", "run_ppo", "rollout"]
+
+# Constant, small lr; no warmup; one optimizer step per minibatch update.
+PPO_TRAIN: dict[str, Any] = {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0}
+PPO_ITERATIONS = 100
 
 
 @dataclass
-class PPOConfig:
-    """The PPO knobs (names from the papers: β = kl_coef, γ_ptx = ptx_coef)."""
+class PPOConfig(Config):
+    """PPO's own settings, config.json's ``ppo`` section (names from the papers: β = kl_coef, γ_ptx = ptx_coef)."""
 
-    rollout_batch: int = 64  # prompts (one response each) per iteration, per rank
-    minibatches: int = 4  # optimizer steps per pass over the rollouts
-    ppo_epochs: int = 4  # passes over the rollouts per iteration
+    section: ClassVar[str] = "ppo"
+
+    rollout_batch: int = 64
+    """prompts (one response each) per iteration, per rank"""
+    minibatches: int = 4
+    """optimizer steps per pass over the rollouts"""
+    ppo_epochs: int = 4
+    """passes over the rollouts per iteration"""
     max_new_tokens: int = 32
+    """longest response sampled"""
     temperature: float = 1.0
-    kl_coef: float = 0.02  # β of the per-token KL penalty
-    kl_target: float | None = None  # KL per sequence (nats) the adaptive controller aims for; None: fixed β
+    """sampling temperature of rollouts (log-probs are taken at it too)"""
+    kl_coef: float = 0.02
+    """β: weight of the per-token KL penalty to the SFT policy"""
+    kl_target: float | None = None
+    """KL per sequence (nats) an adaptive β aims for (default: a fixed β)"""
     kl_horizon: int = 10000
+    """horizon of the adaptive KL controller (in sequences)"""
     kl_kind: str = "k1"
+    """KL estimator of the penalty: k1, k2 or k3"""
     gamma: float = 1.0
+    """γ: discount of GAE"""
     lam: float = 0.95
+    """λ: GAE's bias/variance trade-off"""
     clip_range: float = 0.2
+    """ε of the clipped policy loss"""
     vf_clip: float = 0.2
+    """clip range of the value loss"""
     vf_coef: float = 0.1
-    ptx_coef: float = 0.0  # γ_ptx: weight of the pretraining LM loss (PPO-ptx); 0 = plain PPO
+    """weight of the value loss"""
+    ptx_coef: float = 0.0
+    """γ_ptx: weight of the pretraining LM loss (PPO-ptx; 0 = plain PPO; needs --ptx-data)"""
     ptx_batch: int = 8
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
+    """pretraining rows per update (the train config's batch_size)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never ends"""
     whiten_advantages: bool = True
-    max_kl: float = 100.0  # KL per sequence (nats) beyond which the run is stopped as diverged
+    """normalise the advantages of each rollout to mean 0, variance 1"""
+    max_kl: float = 100.0
+    """KL per sequence (nats) beyond which the run stops as diverged"""
+    val_fraction: float = 0.05
+    """share of prompts held out for val_reward / val_kl"""
+    val_max: int = 64
+    """most held-out prompts evaluated"""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"ppo config: {msg}")
+                raise ConfigError(msg)
 
-        for key in ("rollout_batch", "minibatches", "ppo_epochs", "max_new_tokens", "ptx_batch", "kl_horizon"):
+        for key in ("rollout_batch", "minibatches", "ppo_epochs", "max_new_tokens", "ptx_batch", "kl_horizon",
+                    "val_max"):
             need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
         need(self.minibatches <= self.rollout_batch, f"minibatches={self.minibatches} must be <= "
                                                      f"rollout_batch={self.rollout_batch}")
@@ -99,42 +137,14 @@ class PPOConfig:
         need(self.clip_range > 0 and self.vf_clip > 0, "clip_range and vf_clip must be > 0")
         need(self.vf_coef >= 0 and self.ptx_coef >= 0, "vf_coef and ptx_coef must be >= 0")
         need(self.max_kl > 0, f"max_kl={self.max_kl} must be > 0")
+        need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
 
     @property
     def updates_per_iteration(self) -> int:
         return self.ppo_epochs * self.minibatches
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ppo config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
 
-
-class ActorCritic(nn.Module):
-    """The trained pair: policy (``PolicyModel``) and value function (``ScalarModel``), one forward call."""
-
-    def __init__(self, policy: PolicyModel, value: ScalarModel) -> None:
-        super().__init__()
-        self.policy, self.value = policy, value
-        self.config = policy.config
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return self.policy.flops_per_token(seq_len) + self.value.flops_per_token(seq_len)
-
-    def forward(self, idx: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, temperature: float,
-                ptx_x: torch.Tensor | None = None, ptx_y: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(log-probs (N, W), entropy (N, W), values (N, W), pretraining LM loss or None)."""
-        logp, entropy = self.policy(idx, starts, targets, temperature, with_entropy=True)
-        values = self.value(idx).gather(1, response_positions(starts, targets.shape[1], idx.shape[1]))
-        ptx = self.policy.gpt(ptx_x, ptx_y)[1] if ptx_x is not None else None
-        return logp, entropy, values, ptx
-
-
-def encode_prompts(path: str | os.PathLike[str], tokenizer: Any, block_size: int, max_new_tokens: int) -> list[list[int]]:
+def encode_prompts(path: str | os.PathLike[str], tokenizer: Tokenizer, block_size: int, max_new_tokens: int) -> list[list[int]]:
     """Each prompt rendered for generation; one that leaves no room for ``max_new_tokens`` is an error."""
     room = block_size - max_new_tokens
     out = []
@@ -149,7 +159,7 @@ def encode_prompts(path: str | os.PathLike[str], tokenizer: Any, block_size: int
 
 
 @torch.no_grad()
-def rollout(policy: PolicyModel, reference: PolicyModel, reward: ScalarModel, tokenizer: Any,
+def rollout(policy: PolicyModel, reference: PolicyModel, reward: ScalarModel, tokenizer: Tokenizer,
             prompts: Sequence[list[int]], cfg: PPOConfig, seed: int, kl_coef: float,
             value: ScalarModel | None = None) -> dict[str, torch.Tensor]:
     """Sample, score and (with ``value``) compute advantages for one batch of prompts; CPU tensors.
@@ -157,8 +167,6 @@ def rollout(policy: PolicyModel, reference: PolicyModel, reward: ScalarModel, to
     Keys: idx, starts, targets, mask (the responses), old_logp, ref_logp, score, ended, and with
     ``value``: old_values, advantages, returns.
     """
-    from ..engine import Engine, SamplingParams
-
     gpt = policy.gpt
     was_training = gpt.training
     device = gpt.wte.weight.device
@@ -199,16 +207,21 @@ def rollout_stats(buf: Mapping[str, torch.Tensor], kl_kind: str = "k1") -> dict[
             "response_length": float(mask.sum(1).mean()), "ended": float(buf["ended"].float().mean())}
 
 
-class PPOStage:
-    """PPO as a trainer stage: step ``s`` is minibatch update ``(s-1) % U`` of iteration ``(s-1) // U``."""
+class PPOStage(Stage):
+    """PPO as a trainer stage: step ``s`` is minibatch update ``(s-1) % U`` of iteration ``(s-1) // U``.
+
+    ``prepare(step)`` is the rollout phase: a step that starts an iteration samples,
+    scores and computes the advantages of a new batch of responses; every step
+    then picks its minibatch of that buffer. ``loss`` is the update on it.
+    """
 
     name = "ppo"
     plot_keys = ("reward", "kl")
 
-    def __init__(self, model: ActorCritic, reference: PolicyModel, reward: ScalarModel, tokenizer: Any,
+    def __init__(self, model: ActorCritic, reference: PolicyModel, reward: ScalarModel, tokenizer: Tokenizer,
                  prompts: Sequence[list[int]], val_prompts: Sequence[list[int]], cfg: PPOConfig, *, seed: int,
-                 rank: int = 0, world_size: int = 1, ptx: Any = None, save_extra: dict[str, Any] | None = None,
-                 run_dir: str | os.PathLike[str] | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, ptx: PretrainBatches | None = None,
+                 save_extra: dict[str, Any] | None = None, run_dir: str | os.PathLike[str] | None = None) -> None:
         if not prompts:
             raise DataError("no training prompts (all held out for validation?); add prompts")
         if cfg.ptx_coef > 0 and ptx is None:
@@ -222,6 +235,7 @@ class PPOStage:
         self.iteration = -1
         self.buffer: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
+        self.minibatch: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ stage state
     def state_dict(self) -> dict[str, Any]:
@@ -233,9 +247,23 @@ class PPOStage:
         if self.kl is not None:
             self.kl.kl_coef = self.kl_coef
 
-    # ----------------------------------------------------------------- rollouts
+    # ------------------------------------------------------------ the rollout phase
+    def prepare(self, step: int) -> None:
+        cfg = self.cfg
+        iteration, update = divmod(step - 1, cfg.updates_per_iteration)
+        if iteration != self.iteration:
+            self._rollout(iteration)
+        epoch, part = divmod(update, cfg.minibatches)
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, iteration, epoch, self.rank])
+                                                .integers(2**62)))
+        rows = torch.randperm(cfg.rollout_batch, generator=gen).chunk(cfg.minibatches)[part]
+        mb = {k: v[rows] for k, v in self.buffer.items()}
+        width = int(mb["mask"].sum(1).max())  # drop columns that are padding for every row
+        self.minibatch = {k: (v[:, :width] if v.dim() == 2 and k != "idx" else v) for k, v in mb.items()}
+
     def _rollout(self, iteration: int) -> None:
         cfg = self.cfg
+        started = time.perf_counter()
         rng = np.random.default_rng([self.seed, iteration, self.rank])
         picks = rng.choice(len(self.prompts), cfg.rollout_batch, replace=cfg.rollout_batch > len(self.prompts))
         self.model.eval()
@@ -251,30 +279,24 @@ class PPOStage:
                                    f"{stats['kl']:.3g} nats per response (max_kl {cfg.max_kl:g}), reward "
                                    f"{stats['reward']:.3g}; {keep}; raise --kl-coef or lower --lr")
         stats["kl_coef"] = self.kl_coef
+        elapsed = time.perf_counter() - started
+        stats["rollout_s"] = elapsed
+        stats["rollout_tokens_per_sec"] = float(buf["mask"].sum()) / elapsed if elapsed > 0 else 0.0
         if self.kl is not None:  # the measured KL sets β for the next iteration
             self.kl_coef = self.kl.update(stats["kl"], cfg.rollout_batch * self.world_size)
         self.iteration, self.buffer, self.stats = iteration, buf, stats
 
-    # -------------------------------------------------------------- protocol
+    # -------------------------------------------------------------- the update
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        out = {"step": torch.tensor(step)}
-        if self.ptx is not None and self.cfg.ptx_coef > 0:
-            out["ptx_x"], out["ptx_y"] = self.ptx.get(step, micro_step)
-        return out
+        if self.ptx is None or self.cfg.ptx_coef == 0:
+            return {}
+        x, y = self.ptx.get(step, micro_step)
+        return {"ptx_x": x, "ptx_y": y}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
-        iteration, update = divmod(int(batch["step"]) - 1, cfg.updates_per_iteration)
-        if iteration != self.iteration:
-            self._rollout(iteration)
-        epoch, part = divmod(update, cfg.minibatches)
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, iteration, epoch, self.rank])
-                                                .integers(2**62)))
-        rows = torch.randperm(cfg.rollout_batch, generator=gen).chunk(cfg.minibatches)[part]
-        device = batch["step"].device
-        mb = {k: v[rows].to(device) for k, v in self.buffer.items()}
-        width = int(mb["mask"].sum(1).max())  # drop columns that are padding for every row
-        mb = {k: (v[:, :width] if v.dim() == 2 and k != "idx" else v) for k, v in mb.items()}
+        device = next(self.model.parameters()).device
+        mb = {k: v.to(device) for k, v in self.minibatch.items()}
         logp, entropy, values, ptx = model(mb["idx"], mb["starts"], mb["targets"], cfg.temperature,
                                            batch.get("ptx_x"), batch.get("ptx_y"))
         mask = mb["mask"]
@@ -289,76 +311,73 @@ class PPOStage:
         return loss, metrics
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(self.buffer["mask"].sum()) // self.cfg.minibatches if self.buffer else 0
+        return int(self.minibatch["mask"].sum()) if self.minibatch else 0
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Reward and KL per response on the held-out prompts (fixed seed: comparable across steps)."""
         if not self.val_prompts:
             return {}
-        policy = self.model.policy
-        buf = rollout(policy, self.reference, self.reward, self.tokenizer, self.val_prompts, self.cfg,
+        buf = rollout(self.model.policy, self.reference, self.reward, self.tokenizer, self.val_prompts, self.cfg,
                       seed=self.seed + 1, kl_coef=self.kl_coef)
         stats = rollout_stats(buf, self.cfg.kl_kind)
         return {"val_reward": stats["reward"], "val_kl": stats["kl"], "val_response_length": stats["response_length"]}
 
-    def sample(self, model: nn.Module) -> str:
-        from .sft import sft_sample
-
+    def sample(self, model: nn.Module) -> str | None:
         if not self.val_prompts:
-            return ""
+            return None
         prompt = prompt_text(self.tokenizer.decode(self.val_prompts[0]))
         return f"{prompt}\n→ {sft_sample(self.model.policy.gpt, self.tokenizer, prompt)}"
 
     def save(self, run_dir: Path, model: nn.Module) -> None:
-        from ..checkpoint import save_model
-
-        save_model(run_dir, model.policy.gpt, self.tokenizer, stage=self.name,
+        save_model(run_dir, self.model.policy.gpt, self.tokenizer, stage=self.name,
                    extra={**self.save_extra, "ppo_result": {"final_kl_coef": self.kl_coef}})
 
 
 def prompt_text(rendered: str) -> str:
     """The user's text inside a rendered prompt (for printing samples)."""
-    from ..tokenizer import ASSISTANT, END_OF_TURN, USER
-
     return rendered.split(USER, 1)[-1].split(END_OF_TURN, 1)[0] if USER in rendered else rendered.replace(ASSISTANT, "")
 
 
-PPO_DEFAULTS: dict[str, Any] = {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "batch_size": 1}
-
-
-def ppo_train_config(cfg: PPOConfig, iterations: int, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+def ppo_train_config(cfg: PPOConfig, iterations: int = PPO_ITERATIONS, given: Given = None) -> TrainConfig:
     """The trainer's config for ``iterations`` PPO iterations (one step per minibatch update).
 
-    Evaluation and checkpoints default to every tenth of the run, on iteration boundaries.
+    Evaluation and checkpoints default to every tenth of the run, on iteration
+    boundaries; the batch is the pretraining (ptx) batch.
     """
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    steps = iterations * cfg.updates_per_iteration
-    every = max(1, math.ceil(iterations / 10)) * cfg.updates_per_iteration
-    base = {**PPO_DEFAULTS, "max_steps": steps, "eval_every": every, "checkpoint_every": every,
-            "batch_size": cfg.ptx_batch}
-    return TrainConfig.from_dict({**base, **given}, source="ppo flags")
+    return resolve(TrainConfig, given, defaults=PPO_TRAIN, derive=_derive(cfg, iterations), source="ppo train")
+
+
+def _derive(cfg: PPOConfig, iterations: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    updates = cfg.updates_per_iteration
+    every = max(1, math.ceil(iterations / 10)) * updates
+    return lambda _: {"max_steps": iterations * updates, "eval_every": every, "checkpoint_every": every,
+                      "batch_size": cfg.ptx_batch}
 
 
 def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[str],
-            out_dir: str | os.PathLike[str], train_config: TrainConfig, cfg: PPOConfig, *,
-            ptx_data: str | os.PathLike[str] | None = None, val_fraction: float = 0.05, val_max: int = 64,
-            resume: bool = False, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
+            out_dir: str | os.PathLike[str], train: Given = None, ppo: Given = None, *,
+            iterations: int | None = None, ptx_data: str | os.PathLike[str] | None = None,
+            config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
+            env: DistEnv | None = None) -> TrainResult:
     """PPO of the SFT run ``policy_spec`` against the reward-model run ``reward_spec`` on ``prompts_file``.
 
+    ``iterations`` (default 100 for a new run) sets the run's length: iterations x
+    ppo_epochs x minibatches trainer steps; given on a resumed run it extends it.
     Held out for ``val_reward``/``val_kl``: up to ``val_max`` prompts hashing into ``val_fraction``.
-    ``train_config.batch_size`` is the pretraining (ptx) batch.
     """
-    from ..evaluate import check_tokenizers_match, tokenizer_difference
-    from .reward import load_reward_model
-    from .sft import load_chat_model
-
-    if train_config.grad_accum != 1:
+    run = StageRun(PPOStage.name, out_dir, resume=resume, config_file=config_file, sections=(PPOConfig.section,))
+    cfg = run.settings(PPOConfig, ppo)
+    given = train.to_dict() if isinstance(train, Config) else dict(train or {})
+    if iterations is not None:
+        given["max_steps"] = iterations * cfg.updates_per_iteration
+    train_cfg = run.train(given, PPO_TRAIN, _derive(cfg, iterations or PPO_ITERATIONS))
+    if train_cfg.grad_accum != 1:
         raise ConfigError("ppo takes one minibatch per optimizer step: drop --grad-accum (set --minibatches instead)")
     if cfg.ptx_coef > 0 and ptx_data is None:
         raise ConfigError("ptx_coef > 0 needs pretraining data: pass --ptx-data DATA_DIR")
-    if train_config.fsdp:
+    if train_cfg.fsdp:
         raise ConfigError("ppo does not shard with FSDP (rollouts need whole models on every rank); drop --fsdp")
-    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
+    with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_chat_model(policy_spec, dropout=0.0)
         reward, reward_tok, _ = load_reward_model(reward_spec)
         why = tokenizer_difference(tokenizer, reward_tok)
@@ -368,33 +387,29 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
         block = gpt.config.block_size
         raw = load_prompts(prompts_file)
         encoded = encode_prompts(prompts_file, tokenizer, min(block, reward.config.block_size), cfg.max_new_tokens)
-        side = [held_out(p, val_fraction, train_config.seed) for p in raw]
+        side = [held_out(p, cfg.val_fraction, train_cfg.seed) for p in raw]
         prompts = [e for e, v in zip(encoded, side) if not v]
-        val_prompts = [e for e, v in zip(encoded, side) if v][:val_max]
+        val_prompts = [e for e, v in zip(encoded, side) if v][:cfg.val_max]
         ptx = None
         if ptx_data is not None:
-            from ..data import PretrainBatches, TokenData
-
             td = TokenData(os.fspath(ptx_data))
             check_tokenizers_match(tokenizer, td.tokenizer(), model_vocab=gpt.config.vocab_size,
                                    data_vocab=td.vocab_size, model_name=os.fspath(policy_spec),
                                    data_name=os.fspath(ptx_data))
-            ptx = PretrainBatches(td.split("train"), train_config.batch_size, block, train_config.seed,
+            ptx = PretrainBatches(td.split("train"), train_cfg.batch_size, block, train_cfg.seed,
                                   rank=env.rank, world_size=env.world_size)
         device = env.device
         reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False).to(device)
         reward = reward.requires_grad_(False).to(device)
         value_gpt = rebuilt(copy.deepcopy(reward.gpt), dropout=0.0).requires_grad_(True)  # the reward is frozen
-        value = ScalarModel(value_gpt.config, value_gpt)
+        value = ScalarModel(value_gpt)
         value.head.load_state_dict(reward.head.state_dict())
         model = ActorCritic(PolicyModel(gpt), value)
-        extra, run_config = align_run_config(PPOStage.name, gpt.config, train_config, dataclasses.asdict(cfg), {
+        extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(), "ppo": cfg.to_dict(), "data": {
             "prompts": os.path.abspath(prompts_file), "train_prompts": len(prompts), "val_prompts": len(val_prompts),
             "ptx_data": os.path.abspath(ptx_data) if ptx_data is not None else None,
-            "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)})
-        if env.is_main and not started:
-            tokenizer.save(Path(out_dir) / "tokenizer")
-        stage = PPOStage(model, reference, reward, tokenizer, prompts, val_prompts, cfg, seed=train_config.seed,
+            "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)}}
+        run.begin(env, gpt.config, tokenizer, extra)
+        stage = PPOStage(model, reference, reward, tokenizer, prompts, val_prompts, cfg, seed=train_cfg.seed,
                          rank=env.rank, world_size=env.world_size, ptx=ptx, save_extra=extra, run_dir=out_dir)
-        return Trainer(model, stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
-                       progress=progress).fit()
+        return run.trainer(model, stage, train_cfg, env, progress).fit()

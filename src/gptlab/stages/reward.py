@@ -24,32 +24,57 @@ A reward-model run directory holds the backbone (``model.safetensors``),
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ..align_data import load_rankings
-from ..chat import render_pair, render_prompt
-from ..errors import CheckpointError, DataError
-from ..heads import ScalarModel, load_head, save_head
+from ..chat import CHAT_FORMAT, render_pair, render_prompt
+from ..config import Config
+from ..data import rank_draw
+from ..errors import CheckpointError, ConfigError, DataError
+from ..heads import ScalarModel
+from ..model import GPT
 from ..rl import ranking_loss
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
-from .sequences import align_run_config, data_record, pad_right, sample_replies, split_held_out, stage_run
-from .sft import load_chat_model
+from ..runs import load_head, load_run, save_head, save_model
+from ..tokenizer import Tokenizer
+from ..train.config import Given
+from ..train.dist import DistEnv
+from ..train.loop import Stage, TrainResult
+from .common import (StageRun, TrainDefaults, data_record, load_chat_model, pad_right, sample_replies,
+                     split_held_out)
 
-__all__ = ["RM_DEFAULTS", "RM_EPOCHS", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
+__all__ = ["RM_TRAIN", "RMConfig", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
            "save_reward_model", "load_reward_model"]
 
-RM_EPOCHS = 1  # InstructGPT: one epoch (the reward model overfits after that)
-RM_DEFAULTS: dict[str, Any] = {"batch_size": 8, "lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0}
+# InstructGPT: one epoch (the reward model overfits after that).
+RM_TRAIN = TrainDefaults({"batch_size": 8, "lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0}, epochs=1)
 HEAD_FILE = "reward_head.safetensors"
 NORM_PROMPTS = 256
 
 
-def encode_rankings(path: str | os.PathLike[str], tokenizer: Any, max_len: int) -> list[tuple[str, list[list[int]]]]:
+@dataclass
+class RMConfig(Config):
+    """The reward model's own settings (config.json's ``reward`` section)."""
+
+    section: ClassVar[str] = "reward"
+
+    val_fraction: float = 0.1
+    """share of prompts held out for validation when no --val file is given"""
+    norm_tokens: int = 64
+    """longest SFT response sampled for the reward normalisation (mean 0 on the SFT model's own samples)"""
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.norm_tokens < 1:
+            raise ConfigError(f"norm_tokens={self.norm_tokens} must be >= 1")
+
+
+def encode_rankings(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[str, list[list[int]]]]:
     """(prompt, token ids of each response best -> worst) per ranking; over-long ones keep their end."""
     out = []
     for r in load_rankings(path):
@@ -76,13 +101,13 @@ def _group_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return scores[slot.clamp(min=0)], slot >= 0
 
 
-class RewardStage:
+class RewardStage(Stage):
     """Random ranking groups per micro batch (stateless in ``(seed, step, micro_step)``), the K-way loss."""
 
     name = "rm"
 
     def __init__(self, train: Sequence[Sequence[list[int]]], val: Sequence[Sequence[list[int]]], *, batch_size: int,
-                 seed: int, pad_id: int, rank: int = 0, world_size: int = 1, tokenizer: Any = None,
+                 seed: int, pad_id: int, rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | None = None,
                  norm_seqs: Sequence[list[int]] = (), save_extra: dict[str, Any] | None = None) -> None:
         if not train:
             raise DataError("no training rankings (all held out for validation?); add rows or lower --val-fraction")
@@ -92,9 +117,7 @@ class RewardStage:
         self.tokenizer, self.norm_seqs, self.save_extra = tokenizer, list(norm_seqs), save_extra or {}
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
-        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
         return _collate([self.train[i] for i in mine], self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -137,7 +160,7 @@ class RewardStage:
         save_reward_model(run_dir, model, self.tokenizer, {**self.save_extra, "reward": reward})
 
 
-def sample_responses(gpt: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, seed: int,
+def sample_responses(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int, seed: int,
                      temperature: float = 1.0, batch_size: int = 32) -> list[list[int]]:
     """``prompt + response (+ the stop token when it ended)`` ids for each prompt, sampled from ``gpt``."""
     ids = [render_prompt(p, tokenizer)[-(gpt.config.block_size // 2):] for p in prompts]
@@ -146,20 +169,16 @@ def sample_responses(gpt: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     return [p + c.token_ids + ([c.stop_token] if c.stop_token is not None else []) for p, c in zip(ids, replies)]
 
 
-def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, tokenizer: Any,
+def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, tokenizer: Tokenizer | None,
                       extra: dict[str, Any]) -> Path:
     """The head file first, then the backbone run directory whose config.json records it."""
-    from ..checkpoint import save_model
-
     reward = {**extra.get("reward", {}), "head": save_head(run_dir, model.head, HEAD_FILE)}
     return save_model(run_dir, model.gpt, tokenizer, stage=RewardStage.name, extra={**extra, "reward": reward})
 
 
 def load_reward_model(spec: str | os.PathLike[str],
-                      device: str | torch.device = "cpu") -> tuple[ScalarModel, Any, dict[str, Any]]:
+                      device: str | torch.device = "cpu") -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
     """(reward model in eval mode, tokenizer, config.json) of a ``gptlab rm`` run."""
-    from ..checkpoint import load_run
-
     gpt, tokenizer, config = load_run(spec, device=device)
     reward = config.get("reward")
     if not isinstance(reward, dict):
@@ -167,44 +186,42 @@ def load_reward_model(spec: str | os.PathLike[str],
                               f"train one with gptlab rm")
     if tokenizer is None:
         raise CheckpointError(f"{spec}: the run has no tokenizer directory; copy the whole run directory")
-    model = ScalarModel(gpt.config, gpt)
+    model = ScalarModel(gpt)
     load_head(spec, reward.get("head"), model.head, "reward model")
     return model.to(device).eval(), tokenizer, config
 
 
 def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-           train_config: TrainConfig, *, val_file: str | os.PathLike[str] | None = None, val_fraction: float = 0.1,
-           norm_tokens: int = 64, resume: bool = False, progress: bool = True,
+           train: Given = None, reward: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+           config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
            env: DistEnv | None = None) -> TrainResult:
     """Train a reward model from the SFT run ``model_spec`` on the rankings in ``data_file``.
 
-    Validation: ``val_file``, or the rankings whose prompt hashes into ``val_fraction``.
-    ``norm_tokens`` bounds the SFT responses sampled for the reward normalisation.
+    Validation: ``val_file``, or the rankings whose prompt hashes into ``reward.val_fraction``.
     """
-    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
-        gpt, tokenizer, _ = load_chat_model(model_spec, train_config.dropout)
-        max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size)
+    run = StageRun(RewardStage.name, out_dir, resume=resume, config_file=config_file, sections=(RMConfig.section,))
+    settings = run.settings(RMConfig, reward)
+    train_cfg = run.train(train, RM_TRAIN.values, RM_TRAIN.derive(len(load_rankings(data_file))))
+    with run.joined(env, train_cfg) as env:
+        gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
+        max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size)
         rows = encode_rankings(data_file, tokenizer, max_len)
         groups = [g for _, g in rows]
         if val_file is not None:
-            train, val = groups, [g for _, g in encode_rankings(val_file, tokenizer, max_len)]
+            train_groups, val = groups, [g for _, g in encode_rankings(val_file, tokenizer, max_len)]
             train_prompts = [p for p, _ in rows]
         else:
             keys = [p for p, _ in rows]
-            train, val = split_held_out(keys, groups, val_fraction, train_config.seed)
-            train_prompts, _ = split_held_out(keys, keys, val_fraction, train_config.seed)
+            train_groups, val = split_held_out(keys, groups, settings.val_fraction, train_cfg.seed)
+            train_prompts, _ = split_held_out(keys, keys, settings.val_fraction, train_cfg.seed)
         prompts = list(dict.fromkeys(train_prompts))[:NORM_PROMPTS]
-        norm_seqs = sample_responses(gpt, tokenizer, prompts, max_new_tokens=min(norm_tokens, max_len // 2),
-                                     seed=train_config.seed)
-        model = ScalarModel(gpt.config, gpt)
-        extra, run_config = align_run_config(
-            RewardStage.name, gpt.config, train_config,
-            {"train_rankings": len(train), "val_rankings": len(val), "val_fraction": None if val_file else val_fraction},
-            data_record(model_spec, data_file, val_file), key="reward")
-        if env.is_main and not started:
-            tokenizer.save(Path(out_dir) / "tokenizer")
-        stage = RewardStage(train, val, batch_size=train_config.batch_size, seed=train_config.seed,
+        norm_seqs = sample_responses(gpt, tokenizer, prompts, max_new_tokens=min(settings.norm_tokens, max_len // 2),
+                                     seed=train_cfg.seed)
+        extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
+                 "reward": {**settings.to_dict(), "train_rankings": len(train_groups), "val_rankings": len(val)},
+                 "data": data_record(model_spec, data_file, val_file)}
+        run.begin(env, gpt.config, tokenizer, extra)
+        stage = RewardStage(train_groups, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                             pad_id=tokenizer.pad_id, rank=env.rank, world_size=env.world_size, tokenizer=tokenizer,
                             norm_seqs=norm_seqs, save_extra=extra)
-        return Trainer(model, stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
-                       progress=progress).fit()
+        return run.trainer(ScalarModel(gpt), stage, train_cfg, env, progress).fit()

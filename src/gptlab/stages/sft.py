@@ -20,39 +20,50 @@ config.json records ``chat_format``, which the chat server looks for.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..align_data import load_sft
-from ..chat import CHAT_TOKENS, render, render_prompt
-from ..errors import DataError, UserError
-from ..model import GPT, with_tokens
-from ..tokenizer import PAD
-from ..trainer import DistEnv, TrainConfig, Trainer, TrainResult
-from .sequences import align_run_config, data_record, sample_replies, split_held_out, stage_run
+from ..chat import CHAT_FORMAT, render, render_prompt
+from ..config import Config
+from ..data import rank_draw
+from ..errors import ConfigError, DataError
+from ..model import GPT
+from ..runs import save_model
+from ..tokenizer import Tokenizer
+from ..train.config import Given
+from ..train.dist import DistEnv
+from ..train.loop import Stage, TrainResult
+from .common import StageRun, TrainDefaults, data_record, load_chat_model, sample_replies, split_held_out
 
-__all__ = ["SFT_DEFAULTS", "SFT_EPOCHS", "SFTStage", "encode_sft", "load_chat_model", "run_sft", "sft_sample"]
+__all__ = ["SFT_TRAIN", "SFTConfig", "SFTStage", "encode_sft", "run_sft", "sft_sample"]
 
-SFT_EPOCHS = 3
-SFT_DEFAULTS: dict[str, Any] = {"batch_size": 16, "lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0}
+SFT_TRAIN = TrainDefaults({"batch_size": 16, "lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0}, epochs=3)
 IGNORE = -100
 
 
-def load_chat_model(spec: str | os.PathLike[str], dropout: float | None = None) -> tuple[GPT, Any, dict[str, Any]]:
-    """A run (or ``hf:DIR``) with the chat tokens and ``<|pad|>`` in its tokenizer and embeddings."""
-    from ..checkpoint import load_run
+@dataclass
+class SFTConfig(Config):
+    """Supervised fine-tuning's own settings (config.json's ``sft`` section)."""
 
-    gpt, tokenizer, config = load_run(spec)
-    if tokenizer is None:
-        raise UserError(f"{spec}: has no tokenizer gptlab can use; alignment stages need one")
-    return with_tokens(gpt, tokenizer, [*CHAT_TOKENS, PAD], dropout), tokenizer, config
+    section: ClassVar[str] = "sft"
+
+    pack: bool = False
+    """pack whole examples into full rows (fewer pad tokens)"""
+    val_fraction: float = 0.05
+    """share of prompts held out for validation when no --val file is given"""
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
 
 
-def encode_sft(path: str | os.PathLike[str], tokenizer: Any, max_len: int) -> list[tuple[list[int], list[bool], str, int]]:
+def encode_sft(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[list[int], list[bool], str, int]]:
     """(ids, train mask, the first user turn, line) per row, cut to ``max_len`` tokens.
 
     A row whose assistant tokens all fall beyond ``max_len`` is an error naming its line.
@@ -95,14 +106,14 @@ def _pack(examples: Sequence[tuple[list[int], list[bool]]], rows: int, width: in
     return packed
 
 
-class SFTStage:
+class SFTStage(Stage):
     """Random demonstrations per micro batch (stateless in ``(seed, step, micro_step)``), response-only loss."""
 
     name = "sft"
 
     def __init__(self, train: Sequence[tuple[list[int], list[bool]]], val: Sequence[tuple[list[int], list[bool]]], *,
                  batch_size: int, seed: int, pad_id: int, pack: bool = False, max_len: int = 0, rank: int = 0,
-                 world_size: int = 1, tokenizer: Any = None, sample_prompt: str | None = None,
+                 world_size: int = 1, tokenizer: Tokenizer | None = None, sample_prompt: str | None = None,
                  save_extra: dict[str, Any] | None = None) -> None:
         if not train:
             raise DataError("no training rows (all held out for validation?); add rows or lower --val-fraction")
@@ -113,13 +124,10 @@ class SFTStage:
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
         if self.pack:  # each rank packs its own draw: ~4 examples per row leaves slack for long ones
-            rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
-            picks = rng.integers(0, len(self.train), size=self.batch_size * max(4, self.max_len // 16))
+            picks = rank_draw((self.seed, step, micro_step, self.rank), len(self.train),
+                              self.batch_size * max(4, self.max_len // 16))
             return _rows(_pack([self.train[i] for i in picks], self.batch_size, self.max_len - 1), self.pad_id)
-        # one global batch per (step, micro_step), each rank its slice: N processes see one process's batch
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        picks = rng.integers(0, len(self.train), size=self.batch_size * self.world_size)
-        mine = picks[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
         return _rows([self.train[i] for i in mine], self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -143,18 +151,16 @@ class SFTStage:
             total, count = total + float(loss) * n, count + n
         return {"val_loss": total / count}
 
-    def sample(self, model: nn.Module) -> str:
+    def sample(self, model: nn.Module) -> str | None:
         if self.sample_prompt is None or self.tokenizer is None:
-            return ""
+            return None
         return f"{self.sample_prompt}\n→ {sft_sample(model, self.tokenizer, self.sample_prompt)}"
 
     def save(self, run_dir: Path, model: nn.Module) -> None:
-        from ..checkpoint import save_model
-
         save_model(run_dir, model, self.tokenizer, stage=self.name, extra=self.save_extra)
 
 
-def sft_sample(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0) -> str:
+def sft_sample(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0) -> str:
     """The assistant's reply to ``prompt`` (greedy by default), cut at the end of its turn."""
     ids = render_prompt(prompt, tokenizer)[-(model.config.block_size - 1):]
     reply = sample_replies(model, tokenizer, [ids], max_new_tokens=max_new_tokens, seed=0, temperature=temperature)[0]
@@ -162,32 +168,35 @@ def sft_sample(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int = 48
 
 
 def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-            train_config: TrainConfig, *, val_file: str | os.PathLike[str] | None = None, val_fraction: float = 0.05,
-            pack: bool = False, resume: bool = False, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
+            train: Given = None, sft: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+            config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
+            env: DistEnv | None = None) -> TrainResult:
     """Supervised fine-tuning of ``model_spec`` on the demonstrations in ``data_file``.
 
     Validation: ``val_file``, or the rows whose first user turn hashes into
-    ``val_fraction`` (identical prompts stay on one side).
+    ``sft.val_fraction`` (identical prompts stay on one side).
     """
-    with stage_run(out_dir, resume, train_config, env, val_fraction) as (env, started):
-        gpt, tokenizer, base = load_chat_model(model_spec, train_config.dropout)
-        max_len = min(train_config.block_size or gpt.config.block_size, gpt.config.block_size) + 1
+    run = StageRun(SFTStage.name, out_dir, resume=resume, config_file=config_file, sections=(SFTConfig.section,))
+    settings = run.settings(SFTConfig, sft)
+    n_rows = len(load_sft(data_file))
+    train_cfg = run.train(train, SFT_TRAIN.values, SFT_TRAIN.derive(n_rows))
+    with run.joined(env, train_cfg) as env:
+        gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
+        max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size) + 1
         rows = encode_sft(data_file, tokenizer, max_len)  # errors before anything is written
         pairs = [(ids, mask) for ids, mask, _, _ in rows]
         if val_file is not None:
-            train, val = pairs, [(ids, mask) for ids, mask, _, _ in encode_sft(val_file, tokenizer, max_len)]
+            train_rows, val = pairs, [(ids, mask) for ids, mask, _, _ in encode_sft(val_file, tokenizer, max_len)]
         else:
-            train, val = split_held_out([user for _, _, user, _ in rows], pairs, val_fraction, train_config.seed)
+            train_rows, val = split_held_out([user for _, _, user, _ in rows], pairs, settings.val_fraction,
+                                             train_cfg.seed)
         sample_prompt = next((user for _, _, user, _ in rows), None)
-        extra, run_config = align_run_config(
-            SFTStage.name, gpt.config, train_config,
-            {"pack": pack, "val_fraction": None if val_file else val_fraction, "train_rows": len(train),
-             "val_rows": len(val)}, data_record(model_spec, data_file, val_file))
-        if env.is_main and not started:
-            tokenizer.save(Path(out_dir) / "tokenizer")
-        stage = SFTStage(train, val, batch_size=train_config.batch_size, seed=train_config.seed,
-                         pad_id=tokenizer.pad_id, pack=pack, max_len=max_len, rank=env.rank,
+        extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
+                 "sft": {**settings.to_dict(), "train_rows": len(train_rows), "val_rows": len(val)},
+                 "data": data_record(model_spec, data_file, val_file)}
+        run.begin(env, gpt.config, tokenizer, extra)
+        stage = SFTStage(train_rows, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+                         pad_id=tokenizer.pad_id, pack=settings.pack, max_len=max_len, rank=env.rank,
                          world_size=env.world_size, tokenizer=tokenizer, sample_prompt=sample_prompt,
                          save_extra=extra)
-        return Trainer(gpt, stage, train_config, out_dir, env=env, resume=resume, run_config=run_config,
-                       progress=progress).fit()
+        return run.trainer(gpt, stage, train_cfg, env, progress).fit()

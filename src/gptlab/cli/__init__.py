@@ -1,0 +1,45 @@
+"""`gptlab <command>`: the command-line interface, one module per topic.
+
+    models.py      presets, generate, convert
+    data.py        tokenizer train, prepare, tasks check|make
+    training.py    train, finetune, sft, rm, dpo, ppo (flags generated from the config dataclasses)
+    evaluation.py  eval ppl|icl, predict
+    serving.py     chat, serve
+    demos.py       demo, rlhf-demo
+    args.py        flags from dataclass fields, command groups
+
+A ``UserError`` is printed as one line (no traceback) and exits with code 2.
+``python -m gptlab.cli`` is the same program (what torchrun launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+from . import data, demos, evaluation, models, serving, training
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlab", description="The GPT lineage as one hackable tool: "
+                                     "GPT-1, GPT-2, GPT-3, InstructGPT, ChatGPT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for topic in (models, data, training, evaluation, serving, demos):
+        for add in topic.COMMANDS:
+            add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"gptlab {args.command}: interrupted", file=sys.stderr)
+        return 130

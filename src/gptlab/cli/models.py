@@ -1,0 +1,80 @@
+"""Commands about models themselves: ``gptlab presets``, ``gptlab generate``, ``gptlab convert``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import PRESETS, GPTConfig
+from ..engine import Engine, SamplingParams
+from ..hf import export_hf, import_hf
+from ..model import GPT
+from ..runs import load_run, prepare_out_dir, save_model
+
+__all__ = ["COMMANDS"]
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    for name in PRESETS:
+        c = GPTConfig.from_preset(name)
+        print(f"{name} {c.n_layer} {c.n_embd} {c.n_head} {c.block_size} {c.vocab_size} {GPT.count_params(c)}")
+
+
+def add_presets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = Engine.from_spec(args.model, precision=args.precision)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, stop=args.stop or [], seed=args.seed)
+    if args.stream:
+        for piece in engine.stream_text(args.prompt, params):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(engine.complete(args.prompt, params).text)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (prints only the continuation)")
+    p.add_argument("--model", required=True, help="run directory or hf:DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="int8: weights in 8 bits for faster CPU decoding (see docs/BENCHMARKS.md)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = prepare_out_dir(args.out, args.force)
+    if args.from_hf:
+        src = args.from_hf.removeprefix("hf:")
+        model, tok = import_hf(src)
+        save_model(out, model, tok, stage="pretrain", extra={"source": f"hf:{src}"})
+        kind = "openai-gpt" if model.config.norm_position == "post" else "gpt2"
+        print(f"wrote run directory {out} from {kind} {src} ({model.num_params():,} params, "
+              f"tokenizer: {tok.spec if tok is not None else 'none'})")
+    else:
+        model, tok, _ = load_run(args.to_hf)
+        export_hf(model, out, tok)
+        print(f"wrote transformers directory {out} (load with from_pretrained({str(out)!r}))")
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/OpenAI-GPT directory, or export a run to one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="transformers directory (gpt2 / openai-gpt) to import")
+    src.add_argument("--to-hf", metavar="RUN_DIR", help="run directory to export as a transformers directory")
+    p.add_argument("--out", required=True, help="output directory (run dir for --from-hf, HF dir for --to-hf)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files are replaced)")
+    p.set_defaults(func=cmd_convert)
+
+
+COMMANDS = [add_presets, add_generate, add_convert]

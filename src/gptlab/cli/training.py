@@ -1,0 +1,134 @@
+"""The training commands, one per stage: ``gptlab train`` (pretraining), ``finetune``, ``sft``, ``rm``, ``dpo``, ``ppo``.
+
+Each maps its inputs and its generated flags (the fields of ``TrainConfig``, of
+the stage's own config and, for ``train``, of ``GPTConfig``) onto the stage's
+``run_*``; the stage resolves them against a config file and a resumed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Mapping
+
+from ..config import Config, GPTConfig
+from ..stages.dpo import DPO_TRAIN, DPOConfig, run_dpo
+from ..stages.finetune import FINETUNE_TRAIN, FinetuneConfig, run_finetune
+from ..stages.ppo import PPO_ITERATIONS, PPO_TRAIN, PPOConfig, run_ppo
+from ..stages.pretrain import run_pretrain
+from ..stages.reward import RM_TRAIN, RMConfig, run_rm
+from ..stages.sft import SFT_TRAIN, SFTConfig, run_sft
+from ..stages.common import TrainDefaults
+from ..train.config import TrainConfig
+from ..train.loop import TrainResult
+from .args import Adder, add_fields, exit_code, given
+
+__all__ = ["COMMANDS"]
+
+RESUME_HELP = "continue the run in --out from its latest checkpoint (its saved configs; flags may extend training)"
+
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, settings: type[Config] | None,
+                  train_defaults: Mapping[str, str], rename: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """A stage command's parser: its settings' flags and the trainer's, --out, --config and --resume.
+    The caller adds the stage's inputs."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png, final model)")
+    sections = "train:" + (f" and {settings.section}:" if settings is not None else "")
+    p.add_argument("--config", default=None, help=f"YAML/JSON file with {sections} sections (flags override it)")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    if settings is not None:
+        add_fields(p, settings, title=f"{name} settings ({settings.__name__}; kept by a resumed run)", rename=rename)
+    add_fields(p, TrainConfig, title="training (TrainConfig)", defaults=train_defaults)
+    return p
+
+
+# ------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    model: dict[str, Any] = given(args, GPTConfig)
+    if args.preset is not None:
+        model["preset"] = args.preset
+    return exit_code(run_pretrain(args.data, args.out, model, given(args, TrainConfig), config_file=args.config,
+                                  resume=args.resume).signal)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = _stage_parser(sub, "train", "pretrain a GPT on a prepared data directory (resumable; torchrun for DDP/FSDP)",
+                      None, {})
+    p.add_argument("--data", required=True, help="data directory from `gptlab prepare`")
+    p.add_argument("--preset", help="model preset (see `gptlab presets`); model flags change its fields")
+    add_fields(p, GPTConfig, title="model (GPTConfig): a preset's or the config file's values, changed by these",
+               skip=("vocab_size", "block_size", "dropout"))  # the vocabulary is the data's; block/dropout: training
+    p.set_defaults(func=cmd_train)
+
+
+# ---------------------------------------------------------------- finetune
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return exit_code(run_finetune(args.model, args.train, args.val, args.out, given(args, TrainConfig),
+                                  given(args, FinetuneConfig), config_file=args.config, resume=args.resume).signal)
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = _stage_parser(sub, "finetune", "GPT-1 supervised fine-tuning of a run on a task file (resumable)",
+                      FinetuneConfig, {**FINETUNE_TRAIN.help(), "dropout": "the model's; the classifier's 0.1"},
+                      rename={"task_type": "task"})
+    p.add_argument("--model", required=True, help="run directory or hf:DIR to fine-tune")
+    p.add_argument("--train", required=True, help="train task file (JSONL; its labels define the label set)")
+    p.add_argument("--val", required=True, help="validation task file, scored whole at each evaluation")
+    p.set_defaults(func=cmd_finetune)
+
+
+# ------------------------------------------------------------ sft, rm, dpo
+def _add_alignment(name: str, help: str, settings: type[Config], defaults: TrainDefaults, run: Callable[..., TrainResult],
+                   model_help: str, data_help: str) -> Adder:
+    """The commands that take a chat model, a data file and an optional validation file (sft, rm, dpo)."""
+    def command(args: argparse.Namespace) -> int:
+        return exit_code(run(args.model, args.data, args.out, given(args, TrainConfig), given(args, settings),
+                             val_file=args.val, config_file=args.config, resume=args.resume).signal)
+
+    def add(sub: argparse._SubParsersAction) -> None:
+        p = _stage_parser(sub, name, help, settings, defaults.help())
+        p.add_argument("--model", required=True, help=model_help)
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--val", default=None, help="validation file (default: hold out --val-fraction of --data "
+                                                    "by prompt)")
+        p.set_defaults(func=command)
+    return add
+
+
+add_sft = _add_alignment("sft", "InstructGPT step 1: supervised fine-tuning on demonstrations (chat format)",
+                         SFTConfig, SFT_TRAIN, run_sft, "run directory or hf:DIR to start from",
+                         'JSONL of {"prompt", "response"} or {"messages": [...]} rows')
+add_rm = _add_alignment("rm", "InstructGPT step 2: reward model from rankings of K responses per prompt",
+                        RMConfig, RM_TRAIN, run_rm, "the SFT run directory (the reward model starts from it)",
+                        'JSONL of {"prompt", "responses", "ranking"} and/or {"prompt", "chosen", "rejected"} rows')
+add_dpo = _add_alignment("dpo", "direct preference optimisation of an SFT run on the same ranking files",
+                         DPOConfig, DPO_TRAIN, run_dpo, "the SFT run directory (policy and frozen reference)",
+                         "rankings JSONL (every ranked pair is used)")
+
+
+# --------------------------------------------------------------------- ppo
+def cmd_ppo(args: argparse.Namespace) -> int:
+    return exit_code(run_ppo(args.policy, args.reward, args.prompts, args.out, given(args, TrainConfig),
+                             given(args, PPOConfig), iterations=args.iterations, ptx_data=args.ptx_data,
+                             config_file=args.config, resume=args.resume).signal)
+
+
+PPO_TRAIN_HELP = {**{k: repr(v) for k, v in PPO_TRAIN.items()},
+                  "max_steps": "iterations x ppo_epochs x minibatches", "batch_size": "--ptx-batch",
+                  "eval_every": "a tenth of the iterations", "checkpoint_every": "a tenth of the iterations"}
+
+
+def add_ppo(sub: argparse._SubParsersAction) -> None:
+    p = _stage_parser(sub, "ppo", "InstructGPT step 3: PPO against a reward model, per-token KL, optional PPO-ptx",
+                      PPOConfig, PPO_TRAIN_HELP)
+    p.add_argument("--policy", required=True, help="the SFT run directory (policy init and frozen reference)")
+    p.add_argument("--reward", required=True, help="the reward-model run directory (also the value function's init)")
+    p.add_argument("--prompts", required=True, help='JSONL with a "prompt" field per row')
+    p.add_argument("--ptx-data", default=None, help="data directory from gptlab prepare for the pretraining mix")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"PPO iterations: rollout + ppo_epochs x minibatches updates (default {PPO_ITERATIONS}; "
+                        f"on --resume: the new total)")
+    p.set_defaults(func=cmd_ppo)
+
+
+COMMANDS = [add_train, add_finetune, add_sft, add_rm, add_dpo, add_ppo]

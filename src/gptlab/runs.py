@@ -1,0 +1,217 @@
+"""Run directories, the unit users pass around: write them, check them, read them back.
+
+    run/config.json        {"format_version": 1, "model": GPTConfig.to_dict(), "tokenizer": "tokenizer" | null,
+                            "stage": "pretrain", "weights": {"file", "sha256", "bytes"}, ...the stage's sections}
+    run/model.safetensors  the backbone's weights; a tied lm_head is stored once (as wte)
+    run/tokenizer/         Tokenizer.save()
+    run/<head>.safetensors a stage's head (fine-tuning, reward model), named with its sha256 in config.json
+
+``config.json`` is written when a training run starts (``run_config``: model,
+train and stage settings, so any run can be reproduced and resumed) and again,
+last, by ``save_model`` with the weights' sha256, which every load checks.
+Every command that takes a model takes a run directory or ``hf:DIR`` (a
+transformers GPT-2 / OpenAI-GPT directory, see ``hf``).
+
+    from gptlab.runs import save_model, load_run
+    save_model("runs/x", model, tokenizer)
+    model, tokenizer, config = load_run("runs/x")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .atomic import PathLike, atomic_write_json, sha256_file
+from .config import GPTConfig
+from .errors import CheckpointError, UserError
+from .hf import hf_dir_from_spec, import_hf, read_json_file
+from .model import GPT
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, model_tensors, unwrap
+
+__all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_DIR", "CKPT_DIR", "run_config", "save_model",
+           "read_run_config", "load_model", "load_run", "save_head", "load_head", "check_run_dir", "prepare_out_dir"]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+CKPT_DIR = "checkpoints"  # training checkpoints (gptlab.train.checkpoints)
+# Keys of a run's config.json that save_model owns; ``extra`` may not override them.
+_RESERVED = ("format_version", "model", "tokenizer", "stage", "weights")
+
+
+def run_config(stage: str, model: GPTConfig, tokenizer: Tokenizer | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of a run: what ``save_model`` writes, without the weights record."""
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"run config: extra may not set reserved key(s) {', '.join(clash)}")
+    return {"format_version": FORMAT_VERSION, "model": model.to_dict(),
+            "tokenizer": TOKENIZER_DIR if tokenizer is not None else None, "stage": stage, **extra}
+
+
+def save_model(run_dir: PathLike, model: nn.Module, tokenizer: Tokenizer | None = None, stage: str = "pretrain",
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a run directory; returns its Path.
+
+    Order: tokenizer/, model.safetensors, then config.json (with the weights'
+    sha256) last, each file replaced atomically. ``extra`` adds JSON-serialisable
+    top-level keys to config.json (not the reserved ones: format_version, model,
+    tokenizer, stage, weights).
+    """
+    gpt = unwrap(model)
+    run_dir = Path(run_dir)
+    config = run_config(stage, gpt.config, tokenizer, dict(extra or {}))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: exists and is not a directory; choose another output path")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        if tokenizer.vocab_size > gpt.config.vocab_size:
+            raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's "
+                                  f"vocab_size is {gpt.config.vocab_size}; build the model with "
+                                  f"vocab_size >= the tokenizer's")
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+    weights = run_dir / WEIGHTS_FILE
+    digest = atomic_save_safetensors(model_tensors(gpt), weights,
+                                     metadata={"gptlab_format_version": str(FORMAT_VERSION)})
+    config["weights"] = {"file": WEIGHTS_FILE, "sha256": digest, "bytes": weights.stat().st_size}
+    atomic_write_json(run_dir / CONFIG_FILE, config)
+    return run_dir
+
+
+def read_run_config(run_dir: PathLike) -> dict[str, Any]:
+    """Parse and check a run directory's config.json (format version, model fields); returns the dict."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory; pass a directory written by "
+                              f"gptlab train/convert, or hf:DIR for a Hugging Face directory")
+    path = run_dir / CONFIG_FILE
+    config = read_json_file(path, "not a gptlab run directory (train or convert a model into it)")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: has no 'model' section; not a gptlab run config "
+                              f"(for a Hugging Face directory pass hf:{run_dir})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: missing or invalid format_version; not a gptlab run config")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} was written by a newer gptlab "
+                              f"(this one reads {FORMAT_VERSION}); upgrade gptlab")
+    GPTConfig.from_dict(config["model"], source=str(path))  # unknown/mistyped fields -> ConfigError
+    return config
+
+
+def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.device) -> GPT:
+    model_cfg = GPTConfig.from_dict(config["model"], source=str(run_dir / CONFIG_FILE))
+    info = config.get("weights") if isinstance(config.get("weights"), dict) else {}
+    name = info.get("file", WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: weights.file must be a file name inside the run "
+                              f"directory, got {name!r}")
+    path = run_dir / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the run directory is incomplete: {FIX_WEIGHTS}")
+    size = info.get("bytes")
+    if isinstance(size, int) and path.stat().st_size != size:
+        raise CheckpointError(f"{path}: is {path.stat().st_size} bytes, config.json says {size} "
+                              f"(truncated or replaced): {FIX_WEIGHTS}")
+    digest = info.get("sha256")
+    if isinstance(digest, str) and sha256_file(path) != digest:
+        raise CheckpointError(f"{path}: sha256 does not match config.json (corrupted or modified "
+                              f"after saving): {FIX_WEIGHTS}")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:100]}): "
+                              f"{FIX_WEIGHTS}") from None
+    return build_model(model_cfg, tensors, str(path), device)
+
+
+def load_model(spec: PathLike, device: str | torch.device = "cpu") -> GPT:
+    """Load a model from a run directory or ``"hf:DIR"`` (eval mode, weights' stored dtype)."""
+    hf_dir = hf_dir_from_spec(spec)
+    if hf_dir is not None:
+        return import_hf(hf_dir, with_tokenizer=False)[0].to(device)
+    run_dir = Path(spec).expanduser()
+    return _load_weights(run_dir, read_run_config(run_dir), device)
+
+
+def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+    """(model, tokenizer or None, config dict) from a run directory or ``"hf:DIR"``.
+
+    For an HF directory the config dict is synthesised in the run-config layout
+    (``format_version``, ``model``, ``tokenizer`` None, ``stage``, ``source``).
+    """
+    hf_dir = hf_dir_from_spec(spec)
+    if hf_dir is not None:
+        model, tokenizer = import_hf(hf_dir)
+        config = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "tokenizer": None,
+                  "stage": "pretrain", "source": f"hf:{hf_dir}"}
+        return model.to(device), tokenizer, config
+    run_dir = Path(spec).expanduser()
+    config = read_run_config(run_dir)
+    tokenizer = None
+    rel = config.get("tokenizer")
+    if rel is not None:
+        if not isinstance(rel, str):
+            raise CheckpointError(f"{run_dir / CONFIG_FILE}: 'tokenizer' must be a directory name or null")
+        tok_dir = run_dir / rel
+        if not tok_dir.is_dir():
+            raise CheckpointError(f"{tok_dir}: tokenizer directory named by config.json is missing; "
+                                  f"copy the whole run directory")
+        tokenizer = load_tokenizer(tok_dir)
+    model = _load_weights(run_dir, config, device)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {model.config.vocab_size}; the tokenizer does not belong "
+                              f"to this model")
+    return model, tokenizer, config
+
+
+def save_head(run_dir: PathLike, head: nn.Module, name: str) -> dict[str, Any]:
+    """Write ``head``'s state as ``RUN_DIR/name``; returns its record for config.json (file, sha256, bytes)."""
+    path = Path(run_dir) / name
+    digest = atomic_save_safetensors(dict(head.state_dict()), path)
+    return {"file": name, "sha256": digest, "bytes": path.stat().st_size}
+
+
+def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.Module:
+    """Load the head file ``record`` (from ``save_head``) into ``head``, checking its sha256."""
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise CheckpointError(f"{run_dir}: config.json does not name the {what} head file; "
+                              f"train it again or copy the whole run directory")
+    path = Path(run_dir) / record["file"]
+    if not path.is_file() or sha256_file(path) != record.get("sha256"):
+        raise CheckpointError(f"{path}: missing or does not match config.json (sha256); copy the whole run "
+                              f"directory or train the {what} again")
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: unreadable or the wrong shape ({exc})") from None
+    return head
+
+
+def check_run_dir(run_dir: PathLike, resume: bool) -> bool:
+    """Whether ``run_dir`` holds a run to resume; a started run without ``resume`` is an error."""
+    run = Path(run_dir)
+    started = (run / CONFIG_FILE).exists() or (run / CKPT_DIR).exists()
+    if started and not resume:
+        raise UserError(f"run directory {run} already holds a run: use --resume to continue it or a new --out")
+    return started
+
+
+def prepare_out_dir(path: PathLike, force: bool = False) -> Path:
+    """Check an output directory: absent or empty is fine; non-empty needs ``force`` (files are overwritten, others kept)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: directory exists and is not empty; choose another --out or pass --force "
+                        f"to overwrite")
+    return out
+

@@ -1,0 +1,48 @@
+"""``run_server``: ``gptlab serve``'s start-up: uvicorn on the app, and one line once the model answers.
+
+The app answers (503) from the start while the model loads in a thread, so the URL is printed only once
+``/health`` would answer 200; a load error is printed instead and stops the server. ``_Server`` checks
+for that in ``on_tick``, the hook uvicorn's main loop already calls every 0.1 s: no thread to wait on
+the load, and nothing of uvicorn's patched.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import Loader, create_app
+from .state import ServeState
+
+__all__ = ["run_server"]
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServeState, model_name: str):
+        super().__init__(config)
+        self.state, self.model_name, self.announced = state, model_name, False
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.announced and self.state.ready.is_set():
+            self.announced = True
+            if self.state.load_error:
+                print(f"gptlab serve: error: {self.state.load_error}", file=sys.stderr, flush=True)
+                return True
+            host = self.config.host
+            host = f"[{host}]" if ":" in host else host
+            port = self.servers[0].sockets[0].getsockname()[1]
+            print(f"gptlab serve: model '{self.model_name}' at http://{host}:{port}/v1 (web chat: "
+                  f"http://{host}:{port}/; Ctrl-C stops)", flush=True)
+        return await super().on_tick(counter)
+
+
+def run_server(load: Loader, *, model_name: str, host: str, port: int, api_key: str | None, max_body_bytes: int,
+               max_queue: int, max_batch: int, data_dir: str | Path | None) -> int:
+    """Serve until Ctrl-C (0), or until the model fails to load (2)."""
+    app = create_app(load=load, model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                     max_queue=max_queue, max_batch=max_batch, data_dir=data_dir)
+    state: ServeState = app.state.serve
+    _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), state, model_name).run()
+    return 2 if state.load_error else 0
