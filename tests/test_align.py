@@ -564,6 +564,46 @@ def test_ppo_divergence_stops_and_keeps_the_last_good_checkpoint(work, sft_run, 
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
+# ============================================================ resume from Python
+RESUME_CASES = {  # stage: (its section in config.json, the settings a run starts with, a different value on resume)
+    "sft": ("sft", {"pack": True}, {"pack": False}),
+    "rm": ("reward", {"norm_tokens": 4}, {"norm_tokens": 8}),
+    "dpo": ("dpo", {"beta": 0.5}, {"beta": 0.1}),
+    "ppo": ("ppo", {"kl_coef": 0.3}, {"kl_coef": 0.02}),
+}
+
+
+@pytest.mark.parametrize("stage", RESUME_CASES)
+def test_a_resumed_run_restores_its_own_settings_from_python(work, sft_run, rm_run, sft_files, rank_files,
+                                                               prompts_file, stage):
+    """run_*(resume=True) without settings continues with the saved ones; different ones are a clear error."""
+    section, first, other = RESUME_CASES[stage]
+    out = work / f"resume-{stage}"
+
+    def run(settings, resume: bool, steps: int):
+        train = {**cpu_cfg(checkpoint_every=1).to_dict(), "max_steps": steps}
+        if stage == "sft":
+            return run_sft(str(sft_run), sft_files[0], out, train, settings, resume=resume, progress=False)
+        if stage == "rm":
+            return run_rm(str(sft_run), rank_files[0], out, train, settings, resume=resume, progress=False)
+        if stage == "dpo":
+            return run_dpo(str(sft_run), rank_files[0], out, train, settings, resume=resume, progress=False)
+        ppo = None if settings is None else {**ppo_cfg().to_dict(), **settings}
+        return run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(ppo_cfg(), 1, max_steps=steps), ppo,
+                       resume=resume, progress=False)
+
+    run(first, resume=False, steps=2)
+    saved = json.loads((out / "config.json").read_text())
+    with pytest.raises(ConfigError, match=f"resumed run keeps its {section} settings: {next(iter(other))}="):
+        run(other, resume=True, steps=4)
+    assert json.loads((out / "config.json").read_text()) == saved  # nothing was written
+    result = run(None, resume=True, steps=4)
+    assert result.step == 4 and result.steps_run == 2
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[section][k] for k in first} == first  # the final save records what the stage ran with
+    assert config["train"]["max_steps"] == 4  # the training loop may change
+
+
 # ================================================================ bad input
 def test_bad_input_is_refused_before_anything_is_written(work, sft_run, rm_run, prompts_file, rank_files):
     bad = write_jsonl(work / "dup.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},

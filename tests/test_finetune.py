@@ -23,7 +23,8 @@ from gptlab.model import GPT
 from gptlab.stages import finetune as ft
 from gptlab.heads import TaskModel, TaskModelConfig
 from gptlab.stages.finetune import (Example, FinetuneConfig, FinetuneStage, add_finetune_tokens,
-                                    classification_metrics, collate, load_finetuned, regression_metrics, transform)
+                                    classification_metrics, collate, load_finetuned, regression_metrics,
+                                    run_finetune, transform)
 from gptlab.tokenizer import DELIM, EOS, EXTRACT, START, CharTokenizer
 from gptlab.train.checkpoints import checkpoint_dirs
 from gptlab.train.metrics import read_metrics
@@ -364,6 +365,27 @@ def test_resume_equals_uninterrupted(work, base_run, xdata):
     for name in ("head.safetensors", "model.safetensors"):
         got, want = load_file(str(run / name)), load_file(str(ref / name))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_resumed_run_restores_its_own_settings_from_python(work, base_run, xdata):
+    """run_finetune(resume=True) without settings keeps the saved task and λ; different ones are a clear error."""
+    train, val = xdata
+    out = work / "resume-settings"
+    cfg = {"max_steps": 2, "batch_size": 4, "checkpoint_every": 1, "eval_every": 0, "device": "cpu"}
+    run_finetune(str(base_run), train, val, out, cfg, {"task_type": "classification", "lm_coef": 0.25},
+                 progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    with pytest.raises(ConfigError, match="resumed run keeps its finetune settings: lm_coef=0.25 was saved"):
+        run_finetune(str(base_run), train, val, out, {**cfg, "max_steps": 4}, {"lm_coef": 0.0}, resume=True,
+                     progress=False)
+    with pytest.raises(ConfigError, match="task_type='classification' was saved, 'entailment' given"):
+        run_finetune(str(base_run), train, val, out, cfg, {"task_type": "entailment"}, resume=True, progress=False)
+    assert json.loads((out / "config.json").read_text()) == saved
+    result = run_finetune(str(base_run), train, val, out, {**cfg, "max_steps": 4}, resume=True, progress=False)
+    assert (result.step, result.steps_run) == (4, 2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["finetune"]["lm_coef"] == 0.25 and config["finetune"]["task_type"] == "classification"
+    assert {"clf_loss", "lm_loss"} <= set(read_metrics(out / "metrics.jsonl")[-1])  # λ > 0: the LM term ran
 
 
 # -------------------------------------------------------------------- errors

@@ -25,7 +25,7 @@ from gptlab.config import GPTConfig
 from gptlab.errors import CheckpointError, ConfigError
 from gptlab.model import GPT
 from gptlab.runs import load_model
-from gptlab.stages.pretrain import build_model_config
+from gptlab.stages.pretrain import build_model_config, run_pretrain
 from gptlab.train.checkpoints import checkpoint_dirs, verify_checkpoint
 from gptlab.train.config import TrainConfig
 from gptlab.train.loop import Stage, Trainer
@@ -214,7 +214,7 @@ def test_grad_accumulation_equivalence(tmp_path):
         cfg = TrainConfig(max_steps=1, batch_size=batch, grad_accum=accum, lr=1e-2, warmup_steps=0,
                           eval_every=0, checkpoint_every=0)
         trainer = Trainer(model, FixedStage(x, y, batch), cfg, tmp_path / f"r{i}", progress=False)
-        loss, _, _ = trainer.forward_backward(1)
+        loss, _, _, _ = trainer.forward_backward(1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         trainer._optimizer_step(1)
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -400,6 +400,23 @@ def test_existing_run_dir_without_resume_exits_2(reference_run, data_dir, tiny_c
     err = capsys.readouterr().err
     assert "--resume" in err and "--out" in err and len(err.strip().splitlines()) == 1
     assert (reference_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_resumed_run_restores_its_own_model_from_python(work, data_dir):
+    """run_pretrain(resume=True) with no model takes the saved one; a different one is a clear error."""
+    out = work / "resume-model"
+    train = {"max_steps": 2, "batch_size": 2, "eval_every": 0, "checkpoint_every": 1, "sample_tokens": 0}
+    run_pretrain(data_dir, out, {**TINY_MODEL, "n_layer": 1}, train, progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    with pytest.raises(ConfigError, match="differs from the run's"):
+        run_pretrain(data_dir, out, {**TINY_MODEL, "n_layer": 2}, {**train, "max_steps": 4}, resume=True,
+                     progress=False)
+    assert json.loads((out / "config.json").read_text()) == saved
+    result = run_pretrain(data_dir, out, train={"max_steps": 4}, resume=True, progress=False)
+    assert (result.step, result.steps_run) == (4, 2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == saved["model"] and config["train"]["max_steps"] == 4
+    assert load_model(str(out)).config.n_layer == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(work, data_dir, tiny_config, capsys):

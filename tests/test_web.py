@@ -25,7 +25,7 @@ from gptlab.align_data import load_rankings  # noqa: E402
 from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
 from gptlab.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.serve import create_app  # noqa: E402
-from gptlab.serve.web import append_jsonl  # noqa: E402
+from gptlab.atomic import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
 from serving import RunningApp  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Atomic file writes and checksums: a file is either its old or its new content, never torn.
+"""Atomic file writes, whole-line appends and checksums: a file is either its old or its new content, never torn.
 
 Torch-free, so the tokenizer and the data-preparation workers can use it too.
 """
@@ -9,10 +9,17 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Union
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "fsync_dir"]
+try:
+    import fcntl
+except ImportError:  # Windows: the thread lock alone serialises this process's appends
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl", "sha256_file",
+           "fsync_dir"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,6 +107,55 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> Path:
         fh.write("\n")
 
     return atomic_write_text(path, write)
+
+
+_append_lock = threading.Lock()
+
+
+def _whole_lines_end(fd: int) -> int:
+    """Offset just past the file's last newline (0 if none): where its complete lines end."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 4096)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunk = os.read(fd, pos - start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``path`` as one JSON line that readers only ever see whole.
+
+    Chosen over temp + rename, which would rewrite the whole file for every label: the complete line
+    goes out in ``os.write`` calls on an ``O_APPEND`` descriptor under a thread lock and an advisory
+    ``flock`` (another server may share the data dir), and is fsynced before the request is answered.
+    A line torn by a failed write is cut off at once, or, after a crash, by the next append, which first
+    truncates the file to its last newline; so no line can be interleaved or left half-written under
+    a good one.
+    """
+    line = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _append_lock:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+            size = _whole_lines_end(fd)
+            if size != os.fstat(fd).st_size:
+                os.ftruncate(fd, size)
+            try:
+                while line:
+                    line = line[os.write(fd, line):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:

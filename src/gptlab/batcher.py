@@ -165,7 +165,7 @@ class Batcher:
                     break
                 jobs = list(self.jobs)
                 self.jobs.clear()
-                joining = []
+                joining: list[Ticket] = []
                 while self.waiting and len(self.active) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
             for fn, future in jobs:
@@ -212,6 +212,7 @@ class Batcher:
         if self.cache is None:
             parts = [(cache, list(range(len(seqs))))]
         else:
+            assert self.logits is not None and self.next_pos is not None  # set and cleared with the cache
             parts = [(self.cache, list(range(len(self.active)))), (cache, list(range(len(seqs))))]
             logits = torch.cat([self.logits, logits])
             next_pos = torch.cat([self.next_pos, next_pos])
@@ -220,6 +221,7 @@ class Batcher:
         self.logits, self.next_pos = logits, next_pos
 
     def _step(self) -> None:
+        assert self.cache is not None and self.logits is not None and self.next_pos is not None  # set with active
         tokens = [0] * len(self.active)
         for idx in self._groups():
             params = self.active[idx[0]].ticket.params

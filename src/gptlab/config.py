@@ -56,15 +56,22 @@ class Config:
     """
 
     section: ClassVar[str] = "config"
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every Config is a dataclass
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` when values contradict each other or are out of range."""
+        """Raise ``ConfigError`` when values contradict each other or are out of range (with ``need``)."""
+
+    @staticmethod
+    def need(cond: bool, msg: str) -> None:
+        """A ``ConfigError`` saying ``msg`` unless ``cond`` holds."""
+        if not cond:
+            raise ConfigError(msg)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self)
 
     def replace(self: C, **changes: Any) -> C:
         return type(self).from_dict({**self.to_dict(), **changes})
@@ -169,32 +176,28 @@ class GPTConfig(Config):
     """the preset or a label of this shape"""
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
         for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_window"):
             value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"config field {key}={value!r} must be a positive integer")
-        need(self.n_embd % self.n_head == 0,
-             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-             f"choose n_head among the divisors of n_embd")
-        need(self.norm_position in ("pre", "post"),
-             f"norm_position={self.norm_position!r} must be 'pre' (GPT-2/3) or 'post' (GPT-1)")
-        need(isinstance(self.attention_pattern, str) and len(self.attention_pattern) > 0
-             and set(self.attention_pattern) <= {"D", "L"},
-             f"attention_pattern={self.attention_pattern!r} must be a string of 'D' (dense) "
-             f"and 'L' (local band), e.g. 'DL'")
+            self.need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                      f"config field {key}={value!r} must be a positive integer")
+        self.need(self.n_embd % self.n_head == 0,
+                  f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                  f"choose n_head among the divisors of n_embd")
+        self.need(self.norm_position in ("pre", "post"),
+                  f"norm_position={self.norm_position!r} must be 'pre' (GPT-2/3) or 'post' (GPT-1)")
+        self.need(isinstance(self.attention_pattern, str) and len(self.attention_pattern) > 0
+                  and set(self.attention_pattern) <= {"D", "L"},
+                  f"attention_pattern={self.attention_pattern!r} must be a string of 'D' (dense) "
+                  f"and 'L' (local band), e.g. 'DL'")
         if "L" in self.attention_pattern:
-            need(self.attn_window < self.block_size,
-                 f"attn_window={self.attn_window} must be smaller than block_size="
-                 f"{self.block_size} (a band as wide as the context is dense attention: "
-                 f"use attention_pattern='D')")
-        need(self.activation in ACTIVATIONS,
-             f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
-        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-             f"dropout={self.dropout!r} must be in [0, 1)")
+            self.need(self.attn_window < self.block_size,
+                      f"attn_window={self.attn_window} must be smaller than block_size={self.block_size}: "
+                      f"lower attn_window (--attn-window), or use attention_pattern='D' (a band as wide as the "
+                      f"context is dense attention)")
+        self.need(self.activation in ACTIVATIONS,
+                  f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
+        self.need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                  f"dropout={self.dropout!r} must be in [0, 1)")
 
     # ------------------------------------------------------------ derived
     @property

@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import DataError
 
@@ -109,7 +109,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Source]:
 class _HashingReader(io.RawIOBase):
     """Reads a file while hashing the raw bytes, so inputs are fingerprinted in the same pass."""
 
-    def __init__(self, f: BinaryIO, digest: Any) -> None:
+    def __init__(self, f: io.BufferedIOBase, digest: Any) -> None:
         self._f, self._digest = f, digest
 
     def readable(self) -> bool:
@@ -122,12 +122,12 @@ class _HashingReader(io.RawIOBase):
         return n or 0
 
 
-def _open_binary(path: str, digest: Any = None) -> BinaryIO:
-    raw: BinaryIO = open(path, "rb")
+def _open_binary(path: str, digest: Any = None) -> io.BufferedIOBase:
+    raw: io.BufferedIOBase = open(path, "rb")
     if digest is not None:
-        raw = io.BufferedReader(_HashingReader(raw, digest), CHUNK_BYTES)  # type: ignore[assignment]
+        raw = io.BufferedReader(_HashingReader(raw, digest), CHUNK_BYTES)
     if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw
 
 
@@ -230,7 +230,8 @@ def json_type(value: Any) -> str:
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "null")
 
 
 def json_lines(path: str, digest: Any = None) -> Iterator[tuple[int, Any]]:

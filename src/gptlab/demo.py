@@ -66,7 +66,7 @@ def _seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
 
 def _sample(model: GPT, tokenizer: Tokenizer, tokens: int, seed: int) -> str:
     params = SamplingParams(max_new_tokens=tokens, temperature=0.8, top_k=50, seed=seed)
-    return PROMPT + Engine(model, tokenizer).complete(PROMPT, params).text
+    return PROMPT + (Engine(model, tokenizer).complete(PROMPT, params).text or "")
 
 
 def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,7 @@ __all__ = ["GPTWrapper", "TaskModelConfig", "TaskModel", "ScalarModel", "PolicyM
            "response_positions", "CLF_DROPOUT"]
 
 CLF_DROPOUT = 0.1  # GPT-1's classifier dropout
+W = TypeVar("W", bound="GPTWrapper")
 
 
 class GPTWrapper(nn.Module, abc.ABC):
@@ -51,7 +53,7 @@ class GPTWrapper(nn.Module, abc.ABC):
         return self.gpt.shard_units()
 
     @abc.abstractmethod
-    def empty_copy(self) -> nn.Module:
+    def empty_copy(self: W) -> W:
         """The same wrapper around ``self.gpt.empty_copy()``: unsharded, on the CPU, for a full state dict."""
 
 

@@ -18,7 +18,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -68,7 +68,8 @@ def read_json_file(path: Path, what: str) -> Any:
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Causal-mask buffers older transformers versions saved; not weights.
 _HF_IGNORE = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|position_ids)$")
-_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_GPT2_ACT: dict[str, Literal["gelu", "gelu_tanh"]] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                                                      "gelu": "gelu"}
 _SUPPORTED = ("gpt2", "openai-gpt")
 
 
@@ -97,7 +98,7 @@ def _config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
         raise UserError(f"{where}: model_type {model_type!r} is not supported; gptlab imports only "
                         f"gpt2 (GPT2LMHeadModel) and openai-gpt (OpenAIGPTLMHeadModel) directories")
     n_embd = _hf_int(hf, where, "n_embd")
-    common = dict(
+    common: dict[str, Any] = dict(
         n_layer=_hf_int(hf, where, "n_layer"), n_head=_hf_int(hf, where, "n_head"), n_embd=n_embd,
         block_size=_hf_int(hf, where, "n_positions", "n_ctx"), vocab_size=_hf_int(hf, where, "vocab_size"),
         layer_norm_eps=_hf_float(hf, where, "layer_norm_epsilon", 1e-5),

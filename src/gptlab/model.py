@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .config import GPTConfig
 from .errors import UserError
@@ -53,8 +53,8 @@ def attention_mask(q_start: int, q_len: int, k_len: int, window: int | None = No
     return allowed[:, None]
 
 
-def _flex_band_block_mask(q_len: int, window: int, device: torch.device):
-    def band(b, h, q_idx, kv_idx):
+def _flex_band_block_mask(q_len: int, window: int, device: torch.device) -> BlockMask:
+    def band(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
 
     return create_block_mask(band, B=None, H=None, Q_LEN=q_len, KV_LEN=q_len, device=device)
@@ -159,7 +159,7 @@ class CausalSelfAttention(nn.Module):
         kind = "L" if self.window is not None else "D"
         mask = masks[kind]
         p = self.attn_dropout if self.training else 0.0
-        if mask == "flex":
+        if mask == "flex" and self.window is not None:  # "flex": set for local layers only
             y = flex_band_attention(q, k, v, self.window)
         elif mask == "causal":
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -228,7 +228,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
@@ -237,6 +237,7 @@ class GPT(nn.Module):
         if cfg.scale_residual_init:
             std = 0.02 / math.sqrt(2 * cfg.n_layer)
             for block in self.h:
+                assert isinstance(block, Block)  # nn.ModuleList yields nn.Module
                 nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
                 nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
 
@@ -329,7 +330,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (ignore_index=-100)."""
         logits = self.lm_head(self.hidden_states(idx, cache=cache, valid=valid, positions=positions))
         if targets is None:
@@ -353,6 +354,7 @@ class GPT(nn.Module):
         masks = self._masks(T, None, None, idx.device)
         layers = []
         for block in self.h:
+            assert isinstance(block, Block)  # nn.ModuleList yields nn.Module
             layers.append(block.attn.weights(block.attn_input(x), queries))
             x = block(x, None, masks)
         return torch.stack(layers, dim=1)

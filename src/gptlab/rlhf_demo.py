@@ -44,12 +44,12 @@ from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .chat import render_pair, render_prompt
 from .config import GPTConfig
 from .data import TokenData, prepare
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .evaluate import evaluate_ppl
 from .heads import response_positions
 from .model import GPT
 from .runs import load_run
-from .stages.common import pad_right, responses_of, sample_replies
+from .stages.common import chat_pad_id, pad_right, responses_of, sample_replies
 from .stages.dpo import run_dpo
 from .stages.finetune import FINETUNE_TRAIN, Example, head_outputs, load_finetuned, run_finetune, transform
 from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
@@ -150,11 +150,18 @@ class Labeler:
         return [float(torch.softmax(o, -1)[self.positive]) for o in head_outputs(self.model, examples, 64)]
 
 
+def _load_sft(run_dir: Path) -> tuple[GPT, Tokenizer]:
+    gpt, tokenizer, _ = load_run(run_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"{run_dir}: the SFT run has no tokenizer directory; copy the whole run directory")
+    return gpt, tokenizer
+
+
 def _sample(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
     """``n`` sampled responses (text, T = 1) per prompt."""
     ids = [render_prompt(p, tokenizer) for p in prompts for _ in range(n)]
-    out = [c.text.strip() for c in sample_replies(gpt.eval(), tokenizer, ids, max_new_tokens=tokens, seed=seed,
-                                                  batch_size=64)]
+    out = [(c.text or "").strip() for c in sample_replies(gpt.eval(), tokenizer, ids, max_new_tokens=tokens,
+                                                          seed=seed, batch_size=64)]
     return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 
@@ -170,7 +177,7 @@ def _kl_to_reference(policy: GPT, reference: GPT, tokenizer: Tokenizer, prompts:
     total = 0.0
     for i in range(0, len(pairs), 64):
         chunk = pairs[i: i + 64]
-        idx, lengths = pad_right([ids for ids, _ in chunk], tokenizer.pad_id)
+        idx, lengths = pad_right([ids for ids, _ in chunk], chat_pad_id(tokenizer))
         starts = torch.tensor([s for _, s in chunk])
         _, mask = responses_of(idx, starts, lengths)
         pos = response_positions(starts, mask.shape[1], idx.shape[1])[..., None]
@@ -188,7 +195,7 @@ def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: TokenD
     One sampled response (T = 1, the same seed for every policy) per held-out prompt. Returns
     (metrics per run, responses per run).
     """
-    sft, tokenizer, _ = load_run(sft_dir)
+    sft, tokenizer = _load_sft(sft_dir)
     policies: dict[str, dict[str, float]] = {}
     samples: dict[str, list[str]] = {}
     for name, run in runs.items():
@@ -307,7 +314,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
         max_steps=sizes.sft_steps, batch_size=32, lr=5e-4, min_lr=0.0, warmup_steps=max(1, sizes.sft_steps // 10),
         weight_decay=0.0, eval_every=max(1, sizes.sft_steps // 2), checkpoint_every=0, keep_last=1, seed=seed,
         device="cpu"), progress=progress)
-    sft, tokenizer, _ = load_run(out / "sft")
+    sft, tokenizer = _load_sft(out / "sft")
     stage("sft", t0)
 
     print(f"[4/7] rankings: {K} SFT samples for each of {sizes.ranking_prompts} prompts, ordered by the labeler",

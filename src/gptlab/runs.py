@@ -20,7 +20,7 @@ transformers GPT-2 / OpenAI-GPT directory, see ``hf``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, model_tensors, unwrap
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_DIR", "CKPT_DIR", "run_config", "save_model",
-           "read_run_config", "load_model", "load_run", "save_head", "load_head", "check_run_dir", "prepare_out_dir"]
+           "read_run_config", "load_model", "load_run", "save_head", "load_head", "save_with_head", "load_with_head",
+           "check_run_dir", "prepare_out_dir"]
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -108,7 +109,8 @@ def read_run_config(run_dir: PathLike) -> dict[str, Any]:
 
 def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.device) -> GPT:
     model_cfg = GPTConfig.from_dict(config["model"], source=str(run_dir / CONFIG_FILE))
-    info = config.get("weights") if isinstance(config.get("weights"), dict) else {}
+    weights = config.get("weights")
+    info: dict[str, Any] = weights if isinstance(weights, dict) else {}
     name = info.get("file", WEIGHTS_FILE)
     if not isinstance(name, str) or Path(name).name != name:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: weights.file must be a file name inside the run "
@@ -188,12 +190,35 @@ def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.
     path = Path(run_dir) / record["file"]
     if not path.is_file() or sha256_file(path) != record.get("sha256"):
         raise CheckpointError(f"{path}: missing or does not match config.json (sha256); copy the whole run "
-                              f"directory or train the {what} again")
+                              f"directory or train the model again")
     try:
         head.load_state_dict(load_file(str(path)))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unreadable or the wrong shape ({exc})") from None
     return head
+
+
+def save_with_head(run_dir: PathLike, gpt: nn.Module, head: nn.Module, head_file: str, tokenizer: Tokenizer | None,
+                   stage: str, section: str, extra: dict[str, Any]) -> Path:
+    """A stage's model with a head: the head file first, then the backbone run directory whose config.json
+    records it as ``extra[section]["head"]``."""
+    record = {**extra.get(section, {}), "head": save_head(run_dir, head, head_file)}
+    return save_model(run_dir, gpt, tokenizer, stage=stage, extra={**extra, section: record})
+
+
+def load_with_head(spec: PathLike, section: str, head: Callable[[GPT, dict[str, Any]], nn.Module], what: str,
+                   hint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """(``head(backbone, config[section])`` with its head file loaded, in eval mode; tokenizer; config.json)
+    of a run saved by ``save_with_head``; ``hint`` says how to make one."""
+    gpt, tokenizer, config = load_run(spec, device=device)
+    record = config.get(section)
+    if not isinstance(record, dict) or not isinstance(record.get("head"), dict):
+        raise CheckpointError(f"{spec}: not a {what} run (config.json has no {section} section); {hint}")
+    if tokenizer is None:
+        raise CheckpointError(f"{spec}: the run has no tokenizer directory; copy the whole run directory")
+    model = head(gpt, record)
+    load_head(spec, record["head"], model.get_submodule("head"), what)
+    return model.to(device).eval(), tokenizer, config
 
 
 def check_run_dir(run_dir: PathLike, resume: bool) -> bool:

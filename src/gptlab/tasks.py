@@ -190,6 +190,7 @@ def load_task(path: str | os.PathLike[str], task_type: str | None = None,
         raise DataError(f"{path}: no rows; a task file holds one JSON object per line (see docs/TASKS.md)")
     if known is not None and task_type in ("multiple_choice", "completion"):
         raise ValueError(f"labels apply to classification, entailment and similarity, not {task_type}")
+    classes: list[str] | None
     if task_type in ("classification", "entailment"):
         classes = known if known is not None else sorted({r["label"] for r in rows if "label" in r},
                                                          key=_label_order)
@@ -228,6 +229,7 @@ class _Doc:
 
 
 Block = tuple[int, int, int]  # (document index, first line, end line) of one split's part of a document
+Builder = Callable[[list[_Doc], list[Block], random.Random, int], list[dict[str, Any]]]  # n rows of a task
 
 
 def _read_docs(corpus_files: Sequence[str | os.PathLike[str]]) -> list[_Doc]:
@@ -292,7 +294,7 @@ def _cloze(docs: list[_Doc], blocks: list[Block], rng: random.Random, n: int) ->
             else:
                 i += 1
     rng.shuffle(windows)
-    made = []
+    made: list[tuple[tuple[int, int], dict[str, Any]]] = []
     for d, i in windows:
         if len(made) == n:
             break
@@ -405,8 +407,8 @@ def make_tasks(corpus_files: Sequence[str | os.PathLike[str]], out_dir: str | os
         raise DataError(f"--size {n}: give at least 1 training row per task")
     sizes = {"train": n, "val": max(1, n // 5), "test": max(1, n // 2)}
     docs = _read_docs(corpus_files)
-    builders = {"cloze": _cloze, "same_source": _same_source,
-                "lastword": functools.partial(_lastword, common=_common_words(docs))}
+    builders: dict[str, Builder] = {"cloze": _cloze, "same_source": _same_source,
+                                    "lastword": functools.partial(_lastword, common=_common_words(docs))}
     built: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, build in builders.items():
         built[name] = {}

@@ -60,7 +60,7 @@ SPECIAL_TOKENS: list[str] = [EOS, PAD, START, DELIM, EXTRACT, SYSTEM, USER, ASSI
 # (the tests check that against HF's implementation), about 10% faster because it never backtracks.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
-CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 _FORMAT_VERSION = 1
 _GPT2_ENV = "GPTLAB_GPT2_TIKTOKEN"
 _GPT2_HINT = (
@@ -221,7 +221,7 @@ class Tokenizer(abc.ABC):
             **extra,
         }
         # The config goes last: a directory with a config always has the files it names.
-        _write_json(directory / CONFIG_FILE, config)
+        _write_json(directory / TOKENIZER_CONFIG, config)
         return directory
 
     def __repr__(self) -> str:
@@ -468,8 +468,8 @@ def load_gpt2_pair(dir_or_files: str | os.PathLike[str] | Sequence[str | os.Path
     vocab_path, merges_path = _pair_paths(dir_or_files)
     vocab, merges, _ = _read_gpt2_pair(vocab_path, merges_path)
     ranks: dict[bytes, int] = {}
-    for c, b in _CHAR_TO_BYTE.items():
-        ranks[bytes([b])] = vocab[c]
+    for c, byte in _CHAR_TO_BYTE.items():
+        ranks[bytes([byte])] = vocab[c]
     last = -1
     for lineno, (a, b) in enumerate(merges, start=1):
         token = a + b
@@ -602,7 +602,8 @@ class BPETokenizer(Tokenizer):
         vocab_path, merges_path = _pair_paths(dir_or_files)
         vocab, merges, specials = _read_gpt2_pair(vocab_path, merges_path)
         tok = _bytelevel_tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in sorted(specials, key=specials.__getitem__)])
         return cls(tok, source=str(vocab_path))
 
     @property
@@ -638,8 +639,9 @@ class BPETokenizer(Tokenizer):
             raise _bad_id(ids, self._vocab_size, lambda i: table[i] is not None) from None
 
     def token_bytes(self, id: int) -> bytes:
-        if isinstance(id, int) and 0 <= id < self._vocab_size and self._table[id] is not None:
-            return self._table[id]  # type: ignore[return-value]
+        token = self._table[id] if isinstance(id, int) and 0 <= id < self._vocab_size else None
+        if token is not None:
+            return token
         raise _bad_id([id], self._vocab_size, lambda i: self._table[i] is not None)
 
     @property
@@ -676,7 +678,7 @@ class BPETokenizer(Tokenizer):
 
 def _hf_config_eos(directory: Path) -> str | None:
     """The eos_token named by a transformers tokenizer_config.json / special_tokens_map.json, if any."""
-    for name in (CONFIG_FILE, "special_tokens_map.json"):
+    for name in (TOKENIZER_CONFIG, "special_tokens_map.json"):
         p = directory / name
         if not p.is_file():
             continue
@@ -764,7 +766,7 @@ def train_bpe(
         texts: Iterable[str] = _file_chunks(paths)
         length = sum(p.stat().st_size // (1 << 20) + 1 for p in paths)
     else:
-        def counting(it: Iterable[str]) -> Iterator[str]:
+        def counting(it: Iterable[object]) -> Iterator[str]:
             for t in it:
                 if not isinstance(t, str):
                     raise TokenizerError(f"training texts must be strings, got {type(t).__name__}; pass file paths in a list")
@@ -908,7 +910,7 @@ class CharTokenizer(Tokenizer):
 
 
 def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
-    where = str(directory / CONFIG_FILE)
+    where = str(directory / TOKENIZER_CONFIG)
     kind = config.get("kind")
     specials = _validated_specials(config.get("special_tokens"), where)
 
@@ -927,6 +929,7 @@ def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
         if not isinstance(pat, str):
             raise TokenizerError(f"{where}: field 'pat_str' must be a string")
         return TiktokenTokenizer(load_ranks(ranks_path), specials, name=config.get("name") or ranks_path.stem, pat_str=pat)
+    tok: Tokenizer
     if kind == "bpe":
         tok = BPETokenizer.from_file(file_field("tokenizer_file", "tokenizer.json"), eos_token=config.get("eos_token", EOS))
         if isinstance(config.get("spec"), str):
@@ -935,7 +938,7 @@ def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
         chars = _read_json(file_field("vocab_file", "vocab.json"))
         if not isinstance(chars, list):
             raise TokenizerError(f"{directory / 'vocab.json'}: expected a JSON list of characters")
-        order = sorted(specials, key=specials.get)
+        order = sorted(specials, key=specials.__getitem__)
         tok = CharTokenizer(chars, order)
     else:
         raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe' or 'char'")
@@ -975,7 +978,7 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
             )
     path = Path(spec).expanduser()
     if path.is_dir():
-        cfg_path = path / CONFIG_FILE
+        cfg_path = path / TOKENIZER_CONFIG
         if cfg_path.is_file():
             config = _read_json(cfg_path)
             if isinstance(config, dict) and "kind" in config:
@@ -987,7 +990,7 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
             if (path / vocab).is_file() and (path / merges).is_file():
                 return BPETokenizer.from_gpt2_pair((path / vocab, path / merges))
         raise TokenizerError(
-            f"{path}: no {CONFIG_FILE}, tokenizer.json, vocab.json+merges.txt or encoder.json+vocab.bpe; "
+            f"{path}: no {TOKENIZER_CONFIG}, tokenizer.json, vocab.json+merges.txt or encoder.json+vocab.bpe; "
             "point at a saved tokenizer directory"
         )
     if path.suffix == ".tiktoken":

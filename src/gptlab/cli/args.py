@@ -60,16 +60,16 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], *, title: str
     """One flag per field of ``cls`` in an argument group; ``defaults`` replaces the shown default of a field
     (a stage's own default, or how it is derived)."""
     group = parser.add_argument_group(title)
-    hints, docs = field_types(cls), field_docs(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    hints, docs = field_types(cls), field_docs(cls)  # type: ignore[arg-type]  # a class is Hashable (mypy#11470)
+    for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         name = (rename or {}).get(f.name, f.name)
+        doc = docs.get(f.name, f.name)
         shown = (defaults or {}).get(f.name)
-        if shown is None:
-            value = f.default if f.default is not dataclasses.MISSING else None
-            shown = "none" if value is None else repr(value)
-        help_text = f"{docs.get(f.name, f.name)} (default: {shown})".replace("%", "%%")
+        if shown is None and f.default is not None:
+            shown = repr(f.default)
+        help_text = (doc if shown is None and "(default" in doc else f"{doc} (default: {shown})").replace("%", "%%")
         kind = _scalar(hints[f.name])
         options: dict[str, Any] = {"dest": _dest(cls, f.name), "default": None, "help": help_text}
         if kind is bool:
@@ -83,7 +83,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], *, title: str
 
 def given(args: argparse.Namespace, cls: type[Config]) -> dict[str, Any]:
     """The fields of ``cls`` set on the command line."""
-    return {f.name: value for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    return {f.name: value for f in dataclasses.fields(cls)
             if (value := getattr(args, _dest(cls, f.name), None)) is not None}
 
 

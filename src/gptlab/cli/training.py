@@ -27,16 +27,26 @@ __all__ = ["COMMANDS"]
 RESUME_HELP = "continue the run in --out from its latest checkpoint (its saved configs; flags may extend training)"
 
 
-def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, settings: type[Config] | None,
-                  train_defaults: Mapping[str, str], rename: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """A stage command's parser: its settings' flags and the trainer's, --out, --config and --resume.
-    The caller adds the stage's inputs."""
+Inputs = list[tuple[str, dict[str, Any]]]
+
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, inputs: Inputs,
+                  settings: type[Config], train_defaults: Mapping[str, str],
+                  rename: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """A stage command's parser: its inputs, --out, --config and --resume, then the flags of its settings
+    (``settings``: the model's for pretraining) and of the trainer."""
     p = sub.add_parser(name, help=help)
+    for flag, options in inputs:
+        p.add_argument(flag, **options)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png, final model)")
-    sections = "train:" + (f" and {settings.section}:" if settings is not None else "")
-    p.add_argument("--config", default=None, help=f"YAML/JSON file with {sections} sections (flags override it)")
+    p.add_argument("--config", default=None, help=f"YAML/JSON file with {settings.section}: and train: sections "
+                                                   f"(flags override it; a resumed run keeps its saved configs)")
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
-    if settings is not None:
+    if settings is GPTConfig:
+        add_fields(p, GPTConfig, title="model (GPTConfig): a preset's or the config file's values, changed by these "
+                                       "(--block-size and --dropout below shape a new model too)",
+                   skip=("vocab_size", "block_size", "dropout"))  # the vocabulary is the data's
+    else:
         add_fields(p, settings, title=f"{name} settings ({settings.__name__}; kept by a resumed run)", rename=rename)
     add_fields(p, TrainConfig, title="training (TrainConfig)", defaults=train_defaults)
     return p
@@ -53,11 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = _stage_parser(sub, "train", "pretrain a GPT on a prepared data directory (resumable; torchrun for DDP/FSDP)",
-                      None, {})
-    p.add_argument("--data", required=True, help="data directory from `gptlab prepare`")
-    p.add_argument("--preset", help="model preset (see `gptlab presets`); model flags change its fields")
-    add_fields(p, GPTConfig, title="model (GPTConfig): a preset's or the config file's values, changed by these",
-               skip=("vocab_size", "block_size", "dropout"))  # the vocabulary is the data's; block/dropout: training
+                      [("--data", {"required": True, "help": "data directory from `gptlab prepare`"}),
+                       ("--preset", {"help": "model preset (see `gptlab presets`); the model flags change its fields"})],
+                      GPTConfig, {})
     p.set_defaults(func=cmd_train)
 
 
@@ -69,11 +77,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
     p = _stage_parser(sub, "finetune", "GPT-1 supervised fine-tuning of a run on a task file (resumable)",
+                      [("--model", {"required": True, "help": "run directory or hf:DIR to fine-tune"}),
+                       ("--train", {"required": True, "help": "train task file (JSONL; its labels are the label set)"}),
+                       ("--val", {"required": True, "help": "validation task file, scored whole at each evaluation"})],
                       FinetuneConfig, {**FINETUNE_TRAIN.help(), "dropout": "the model's; the classifier's 0.1"},
                       rename={"task_type": "task"})
-    p.add_argument("--model", required=True, help="run directory or hf:DIR to fine-tune")
-    p.add_argument("--train", required=True, help="train task file (JSONL; its labels define the label set)")
-    p.add_argument("--val", required=True, help="validation task file, scored whole at each evaluation")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -86,11 +94,10 @@ def _add_alignment(name: str, help: str, settings: type[Config], defaults: Train
                              val_file=args.val, config_file=args.config, resume=args.resume).signal)
 
     def add(sub: argparse._SubParsersAction) -> None:
-        p = _stage_parser(sub, name, help, settings, defaults.help())
-        p.add_argument("--model", required=True, help=model_help)
-        p.add_argument("--data", required=True, help=data_help)
-        p.add_argument("--val", default=None, help="validation file (default: hold out --val-fraction of --data "
-                                                    "by prompt)")
+        p = _stage_parser(sub, name, help, [
+            ("--model", {"required": True, "help": model_help}), ("--data", {"required": True, "help": data_help}),
+            ("--val", {"help": "validation file (default: hold out --val-fraction of --data by prompt)"})],
+            settings, defaults.help())
         p.set_defaults(func=command)
     return add
 
@@ -119,15 +126,14 @@ PPO_TRAIN_HELP = {**{k: repr(v) for k, v in PPO_TRAIN.items()},
 
 
 def add_ppo(sub: argparse._SubParsersAction) -> None:
-    p = _stage_parser(sub, "ppo", "InstructGPT step 3: PPO against a reward model, per-token KL, optional PPO-ptx",
-                      PPOConfig, PPO_TRAIN_HELP)
-    p.add_argument("--policy", required=True, help="the SFT run directory (policy init and frozen reference)")
-    p.add_argument("--reward", required=True, help="the reward-model run directory (also the value function's init)")
-    p.add_argument("--prompts", required=True, help='JSONL with a "prompt" field per row')
-    p.add_argument("--ptx-data", default=None, help="data directory from gptlab prepare for the pretraining mix")
-    p.add_argument("--iterations", type=int, default=None,
-                   help=f"PPO iterations: rollout + ppo_epochs x minibatches updates (default {PPO_ITERATIONS}; "
-                        f"on --resume: the new total)")
+    p = _stage_parser(sub, "ppo", "InstructGPT step 3: PPO against a reward model, per-token KL, optional PPO-ptx", [
+        ("--policy", {"required": True, "help": "the SFT run directory (policy init and frozen reference)"}),
+        ("--reward", {"required": True, "help": "the reward-model run directory (also the value function's init)"}),
+        ("--prompts", {"required": True, "help": 'JSONL with a "prompt" field per row'}),
+        ("--ptx-data", {"help": "data directory from gptlab prepare for the pretraining mix"}),
+        ("--iterations", {"type": int, "help": f"PPO iterations: rollout + ppo_epochs x minibatches updates "
+                                               f"(default {PPO_ITERATIONS}; on --resume: the new total)"})],
+        PPOConfig, PPO_TRAIN_HELP)
     p.set_defaults(func=cmd_ppo)
 
 

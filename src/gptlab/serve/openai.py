@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -59,7 +59,7 @@ class OpenAIHandler:
         if tokenizer is None:
             raise UserError("the server needs a tokenizer: serve a run directory saved with one, or hf:DIR")
         self.engine = Engine(model, tokenizer)
-        self.model, self.tok, self.config = self.engine.model, tokenizer, config
+        self.gpt, self.tok, self.config = self.engine.model, tokenizer, config  # .model is GET /v1/models/{name}
         self.model_name, self.max_n, self.metrics = model_name, max_n, metrics
         self.block = self.engine.config.block_size
         self.max_tokens_limit = max_tokens_limit or self.block
@@ -229,8 +229,8 @@ class OpenAIHandler:
                         k: int) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
         """Log-prob of every prompt token given those before it (the first: None), one forward pass."""
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
-        hidden = self.model.hidden_states(idx)[0, :-1]
-        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), -1)
+        hidden = self.gpt.hidden_states(idx)[0, :-1]
+        logprobs = torch.log_softmax(self.gpt.lm_head(hidden).float(), -1)
         target = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
         chosen = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
         tops: list[list[tuple[int, float]] | None] = [None]
@@ -286,10 +286,10 @@ class OpenAIHandler:
         if not prompt:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
         if all(isinstance(p, str) for p in prompt):
-            return [self.encode(p) for p in prompt]
+            return [self.encode(p) for p in cast(list[str], prompt)]
         if all(isinstance(p, int) for p in prompt):
-            return [self.check_ids(prompt, "prompt")]
-        return [self.check_ids(p, "prompt") for p in prompt]
+            return [self.check_ids(cast(list[int], prompt), "prompt")]
+        return [self.check_ids(p, "prompt") for p in cast(list[list[int]], prompt)]
 
     async def completions(self, req: CompletionRequest, is_disconnected: IsDisconnected) -> Answer:
         self.check_model(req.model)
@@ -318,7 +318,9 @@ class OpenAIHandler:
             logprobs = None
             if k is not None:
                 tops = c.top_logprobs or [[] for _ in c.token_ids]
-                ids, lps, top = list(c.token_ids), list(c.logprobs), list(tops)
+                ids = list(c.token_ids)
+                lps: list[float | None] = list(c.logprobs)
+                top: list[list[tuple[int, float]] | None] = list(tops)
                 if req.echo:
                     ids, lps, top = p + ids, plps[i // n][0] + lps, plps[i // n][1] + top
                 logprobs = self.legacy_logprobs(ids, lps, top)

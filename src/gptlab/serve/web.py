@@ -17,10 +17,7 @@ JSON endpoints are guarded like the API and the pages send the key they keep in 
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,18 +31,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from ..align_data import load_prompts, ranking_of
+from ..atomic import append_jsonl
 from ..chat import ROLES
 from ..errors import DataError, UserError
 from .openai import OpenAIHandler
 from .protocol import APIError
 from .state import ServeState
 
-try:
-    import fcntl
-except ImportError:  # Windows: the thread lock alone serialises this process's appends
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["add_web_routes", "append_jsonl", "PAGES", "STATIC"]
+__all__ = ["add_web_routes", "PAGES", "STATIC"]
 
 STATIC = Path(__file__).with_name("static")
 PAGES = {"/": "chat.html", "/explore": "explore.html", "/rank": "rank.html"}
@@ -93,56 +86,6 @@ def _data_file(data_dir: Path | None, name: str) -> Path:
     return data_dir / name
 
 
-# ------------------------------------------------------------------ appends
-_append_lock = threading.Lock()
-
-
-def _whole_lines_end(fd: int) -> int:
-    """Offset just past the file's last newline (0 if none): where its complete lines end."""
-    end = os.lseek(fd, 0, os.SEEK_END)
-    pos = end
-    while pos > 0:
-        start = max(0, pos - 4096)
-        os.lseek(fd, start, os.SEEK_SET)
-        chunk = os.read(fd, pos - start)
-        cut = chunk.rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
-        pos = start
-    return 0
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to ``path`` as one JSON line that readers only ever see whole.
-
-    Chosen over temp + rename, which would rewrite the whole file for every label: the complete line
-    goes out in ``os.write`` calls on an ``O_APPEND`` descriptor under a thread lock and an advisory
-    ``flock`` (another server may share the data dir), and is fsynced before the request is answered.
-    A line torn by a failed write is cut off at once, or, after a crash, by the next append, which first
-    truncates the file to its last newline; so no line can be interleaved or left half-written under
-    a good one.
-    """
-    line = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _append_lock:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
-            size = _whole_lines_end(fd)
-            if size != os.fstat(fd).st_size:
-                os.ftruncate(fd, size)
-            try:
-                while line:
-                    line = line[os.write(fd, line):]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
-
-
 def _stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -167,17 +110,17 @@ def _context(api: OpenAIHandler, req: NextRequest) -> tuple[list[int], int]:
 
 def _explore(api: OpenAIHandler, ids: list[int], top: int, attention: bool) -> dict[str, Any]:
     """One forward pass on the worker thread: next-token probabilities, and the last row of attention."""
-    model = api.model
+    model = api.gpt
     idx = torch.tensor([ids], dtype=torch.long, device=api.engine.device)
     with torch.inference_mode():
         probs = torch.softmax(model(idx)[0, -1].float(), -1)
         best = torch.topk(probs, min(top, probs.numel()))
         weights = model.attention_weights(idx, queries=1)[0, :, :, 0] if attention else None
-    top = [{"id": i, "token": api.token_str(i), "prob": round(p, 6)}
-           for i, p in zip(best.indices.tolist(), best.values.tolist())]
+    tops = [{"id": i, "token": api.token_str(i), "prob": round(p, 6)}
+            for i, p in zip(best.indices.tolist(), best.values.tolist())]
     rows = None if weights is None else [[[round(w, 5) for w in head] for head in layer]
                                          for layer in weights.float().cpu().tolist()]
-    return {"top": top, "attention": rows}
+    return {"top": tops, "attention": rows}
 
 
 # ------------------------------------------------------------------ rankings
@@ -218,7 +161,7 @@ def add_web_routes(app: FastAPI, state: ServeState, data_dir: Path | None) -> No
     @app.get("/web/info")
     async def info() -> dict[str, Any]:
         api = state.api
-        cfg = api.model.config
+        cfg = api.gpt.config
         prompts = data_dir is not None and (data_dir / PROMPTS).exists()
         return {"model": api.model_name, "chat": api.chat_ok, "context": api.block,
                 "max_tokens": api.max_tokens_limit, "max_n": api.max_n, "n_layer": cfg.n_layer, "n_head": cfg.n_head,

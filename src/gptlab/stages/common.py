@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from ..atomic import atomic_write_json
 from ..chat import CHAT_TOKENS, stop_ids
 from ..config import Config, GPTConfig
+from ..data import rank_draw
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from ..model import GPT, with_tokens
@@ -36,10 +38,10 @@ from ..runs import CONFIG_FILE, TOKENIZER_DIR, check_run_dir, load_run, read_run
 from ..tokenizer import PAD, Tokenizer
 from ..train.config import Given, TrainConfig, load_config_file, resolve
 from ..train.dist import DistEnv, distributed
-from ..train.loop import Stage, Trainer
+from ..train.loop import M, Stage, Trainer
 
-__all__ = ["StageRun", "TrainDefaults", "pad_right", "responses_of", "held_out", "split_held_out", "data_record",
-           "sample_replies", "load_chat_model"]
+__all__ = ["StageRun", "TrainDefaults", "draw_weighted", "pad_right", "responses_of", "held_out", "split_held_out", "data_record",
+           "sample_replies", "load_chat_model", "chat_pad_id"]
 
 C = TypeVar("C", bound=Config)
 T = TypeVar("T")
@@ -138,9 +140,25 @@ class StageRun:
             atomic_write_json(self.out_dir / CONFIG_FILE, run_config(self.name, model, tokenizer, extra))
         env.barrier()
 
-    def trainer(self, model: torch.nn.Module, stage: Stage, train: TrainConfig, env: DistEnv,
-                progress: bool = True) -> Trainer:
+    def trainer(self, model: M, stage: Stage[M], train: TrainConfig, env: DistEnv,
+                progress: bool = True) -> Trainer[M]:
         return Trainer(model, stage, train, self.out_dir, env=env, resume=self.resume, progress=progress)
+
+
+# ===================================================================== batches
+def draw_weighted(seed: Sequence[int], counts: Sequence[int], batch_size: int, rank: int = 0,
+                  world_size: int = 1) -> tuple[np.ndarray, float]:
+    """This rank's items of one global draw (``data.rank_draw``), and the weight of their mean loss.
+
+    When a loss is a mean over units that vary per item (target tokens), each rank's
+    mean weighs its units differently from the global batch's mean. The weight
+    ``world_size * mine / everyone's`` (``counts``: units per item) turns this rank's mean
+    into its share of the global mean, so averaging over ranks (DDP's gradients, the
+    logged loss) gives exactly one process's loss on the whole batch; it is 1 in one process.
+    """
+    everyone = rank_draw(seed, len(counts), batch_size * world_size)
+    mine = everyone[rank * batch_size:(rank + 1) * batch_size]
+    return mine, world_size * sum(counts[i] for i in mine) / max(1, sum(counts[i] for i in everyone))
 
 
 # =================================================================== sequences
@@ -189,6 +207,13 @@ def load_chat_model(spec: str | os.PathLike[str], dropout: float | None = None) 
     if tokenizer is None:
         raise UserError(f"{spec}: has no tokenizer gptlab can use; alignment stages need one")
     return with_tokens(gpt, tokenizer, [*CHAT_TOKENS, PAD], dropout), tokenizer, config
+
+
+def chat_pad_id(tokenizer: Tokenizer) -> int:
+    """The id of ``<|pad|>``, which ``load_chat_model`` adds to every chat tokenizer."""
+    if tokenizer.pad_id is None:
+        raise UserError(f"the tokenizer has no {PAD} token; give a run trained with gptlab sft, rm, ppo or dpo")
+    return tokenizer.pad_id
 
 
 def sample_replies(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int, seed: int,

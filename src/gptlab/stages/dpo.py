@@ -29,7 +29,7 @@ from ..align_data import load_rankings
 from ..chat import CHAT_FORMAT, render_pair
 from ..config import Config
 from ..data import rank_draw
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..heads import PolicyModel
 from ..rl import dpo_loss
 from ..runs import save_model
@@ -37,7 +37,8 @@ from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import StageRun, TrainDefaults, data_record, load_chat_model, pad_right, responses_of, split_held_out
+from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, load_chat_model, pad_right, responses_of,
+                     split_held_out)
 
 __all__ = ["DPO_TRAIN", "DPOConfig", "DPOStage", "encode_pairs", "run_dpo"]
 
@@ -57,10 +58,8 @@ class DPOConfig(Config):
     """share of prompts held out for validation when no --val file is given"""
 
     def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"beta={self.beta} must be > 0")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        self.need(self.beta > 0, f"beta={self.beta} must be > 0")
+        self.need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
 
 
 def _fit(ids: list[int], start: int, max_len: int, where: str) -> tuple[list[int], int]:
@@ -74,7 +73,7 @@ def _fit(ids: list[int], start: int, max_len: int, where: str) -> tuple[list[int
 
 def encode_pairs(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[str, Pair]]:
     """(prompt, pair) for every (better, worse) pair of every ranking in ``path``."""
-    out = []
+    out: list[tuple[str, Pair]] = []
     for r in load_rankings(path):
         where = f"{path}:{r.line}"
         seqs = [_fit(*render_pair(r.prompt, resp, tokenizer), max_len, where) for resp in r.responses]
@@ -98,7 +97,7 @@ def _sequence_logprobs(model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[to
     return sums.chunk(2)
 
 
-class DPOStage(Stage):
+class DPOStage(Stage[PolicyModel]):
     """Random pairs per micro batch (stateless in ``(seed, step, micro_step)``), the DPO loss."""
 
     name = "dpo"
@@ -138,7 +137,7 @@ class DPOStage(Stage):
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["mask"].sum())
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: PolicyModel) -> dict[str, float]:
         if not self.val:
             return {}
         device = next(model.parameters()).device
@@ -152,7 +151,7 @@ class DPOStage(Stage):
             correct += float(stats["reward_accuracy"]) * len(chunk)
         return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / len(self.val)}
 
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: PolicyModel) -> None:
         save_model(run_dir, model.gpt, self.tokenizer, stage=self.name, extra=self.save_extra)
 
 
@@ -181,7 +180,7 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
                  "data": data_record(model_spec, data_file, val_file)}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = DPOStage(train_pairs, val, reference, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                         pad_id=tokenizer.pad_id, beta=settings.beta, rank=env.rank, world_size=env.world_size,
+                         pad_id=chat_pad_id(tokenizer), beta=settings.beta, rank=env.rank, world_size=env.world_size,
                          tokenizer=tokenizer, save_extra=extra)
         del reference
         return run.trainer(PolicyModel(gpt), stage, train_cfg, env, progress).fit()

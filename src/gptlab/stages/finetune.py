@@ -50,17 +50,16 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..config import Config
-from ..data import rank_draw
 from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError
 from ..heads import CLF_DROPOUT, TaskModel, TaskModelConfig
 from ..model import GPT, with_tokens
-from ..runs import load_head, load_run, save_head, save_model
+from ..runs import load_run, load_with_head, save_with_head
 from ..tasks import Task, load_task
 from ..tokenizer import DELIM, EXTRACT, START, Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv, resolve_device
 from ..train.loop import Stage, TrainResult
-from .common import StageRun, TrainDefaults
+from .common import StageRun, TrainDefaults, draw_weighted
 
 __all__ = ["FINETUNE_TYPES", "HEAD_FILE", "FINETUNE_TRAIN", "FinetuneConfig", "FinetuneStage", "check_task_type",
            "Example", "transform", "special_ids", "add_finetune_tokens", "encode_task", "collate", "classifier_loss",
@@ -86,8 +85,7 @@ class FinetuneConfig(Config):
 
     def validate(self) -> None:
         check_task_type(self.task_type)
-        if self.lm_coef < 0:
-            raise ConfigError(f"lm_coef={self.lm_coef} must be >= 0 (0 disables the auxiliary LM loss)")
+        self.need(self.lm_coef >= 0, f"lm_coef={self.lm_coef} must be >= 0 (0 disables the auxiliary LM loss)")
 
 
 def check_task_type(task_type: str) -> None:
@@ -251,7 +249,7 @@ def regression_metrics(pred: Sequence[float], gold: Sequence[float]) -> dict[str
 
 
 # ====================================================================== stage
-class FinetuneStage(Stage):
+class FinetuneStage(Stage[TaskModel]):
     """Random train rows per micro batch (stateless in ``(seed, step, micro_step)``), L3 loss, full-val metrics."""
 
     name = "finetune"
@@ -262,63 +260,62 @@ class FinetuneStage(Stage):
         if not train:
             raise DataError("the train file has no rows")
         self.train, self.val, self.config = list(train), list(val), config
+        self.lm_targets = [sum(len(s) - 1 for s in ex.seqs) for ex in self.train]  # the LM loss's tokens per row
         self.batch_size, self.seed, self.lm_coef = batch_size, seed, lm_coef
         self.rank, self.world_size = rank, world_size
         self.tokenizer, self.save_extra = tokenizer, save_extra or {}
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
-        return collate([self.train[i] for i in mine], self.config.regression)
+        mine, lm_weight = draw_weighted((self.seed, step, micro_step), self.lm_targets, self.batch_size, self.rank,
+                                        self.world_size)
+        return {**collate([self.train[i] for i in mine], self.config.regression), "lm_weight": torch.tensor(lm_weight)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         out, lm_loss = model(batch["idx"], batch["lengths"], batch["slot"], lm=self.lm_coef > 0)
-        clf = classifier_loss(out, batch["labels"], self.config.regression)
+        clf = classifier_loss(out, batch["labels"], self.config.regression)  # a mean over rows: equal shares
         if lm_loss is None:
             return clf, {"clf_loss": clf.detach()}
+        lm_loss = lm_loss * batch.get("lm_weight", 1.0)  # a mean over tokens: this rank's share of the global one
         return clf + self.lm_coef * lm_loss, {"clf_loss": clf.detach(), "lm_loss": lm_loss.detach()}
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["lengths"].sum())
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: TaskModel) -> dict[str, float]:
         """Metrics over the whole val file; every rank scores all of it (same forwards, as FSDP needs)."""
         if not self.val:
             return {}
         out = head_outputs(model, self.val, self.batch_size)
-        gold = [ex.label for ex in self.val]
+        gold = [ex.label for ex in self.val if ex.label is not None]  # all of them: encode_task labels val rows
         if self.config.regression:
             metrics = regression_metrics([float(o) for o in out], gold)
         else:
             n = None if self.config.task_type == "multiple_choice" else self.config.n_classes
-            metrics = classification_metrics([int(o.argmax()) for o in out], gold, n)
+            metrics = classification_metrics([int(o.argmax()) for o in out], [int(g) for g in gold], n)
         return {f"val_{k}": v for k, v in metrics.items()}
 
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: TaskModel) -> None:
         save_finetuned(run_dir, model, self.tokenizer, self.save_extra)
 
 
 # ================================================================ run dirs
 def save_finetuned(run_dir: str | os.PathLike[str], model: TaskModel, tokenizer: Tokenizer | None,
                    extra: dict[str, Any]) -> Path:
-    """``head.safetensors`` first, then the backbone run directory whose config.json records the head."""
-    ft = {**extra.get("finetune", {}), "head": save_head(run_dir, model.head, HEAD_FILE)}
-    return save_model(run_dir, model.gpt, tokenizer, stage=FinetuneStage.name, extra={**extra, "finetune": ft})
+    """``head.safetensors``, then the backbone run directory whose ``finetune`` section records the head."""
+    return save_with_head(run_dir, model.gpt, model.head, HEAD_FILE, tokenizer, FinetuneStage.name, "finetune", extra)
 
 
 def load_finetuned(run_dir: str | os.PathLike[str],
                    device: str | torch.device = "cpu") -> tuple[TaskModel, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, the config's ``finetune`` section) of a fine-tuned run."""
-    gpt, tokenizer, config = load_run(run_dir, device=device)
-    ft = config.get("finetune")
-    if not isinstance(ft, dict) or not isinstance(ft.get("head"), dict):
-        raise CheckpointError(f"{run_dir}: not a fine-tuned run (config.json has no finetune section); "
-                              f"fine-tune one with gptlab finetune")
-    if tokenizer is None:
-        raise CheckpointError(f"{run_dir}: the run has no tokenizer directory; copy the whole run directory")
-    cfg = TaskModelConfig(gpt.config, ft["task_type"], int(ft["n_classes"]), float(ft.get("clf_dropout", CLF_DROPOUT)))
-    model = TaskModel(cfg, gpt)
-    load_head(run_dir, ft["head"], model.head, "classifier")
-    return model.to(device).eval(), tokenizer, ft
+    def task_model(gpt: GPT, ft: dict[str, Any]) -> TaskModel:
+        return TaskModel(TaskModelConfig(gpt.config, ft["task_type"], int(ft["n_classes"]),
+                                         float(ft.get("clf_dropout", CLF_DROPOUT))), gpt)
+
+    model, tokenizer, config = load_with_head(run_dir, "finetune", task_model, "fine-tuned",
+                                              "fine-tune one with gptlab finetune", device)
+    assert isinstance(model, TaskModel)
+    return model, tokenizer, config["finetune"]
 
 
 # ====================================================================== runs
@@ -400,6 +397,8 @@ def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[st
             if model.config.task_type == "multiple_choice":
                 result = {"prediction": best, "probabilities": probs}
             else:
+                if labels is None:
+                    raise CheckpointError(f"{ft_run_dir}: config.json's finetune section has no labels")
                 result = {"prediction": labels[best], "probabilities": dict(zip(labels, probs))}
         lines.append(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
     atomic_write_text(output_file, "".join(lines))

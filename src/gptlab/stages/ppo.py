@@ -59,7 +59,7 @@ from ..train.checkpoints import latest_checkpoint
 from ..train.config import Given, TrainConfig, resolve
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import StageRun, held_out, load_chat_model, pad_right, responses_of
+from .common import StageRun, chat_pad_id, held_out, load_chat_model, pad_right, responses_of
 from .reward import load_reward_model
 from .sft import sft_sample
 
@@ -120,24 +120,20 @@ class PPOConfig(Config):
     """most held-out prompts evaluated"""
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
         for key in ("rollout_batch", "minibatches", "ppo_epochs", "max_new_tokens", "ptx_batch", "kl_horizon",
                     "val_max"):
-            need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
-        need(self.minibatches <= self.rollout_batch, f"minibatches={self.minibatches} must be <= "
-                                                     f"rollout_batch={self.rollout_batch}")
-        need(self.temperature > 0, f"temperature={self.temperature} must be > 0 (PPO samples)")
-        need(self.kl_coef >= 0, f"kl_coef={self.kl_coef} must be >= 0")
-        need(self.kl_target is None or self.kl_target > 0, f"kl_target={self.kl_target} must be > 0")
-        need(self.kl_kind in KL_KINDS, f"kl_kind={self.kl_kind!r} must be one of {', '.join(KL_KINDS)}")
-        need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma={self.gamma}, lam={self.lam} must be in [0, 1]")
-        need(self.clip_range > 0 and self.vf_clip > 0, "clip_range and vf_clip must be > 0")
-        need(self.vf_coef >= 0 and self.ptx_coef >= 0, "vf_coef and ptx_coef must be >= 0")
-        need(self.max_kl > 0, f"max_kl={self.max_kl} must be > 0")
-        need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
+            self.need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
+        self.need(self.minibatches <= self.rollout_batch, f"minibatches={self.minibatches} must be <= "
+                  f"rollout_batch={self.rollout_batch}")
+        self.need(self.temperature > 0, f"temperature={self.temperature} must be > 0 (PPO samples)")
+        self.need(self.kl_coef >= 0, f"kl_coef={self.kl_coef} must be >= 0")
+        self.need(self.kl_target is None or self.kl_target > 0, f"kl_target={self.kl_target} must be > 0")
+        self.need(self.kl_kind in KL_KINDS, f"kl_kind={self.kl_kind!r} must be one of {', '.join(KL_KINDS)}")
+        self.need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma={self.gamma}, lam={self.lam} must be in [0, 1]")
+        self.need(self.clip_range > 0 and self.vf_clip > 0, "clip_range and vf_clip must be > 0")
+        self.need(self.vf_coef >= 0 and self.ptx_coef >= 0, "vf_coef and ptx_coef must be >= 0")
+        self.need(self.max_kl > 0, f"max_kl={self.max_kl} must be > 0")
+        self.need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
 
     @property
     def updates_per_iteration(self) -> int:
@@ -179,7 +175,7 @@ def rollout(policy: PolicyModel, reference: PolicyModel, reward: ScalarModel, to
         end = [c.stop_token] if c.stop_token is not None else []
         seqs.append(list(p) + c.token_ids + end)
         ended.append(bool(end))
-    idx, lengths = pad_right(seqs, tokenizer.pad_id)
+    idx, lengths = pad_right(seqs, chat_pad_id(tokenizer))
     starts = torch.tensor([len(p) for p in prompts])
     targets, mask = responses_of(idx, starts, lengths)  # never empty: a response has a token or its stop token
     idx, starts, targets, mask, lengths = (t.to(device) for t in (idx, starts, targets, mask, lengths))
@@ -207,7 +203,7 @@ def rollout_stats(buf: Mapping[str, torch.Tensor], kl_kind: str = "k1") -> dict[
             "response_length": float(mask.sum(1).mean()), "ended": float(buf["ended"].float().mean())}
 
 
-class PPOStage(Stage):
+class PPOStage(Stage[ActorCritic]):
     """PPO as a trainer stage: step ``s`` is minibatch update ``(s-1) % U`` of iteration ``(s-1) // U``.
 
     ``prepare(step)`` is the rollout phase: a step that starts an iteration samples,
@@ -313,7 +309,7 @@ class PPOStage(Stage):
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(self.minibatch["mask"].sum()) if self.minibatch else 0
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: ActorCritic) -> dict[str, float]:
         """Reward and KL per response on the held-out prompts (fixed seed: comparable across steps)."""
         if not self.val_prompts:
             return {}
@@ -322,13 +318,13 @@ class PPOStage(Stage):
         stats = rollout_stats(buf, self.cfg.kl_kind)
         return {"val_reward": stats["reward"], "val_kl": stats["kl"], "val_response_length": stats["response_length"]}
 
-    def sample(self, model: nn.Module) -> str | None:
+    def sample(self, model: ActorCritic) -> str | None:
         if not self.val_prompts:
             return None
         prompt = prompt_text(self.tokenizer.decode(self.val_prompts[0]))
         return f"{prompt}\n→ {sft_sample(self.model.policy.gpt, self.tokenizer, prompt)}"
 
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: ActorCritic) -> None:
         save_model(run_dir, self.model.policy.gpt, self.tokenizer, stage=self.name,
                    extra={**self.save_extra, "ppo_result": {"final_kl_coef": self.kl_coef}})
 

@@ -48,7 +48,7 @@ __all__ = ["PretrainStage", "build_model_config", "run_pretrain"]
 ModelGiven = GPTConfig | Mapping[str, Any] | str | None
 
 
-class PretrainStage(Stage):
+class PretrainStage(Stage[GPT]):
     """Next-token loss over random train windows; val loss / bits per byte over fixed val windows."""
 
     name = "pretrain"
@@ -80,14 +80,14 @@ class PretrainStage(Stage):
         _, loss = model(x, y)
         return loss, {}
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: GPT) -> dict[str, float]:
         if not self.val:
             return {}
         nats, n = lm_loss_sums(model, self.val, world_size=self.world_size)
         loss = nats / n
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.val_bytes_per_token}
 
-    def sample(self, model: nn.Module) -> str:
+    def sample(self, model: GPT) -> str:
         if self.tokenizer is None or self.sample_tokens == 0:
             return ""
         try:
@@ -99,7 +99,7 @@ class PretrainStage(Stage):
         completion = Engine(model, self.tokenizer).generate_ids([ids], params)[0]
         return self.tokenizer.decode(ids) + (completion.text or "")
 
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: GPT) -> None:
         save_model(run_dir, model, self.tokenizer, stage=self.name, extra=self.save_extra)
 
 

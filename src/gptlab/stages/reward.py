@@ -35,16 +35,16 @@ from ..align_data import load_rankings
 from ..chat import CHAT_FORMAT, render_pair, render_prompt
 from ..config import Config
 from ..data import rank_draw
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import DataError
 from ..heads import ScalarModel
 from ..model import GPT
 from ..rl import ranking_loss
-from ..runs import load_head, load_run, save_head, save_model
+from ..runs import load_with_head, save_with_head
 from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import (StageRun, TrainDefaults, data_record, load_chat_model, pad_right, sample_replies,
+from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, load_chat_model, pad_right, sample_replies,
                      split_held_out)
 
 __all__ = ["RM_TRAIN", "RMConfig", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
@@ -68,10 +68,8 @@ class RMConfig(Config):
     """longest SFT response sampled for the reward normalisation (mean 0 on the SFT model's own samples)"""
 
     def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.norm_tokens < 1:
-            raise ConfigError(f"norm_tokens={self.norm_tokens} must be >= 1")
+        self.need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
+        self.need(self.norm_tokens >= 1, f"norm_tokens={self.norm_tokens} must be >= 1")
 
 
 def encode_rankings(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[str, list[list[int]]]]:
@@ -101,7 +99,7 @@ def _group_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return scores[slot.clamp(min=0)], slot >= 0
 
 
-class RewardStage(Stage):
+class RewardStage(Stage[ScalarModel]):
     """Random ranking groups per micro batch (stateless in ``(seed, step, micro_step)``), the K-way loss."""
 
     name = "rm"
@@ -128,7 +126,7 @@ class RewardStage(Stage):
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["lengths"].sum())
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: ScalarModel) -> dict[str, float]:
         """Loss and pairwise accuracy over every held-out ranking."""
         if not self.val:
             return {}
@@ -142,7 +140,7 @@ class RewardStage(Stage):
         return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / total}
 
     @torch.no_grad()
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: ScalarModel) -> None:
         """Shift the bias so the SFT model's own responses score mean 0, then write the run."""
         shift = 0.0
         if self.norm_seqs:
@@ -154,7 +152,7 @@ class RewardStage(Stage):
                 idx, lengths = pad_right(self.norm_seqs[i: i + 32], self.pad_id)
                 scores.append(model.score(idx.to(device), lengths.to(device)))
             shift = float(torch.cat(scores).mean())
-            model.head.bias -= shift
+            model.head.bias.sub_(shift)
             model.train(was_training)
         reward = {**self.save_extra.get("reward", {}), "bias_shift": shift, "normalized_on": len(self.norm_seqs)}
         save_reward_model(run_dir, model, self.tokenizer, {**self.save_extra, "reward": reward})
@@ -171,24 +169,17 @@ def sample_responses(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], *, 
 
 def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, tokenizer: Tokenizer | None,
                       extra: dict[str, Any]) -> Path:
-    """The head file first, then the backbone run directory whose config.json records it."""
-    reward = {**extra.get("reward", {}), "head": save_head(run_dir, model.head, HEAD_FILE)}
-    return save_model(run_dir, model.gpt, tokenizer, stage=RewardStage.name, extra={**extra, "reward": reward})
+    """The head file, then the backbone run directory whose ``reward`` section records it."""
+    return save_with_head(run_dir, model.gpt, model.head, HEAD_FILE, tokenizer, RewardStage.name, "reward", extra)
 
 
 def load_reward_model(spec: str | os.PathLike[str],
                       device: str | torch.device = "cpu") -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
     """(reward model in eval mode, tokenizer, config.json) of a ``gptlab rm`` run."""
-    gpt, tokenizer, config = load_run(spec, device=device)
-    reward = config.get("reward")
-    if not isinstance(reward, dict):
-        raise CheckpointError(f"{spec}: not a reward-model run (config.json has no reward section); "
-                              f"train one with gptlab rm")
-    if tokenizer is None:
-        raise CheckpointError(f"{spec}: the run has no tokenizer directory; copy the whole run directory")
-    model = ScalarModel(gpt)
-    load_head(spec, reward.get("head"), model.head, "reward model")
-    return model.to(device).eval(), tokenizer, config
+    model, tokenizer, config = load_with_head(spec, "reward", lambda gpt, _: ScalarModel(gpt), "reward-model",
+                                              "train one with gptlab rm", device)
+    assert isinstance(model, ScalarModel)
+    return model, tokenizer, config
 
 
 def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -222,6 +213,6 @@ def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os
                  "data": data_record(model_spec, data_file, val_file)}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = RewardStage(train_groups, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                            pad_id=tokenizer.pad_id, rank=env.rank, world_size=env.world_size, tokenizer=tokenizer,
-                            norm_seqs=norm_seqs, save_extra=extra)
+                            pad_id=chat_pad_id(tokenizer), rank=env.rank, world_size=env.world_size,
+                            tokenizer=tokenizer, norm_seqs=norm_seqs, save_extra=extra)
         return run.trainer(ScalarModel(gpt), stage, train_cfg, env, progress).fit()

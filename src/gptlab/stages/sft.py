@@ -32,14 +32,15 @@ from ..align_data import load_sft
 from ..chat import CHAT_FORMAT, render, render_prompt
 from ..config import Config
 from ..data import rank_draw
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..model import GPT
 from ..runs import save_model
 from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import StageRun, TrainDefaults, data_record, load_chat_model, sample_replies, split_held_out
+from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, draw_weighted, load_chat_model, sample_replies,
+                     split_held_out)
 
 __all__ = ["SFT_TRAIN", "SFTConfig", "SFTStage", "encode_sft", "run_sft", "sft_sample"]
 
@@ -59,8 +60,7 @@ class SFTConfig(Config):
     """share of prompts held out for validation when no --val file is given"""
 
     def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        self.need(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
 
 
 def encode_sft(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int) -> list[tuple[list[int], list[bool], str, int]]:
@@ -106,7 +106,7 @@ def _pack(examples: Sequence[tuple[list[int], list[bool]]], rows: int, width: in
     return packed
 
 
-class SFTStage(Stage):
+class SFTStage(Stage[GPT]):
     """Random demonstrations per micro batch (stateless in ``(seed, step, micro_step)``), response-only loss."""
 
     name = "sft"
@@ -118,26 +118,29 @@ class SFTStage(Stage):
         if not train:
             raise DataError("no training rows (all held out for validation?); add rows or lower --val-fraction")
         self.train, self.val = list(train), list(val)
+        self.targets = [sum(mask[1:]) for _, mask in self.train]  # response tokens per example
         self.batch_size, self.seed, self.pad_id, self.pack, self.max_len = batch_size, seed, pad_id, pack, max_len
         self.rank, self.world_size = rank, world_size
         self.tokenizer, self.sample_prompt, self.save_extra = tokenizer, sample_prompt, save_extra or {}
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        if self.pack:  # each rank packs its own draw: ~4 examples per row leaves slack for long ones
+        if self.pack:  # each rank packs its own draw (~4 examples per row leaves slack for long ones): per-rank means
             picks = rank_draw((self.seed, step, micro_step, self.rank), len(self.train),
                               self.batch_size * max(4, self.max_len // 16))
-            return _rows(_pack([self.train[i] for i in picks], self.batch_size, self.max_len - 1), self.pad_id)
-        mine = rank_draw((self.seed, step, micro_step), len(self.train), self.batch_size, self.rank, self.world_size)
-        return _rows([self.train[i] for i in mine], self.pad_id)
+            rows = _rows(_pack([self.train[i] for i in picks], self.batch_size, self.max_len - 1), self.pad_id)
+            return {**rows, "weight": torch.tensor(1.0)}
+        mine, weight = draw_weighted((self.seed, step, micro_step), self.targets, self.batch_size, self.rank,
+                                     self.world_size)
+        return {**_rows([self.train[i] for i in mine], self.pad_id), "weight": torch.tensor(weight)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         _, loss = model(batch["x"], batch["y"])
-        return loss, {}
+        return loss * batch["weight"], {}
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["y"] != IGNORE).sum())
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: GPT) -> dict[str, float]:
         """Token-weighted response loss over the whole validation set."""
         if not self.val:
             return {}
@@ -151,12 +154,12 @@ class SFTStage(Stage):
             total, count = total + float(loss) * n, count + n
         return {"val_loss": total / count}
 
-    def sample(self, model: nn.Module) -> str | None:
+    def sample(self, model: GPT) -> str | None:
         if self.sample_prompt is None or self.tokenizer is None:
             return None
         return f"{self.sample_prompt}\n→ {sft_sample(model, self.tokenizer, self.sample_prompt)}"
 
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: GPT) -> None:
         save_model(run_dir, model, self.tokenizer, stage=self.name, extra=self.save_extra)
 
 
@@ -196,7 +199,7 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
                  "data": data_record(model_spec, data_file, val_file)}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = SFTStage(train_rows, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                         pad_id=tokenizer.pad_id, pack=settings.pack, max_len=max_len, rank=env.rank,
+                         pad_id=chat_pad_id(tokenizer), pack=settings.pack, max_len=max_len, rank=env.rank,
                          world_size=env.world_size, tokenizer=tokenizer, sample_prompt=sample_prompt,
                          save_extra=extra)
         return run.trainer(gpt, stage, train_cfg, env, progress).fit()

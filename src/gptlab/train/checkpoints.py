@@ -160,7 +160,8 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937, whose legacy state is a tuple
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),

@@ -50,7 +50,7 @@ class TrainConfig(Config):
     batch_size: int = 12
     """micro batch per process (sequences, rows or prompts, by stage)"""
     block_size: int | None = None
-    """context length of training sequences (default: the model's; lowers the model's for a new model)"""
+    """context length of training sequences (default: the model's; also a new model's block_size)"""
     grad_accum: int = 1
     """micro steps per optimizer step"""
     lr: float = 6e-4
@@ -70,7 +70,7 @@ class TrainConfig(Config):
     grad_clip: float = 1.0
     """max gradient norm (0: no clipping)"""
     dropout: float | None = None
-    """dropout probability (default: the model's)"""
+    """dropout probability (default: the model's; also a new model's dropout)"""
     seed: int = 1337
     """random seed of weights, batches and dropout"""
     eval_every: int = 250
@@ -105,27 +105,23 @@ class TrainConfig(Config):
         return self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
         for key in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
-            need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
+            self.need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
         for key in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "sample_tokens"):
-            need(getattr(self, key) >= 0, f"{key}={getattr(self, key)!r} must be >= 0")
-        need(self.block_size is None or self.block_size >= 1, f"block_size={self.block_size!r} must be >= 1")
-        need(self.lr > 0, f"lr={self.lr!r} must be > 0")
-        need(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
-        need(self.lr_decay_steps is None or self.lr_decay_steps >= 1,
-             f"lr_decay_steps={self.lr_decay_steps!r} must be >= 1")
-        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1, beta2 = {self.beta1}, {self.beta2} must be in [0, 1)")
-        need(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
-        need(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")
-        need(self.sample_every is None or self.sample_every >= 0, f"sample_every={self.sample_every!r} must be >= 0")
-        need(self.sample_temperature >= 0, f"sample_temperature={self.sample_temperature!r} must be >= 0")
-        need(self.dtype in ("auto", "float32", "bfloat16"),
-             f"dtype={self.dtype!r} must be one of auto, float32, bfloat16")
+            self.need(getattr(self, key) >= 0, f"{key}={getattr(self, key)!r} must be >= 0")
+        self.need(self.block_size is None or self.block_size >= 1, f"block_size={self.block_size!r} must be >= 1")
+        self.need(self.lr > 0, f"lr={self.lr!r} must be > 0")
+        self.need(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
+        self.need(self.lr_decay_steps is None or self.lr_decay_steps >= 1,
+                  f"lr_decay_steps={self.lr_decay_steps!r} must be >= 1")
+        self.need(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1, beta2 = {self.beta1}, {self.beta2} must be in [0, 1)")
+        self.need(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+        self.need(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")
+        self.need(self.sample_every is None or self.sample_every >= 0, f"sample_every={self.sample_every!r} must be >= 0")
+        self.need(self.sample_temperature >= 0, f"sample_temperature={self.sample_temperature!r} must be >= 0")
+        self.need(self.dtype in ("auto", "float32", "bfloat16"),
+                  f"dtype={self.dtype!r} must be one of auto, float32, bfloat16")
 
 
 def load_config_file(path: str | os.PathLike[str], sections: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -173,17 +169,16 @@ def resolve(cls: type[C], given: Given = None, *, defaults: Mapping[str, Any] | 
     """
     section = cls.section
     source = source or f"{section} config"
-    whole = isinstance(given, cls)
     given_fields = given.to_dict() if isinstance(given, Config) else {k: v for k, v in (given or {}).items()
                                                                       if v is not None}  # None: not given
     if saved is None:
-        if whole:
-            return given  # type: ignore[return-value]
+        if isinstance(given, cls):
+            return given
         merged = {**(defaults or {}), **(file or {}), **given_fields}
         for key, value in (derive(merged) if derive is not None else {}).items():
             merged.setdefault(key, value)
         return cls.from_dict(merged, source=source)
-    compared = {f.name for f in dataclasses.fields(cls) if f.compare}  # type: ignore[arg-type]
+    compared = {f.name for f in dataclasses.fields(cls) if f.compare}
     base = {k: v for k, v in saved.items() if k in field_types(cls) and v is not None}  # older runs may lack one
     if not changeable:
         baseline = cls.from_dict(base, source=f"the run's saved {section} config")
@@ -194,6 +189,6 @@ def resolve(cls: type[C], given: Given = None, *, defaults: Mapping[str, Any] | 
             raise ConfigError(f"{source}: a resumed run keeps its {section} settings: {k}={getattr(baseline, k)!r} "
                               f"was saved, {getattr(wanted, k)!r} given; drop it or start a new run with another --out")
         return baseline
-    if whole:
-        return given  # type: ignore[return-value]
+    if isinstance(given, cls):
+        return given
     return cls.from_dict({**base, **given_fields}, source=source)

@@ -30,13 +30,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Generic, Mapping, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (OptimizerStateType, StateDictOptions, ValueType,
+                                                     get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -52,12 +54,18 @@ from .optim import lr_at, make_optimizer
 __all__ = ["Stage", "TrainableModel", "Trainer", "TrainResult"]
 
 
-class Stage(abc.ABC):
+M = TypeVar("M", bound=nn.Module)
+T = TypeVar("T")
+
+
+class Stage(abc.ABC, Generic[M]):
     """What a training stage gives the trainer: its data, its objective and how its result is saved.
 
     Required: ``name`` ("pretrain", "finetune", "sft", "rm", "dpo", "ppo": recorded in
     checkpoints), ``batch``, ``loss`` and ``save``. The other hooks do nothing unless
-    a stage overrides them.
+    a stage overrides them. ``M`` is the module the stage trains (``GPT``, ``ScalarModel``,
+    ...): ``evaluate``, ``sample`` and ``save`` get it unwrapped; ``loss`` gets what the
+    trainer runs (it may be wrapped by DDP or torch.compile).
     """
 
     plot_keys: tuple[str, ...] = ()
@@ -93,7 +101,7 @@ class Stage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def save(self, run_dir: Path, model: nn.Module) -> None:
+    def save(self, run_dir: Path, model: M) -> None:
         """Write the final model into ``run_dir``: rank 0 only, with the unsharded model."""
 
     def num_tokens(self, batch: Any) -> int:
@@ -101,11 +109,11 @@ class Stage(abc.ABC):
         t = _first_tensor(batch)
         return int(t.numel()) if t is not None else 0
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: M) -> dict[str, float]:
         """Validation metrics, e.g. ``{"val_loss"}``: every rank calls it (reduce inside) under no_grad/eval."""
         return {}
 
-    def sample(self, model: nn.Module) -> str | None:
+    def sample(self, model: M) -> str | None:
         """A short text sample, printed and logged (None: the stage has none); every rank calls it."""
         return None
 
@@ -132,8 +140,8 @@ class TrainableModel(Protocol):
         """The sub-modules FSDP shards one by one (the transformer blocks)."""
         ...
 
-    def empty_copy(self) -> nn.Module:
-        """A new, unsharded module of the same structure on the CPU, to load a full state dict into."""
+    def empty_copy(self: T) -> T:
+        """A new, unsharded module of the same class on the CPU, to load a full state dict into."""
         ...
 
 
@@ -185,10 +193,10 @@ class _StopFlag:
             raise KeyboardInterrupt
 
 
-Pending = tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+Pending = tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]  # step, loss, norm, metrics, tokens
 
 
-class Trainer:
+class Trainer(Generic[M]):
     """Runs ``stage`` on ``model`` for ``config.max_steps`` optimizer steps into ``run_dir``.
 
     ``model`` (a ``TrainableModel``) is built on the CPU (or already on the device)
@@ -197,11 +205,9 @@ class Trainer:
     directory's config.json and tokenizer are the caller's (``stages.common.StageRun``).
     """
 
-    def __init__(self, model: nn.Module, stage: Stage, config: TrainConfig, run_dir: str | Path, *,
+    def __init__(self, model: M, stage: Stage[M], config: TrainConfig, run_dir: str | Path, *,
                  env: DistEnv | None = None, resume: bool = False, progress: bool = True) -> None:
-        if not isinstance(model, TrainableModel):
-            raise TypeError(f"{type(model).__name__} cannot be trained: it needs flops_per_token, shard_units "
-                            f"and empty_copy (see gptlab.train.loop.TrainableModel)")
+        trainable = _trainable(model)
         self.cfg, self.stage = config, stage
         self.env = env or DistEnv(device=resolve_device(config.device))
         self.run_dir = Path(run_dir)
@@ -225,14 +231,14 @@ class Trainer:
             (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext)
 
         # ---- model, optimizer, state
-        self.raw_model = model.to(dev)
+        self.raw_model: M = model.to(dev)
         self.aliases = tied_aliases(self.raw_model)
         self.fsdp = config.fsdp and self.env.is_distributed
         if config.fsdp and not self.fsdp and is_main and progress:
             tqdm.write("note: --fsdp has no effect in a single process (launch with torchrun "
                        "--nproc_per_node N to shard); training unsharded")
         if self.fsdp:
-            shard(self.raw_model, model.shard_units(), self.amp_dtype)
+            shard(self.raw_model, trainable.shard_units(), self.amp_dtype)
         self.optimizer = make_optimizer(self.raw_model, config, dev)
         self.step = 0
         self._updating = False
@@ -253,10 +259,10 @@ class Trainer:
             self.model = DistributedDataParallel(self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
         if config.compile:
-            self.model = torch.compile(self.model)  # type: ignore[assignment]
+            self.model = torch.compile(self.model)  # type: ignore[assignment]  # typed as a plain callable
 
         # ---- throughput accounting
-        self.flops_per_token = model.flops_per_token(config.block_size)
+        self.flops_per_token = trainable.flops_per_token(config.block_size)
         self.peak = None
         if dev.type == "cuda":
             precision = "bf16" if self.amp_dtype is not None else (
@@ -264,12 +270,13 @@ class Trainer:
             self.peak = peak_flops(torch.cuda.get_device_name(dev), precision)
 
     # ------------------------------------------------------------- checkpoints
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], OptimizerStateType]:
         """Full (unsharded) model and optimizer state dicts on the CPU, complete on rank 0."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(self.raw_model, options=opts)
+        full = get_model_state_dict(self.raw_model, options=opts)
         optim_sd = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
-        model_sd = {k: v for k, v in model_sd.items() if k not in self.aliases}
+        # a full model state dict holds plain tensors (torch types it as any state-dict value)
+        model_sd = {k: cast(torch.Tensor, v) for k, v in full.items() if k not in self.aliases}
         return model_sd, optim_sd
 
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
@@ -292,7 +299,7 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         saved = read_checkpoint(ckpt)
-        model_sd = saved.model
+        model_sd: dict[str, ValueType] = dict(saved.model)
         for alias, name in self.aliases.items():
             if name in model_sd:
                 model_sd[alias] = model_sd[name]
@@ -328,11 +335,12 @@ class Trainer:
     def _next_cursor(self, step: int, micro: int) -> tuple[int, int]:
         return (step, micro + 1) if micro + 1 < self.cfg.grad_accum else (step + 1, 0)
 
-    def forward_backward(self, step: int, batch: Any | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+    def forward_backward(self, step: int, batch: Any | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, int]:
         """All micro steps of optimizer step ``step``: gradients accumulate in ``.grad``.
 
         Returns (mean loss over micro steps (detached), mean metrics, the prefetched
-        first batch of the next step). Does not touch the optimizer.
+        first batch of the next step, this rank's tokens). Does not touch the optimizer.
         """
         accum = self.cfg.grad_accum
         if batch is None:
@@ -344,7 +352,7 @@ class Trainer:
             last = micro == accum - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             if self.fsdp:
-                self.raw_model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                self.raw_model.set_requires_gradient_sync(last)  # type: ignore[operator]  # fully_shard's class swap
             with sync:
                 with self.autocast():
                     loss, metrics = self.stage.loss(self.model, batch)
@@ -355,8 +363,7 @@ class Trainer:
             for k, v in metrics.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 metric_sums[k] = metric_sums.get(k, 0) + v.to(self.device)
-        self.tokens_seen += tokens * self.env.world_size
-        return loss_sum / accum, {k: v / accum for k, v in metric_sums.items()}, batch
+        return loss_sum / accum, {k: v / accum for k, v in metric_sums.items()}, batch, tokens
 
     def _optimizer_step(self, step: int) -> torch.Tensor:
         lr = lr_at(step, self.cfg)
@@ -364,7 +371,7 @@ class Trainer:
             group["lr"] = lr
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        if isinstance(norm, DTensor):  # under FSDP
             norm = norm.full_tensor()
         self._updating = True  # parameters are half-updated until step() returns
         self.optimizer.step()
@@ -423,11 +430,11 @@ class Trainer:
                 self.stage.prepare(step)  # phase 1: the stage's work outside the gradient (PPO: a rollout)
                 t0 = time.perf_counter()
                 tokens_before = self.tokens_seen
-                loss, metrics, batch = self.forward_backward(step, batch)  # phase 2: gradients
+                loss, metrics, batch, tokens = self.forward_backward(step, batch)  # phase 2: gradients
                 norm = self._optimizer_step(step)  # phase 3: the update
                 self.step = step
                 in_step = False
-                pending.append((step, loss, norm, metrics))
+                pending.append((step, loss, norm, metrics, tokens))
 
                 final = step == cfg.max_steps
                 do_eval = final or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
@@ -514,17 +521,21 @@ class Trainer:
                     extra_keys=self.stage.plot_keys)
 
     def _flush(self, pending: list[Pending]) -> dict[str, Any] | None:
-        """Reduce the pending steps' losses across ranks (one sync), check them, return the last's record."""
+        """Reduce the pending steps' losses, metrics and tokens across ranks (one sync), check them, count the
+        tokens, return the last step's record. Tokens are summed, not multiplied by the world size: ranks'
+        batches of variable-length sequences hold different numbers of tokens."""
         if not pending:
             return None
         losses = torch.stack([p[1] for p in pending])
         norms = torch.stack([p[2] for p in pending])
         names = sorted(pending[-1][3])
         last_metrics = torch.stack([pending[-1][3][k] for k in names]) if names else torch.zeros(0, device=self.device)
-        packed = torch.cat([losses, last_metrics]).to(self.env.collective_device())
-        if self.env.is_distributed:
-            self.env.all_reduce(packed)
-            packed /= self.env.world_size
+        tokens = torch.tensor([float(sum(p[4] for p in pending))], dtype=torch.float64, device=losses.device)
+        packed = torch.cat([losses.double(), last_metrics.double().to(losses.device), tokens])
+        packed = packed.to(self.env.collective_device())
+        self.env.all_reduce(packed)
+        self.tokens_seen += int(packed[-1].item())
+        packed = packed[:-1] / self.env.world_size
         values = packed.tolist()
         loss_values = values[: len(pending)]
         norm_values = norms.tolist()
@@ -547,11 +558,19 @@ class Trainer:
         if self.fsdp:
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.env.is_main:
-                model = self.raw_model.empty_copy()  # type: ignore[operator]
+                model = cast(M, _trainable(model).empty_copy())  # empty_copy: a new module of model's class
                 model.load_state_dict(sd)
         if self.env.is_main:
             self.stage.save(self.run_dir, model)
         self.env.barrier()
+
+
+def _trainable(model: nn.Module) -> TrainableModel:
+    # takes an nn.Module, not an M: mypy wrongly deems isinstance(<type variable>, <protocol>) never true
+    if not isinstance(model, TrainableModel):
+        raise TypeError(f"{type(model).__name__} cannot be trained: it needs flops_per_token, shard_units "
+                        f"and empty_copy (see gptlab.train.loop.TrainableModel)")
+    return model
 
 
 def _summary(result: TrainResult, max_steps: int) -> str:

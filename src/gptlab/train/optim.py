@@ -32,7 +32,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():  # a tied weight appears once
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
