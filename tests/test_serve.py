@@ -48,6 +48,10 @@ def test_health_models_and_tokenizer_routes(served):
     assert httpx.get(served["url"] + "/health").json() == {"status": "ok"}  # no key needed
     models = served["client"].models.list()
     assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    one = served["client"].models.retrieve("tiny")  # GET /v1/models/{name}
+    assert one.id == "tiny" and one.max_model_len == 64
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        served["client"].models.retrieve("gpt-4")
     headers = {"Authorization": f"Bearer {KEY}"}
     ids = httpx.post(served["url"] + "/tokenize", json={"prompt": "hello world"}, headers=headers).json()
     assert ids["tokens"] == served["tok"].encode("hello world") and ids["count"] == 11

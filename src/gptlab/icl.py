@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from .engine import Engine
 from .errors import UserError
 from .model import GPT
+from .tokenizer import Tokenizer
 from .tasks import Task
 
 __all__ = ["TEMPLATES", "DEMO_SEPARATOR", "evaluate_icl", "render", "sample_demos", "markdown_table",
@@ -125,7 +126,7 @@ def _check(task: Task, train: Task | None, shots: Sequence[int], max_examples: i
         raise UserError(f"{max(shots)} shots need {max(shots)} demonstrations but {where}")
 
 
-def evaluate_icl(model: GPT, tokenizer: Any, task: Task, shots: list[int], *, train: Task | None = None,
+def evaluate_icl(model: GPT, tokenizer: Tokenizer | None, task: Task, shots: list[int], *, train: Task | None = None,
                  seed: int = 0, max_examples: int | None = None, batch_size: int = 16,
                  model_name: str | None = None) -> dict[str, Any]:
     """Accuracy of ``model`` on ``task`` for each number of shots (see the module docstring).

@@ -38,7 +38,7 @@ from .web import add_web_routes
 
 __all__ = ["create_app", "Loader"]
 
-Loader = Callable[[], tuple[GPT, Tokenizer | None, dict[str, Any]]]  # checkpoint.load_run's (model, tokenizer, config)
+Loader = Callable[[], tuple[GPT, Tokenizer | None, dict[str, Any]]]  # runs.load_run's (model, tokenizer, config)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
