@@ -266,7 +266,7 @@ def test_missing_inputs_and_corrupted_data_dirs(tmp_path, shakespeare_text):
     with pytest.raises(DataError, match="train-00000.bin: missing or truncated"):
         TokenData(tmp_path / "d").split("train")
     shard.write_bytes(bytes([data[0] ^ 1]) + data[1:])
-    with pytest.raises(DataError, match="checksum mismatch"):
+    with pytest.raises(DataError, match="sha256 does not match meta.json"):
         TokenData(tmp_path / "d").verify()
 
 

@@ -293,7 +293,9 @@ def test_fits_separable_task_then_predicts(work, base_run, xdata, capsys):
     capsys.readouterr()
     pred = work / "x-pred.jsonl"
     assert main(["predict", "--model", str(out), "--input", str(val), "--out", str(pred), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote 100 predictions to {pred}"
+    printed = capsys.readouterr().out.strip()  # labelled rows: the metrics are printed too
+    assert printed == f"wrote 100 predictions to {pred}; accuracy {evals[-1]['val_accuracy']:.4f}, " \
+                      f"f1 {evals[-1]['val_f1']:.4f}"
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     source = [json.loads(line) for line in val.read_text().splitlines()]
     assert [{k: r[k] for k in ("text", "label")} for r in rows] == source
@@ -333,7 +335,8 @@ def test_task_types_end_to_end(work, base_run, kind):
         elif kind == "multiple_choice":
             assert len(r["probabilities"]) == len(r["choices"]) and r["prediction"] in range(len(r["choices"]))
         else:
-            assert r["prediction"] in r["probabilities"] and sum(r["probabilities"].values()) == pytest.approx(1)
+            assert str(r["prediction"]) in r["probabilities"] and sum(r["probabilities"].values()) == pytest.approx(1)
+            assert type(r["prediction"]) is type(r["label"])  # a label as the file writes it: 1 stays 1
 
 
 def test_resume_equals_uninterrupted(work, base_run, xdata):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -19,7 +21,7 @@ except ImportError:  # Windows: the thread lock alone serialises this process's 
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl", "sha256_file",
-           "fsync_dir"]
+           "fsync_dir", "temporary_name", "remove_stale"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,30 +45,64 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(name: str, kind: str = "tmp") -> str:
+    """A hidden name for ``name`` being written by this process: ``.{name}.{pid}.{kind}.tmp``.
+
+    The writer's pid in the name lets ``remove_stale`` tell what a killed process left behind.
+    """
+    return f".{name}.{os.getpid()}.{kind}.tmp"
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Run ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
-    If ``write`` raises, the temporary file is removed and ``path`` keeps its old
-    content (or stays absent).
+    The temporary file sits in a private directory named by ``temporary_name``, so that whatever the writer
+    creates on its way (safetensors' own ``.tmpXXXX`` file) goes with it. If ``write`` raises, it is all
+    removed and ``path`` keeps its old content (or stays absent); after a kill, ``remove_stale`` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    tmp = scratch / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as fh:  # fsync whatever wrote the file (Python or Rust)
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     fsync_dir(path.parent)
     return path
+
+
+_STALE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no such call: assume it lives
+        return True
+    return True
+
+
+def remove_stale(directory: PathLike) -> None:
+    """Delete the temporaries (``temporary_name``) of writers that died, e.g. by ``kill -9``, in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        m = _STALE.match(entry.name)
+        if m and not _alive(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes | Callable[[IO[bytes]], Any]) -> Path:

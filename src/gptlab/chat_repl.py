@@ -80,8 +80,14 @@ def run_chat(engine: Engine, params: SamplingParams, *, system: str | None = Non
         raise UserError("this model has no chat format (no <|user|>/<|assistant|> tokens): fine-tune it with "
                         "gptlab sft first, or use gptlab generate for plain completion")
     params.stop_token_ids = stop_ids(tokenizer)
-    conv = Conversation(tokenizer, engine.config.block_size, params.max_new_tokens, system)
+    params.slide = True  # a reply longer than the room left goes on, the window sliding past the oldest tokens
+    block = engine.config.block_size
+    room = min(params.max_new_tokens, block // 2)  # kept free for the reply; the rest holds the conversation
+    conv = Conversation(tokenizer, block, room, system)
     print(HELP, file=out)
+    if room < params.max_new_tokens:
+        print(f"(the model's context is {block} tokens: the conversation keeps {block - room} of them, and "
+              f"replies longer than {room} tokens slide the window)", file=out)
     while True:
         try:
             line = read("you> ")
@@ -103,8 +109,11 @@ def run_chat(engine: Engine, params: SamplingParams, *, system: str | None = Non
                 conv.system = arg or None
                 print(f"(system prompt {'set' if arg else 'cleared'})", file=out)
             elif cmd == "/save" and arg:
-                atomic_write_text(os.path.expanduser(arg), conv.to_json())
-                print(f"(saved {len(conv.messages())} messages to {arg})", file=out)
+                try:
+                    atomic_write_text(os.path.expanduser(arg), conv.to_json())
+                    print(f"(saved {len(conv.messages())} messages to {arg})", file=out)
+                except OSError as exc:  # a directory, no permission, a full disk: the conversation stays
+                    print(f"(could not save to {arg}: {exc.strerror or exc}; the conversation is kept)", file=out)
             else:
                 print(HELP, file=out)
             continue

@@ -31,6 +31,7 @@ use 256 tokens (an eighth of the 2048 context), configurable via
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class Config:
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every Config is a dataclass
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN and infinities pass every comparison check below unseen
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"field {f.name}={value!r} must be a finite number")
         self.validate()
 
     def validate(self) -> None:
@@ -126,13 +131,14 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)  # PyYAML reads 1e-3 (no dot) as a string
             except ValueError:
-                pass
+                continue
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: field {key}={value!r} must be a finite number")
+            return number
         if option is str and isinstance(value, str):
             return value
     raise ConfigError(f"{source}: field {key}={value!r} should be of type {type_name(hint)}")
@@ -198,6 +204,7 @@ class GPTConfig(Config):
                   f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
         self.need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                   f"dropout={self.dropout!r} must be in [0, 1)")
+        self.need(0 < self.layer_norm_eps < 1, f"layer_norm_eps={self.layer_norm_eps!r} must be in (0, 1)")
 
     # ------------------------------------------------------------ derived
     @property

@@ -32,14 +32,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_write_json
-from .corpus import Piece, expand_inputs, iter_pieces
+from .atomic import atomic_write_json, remove_stale, temporary_name
+from .corpus import Piece, expand_inputs, iter_pieces, parse_json
 from .errors import DataError
-from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
+from .tokenizer import CharTokenizer, Tokenizer, load_checked_tokenizer, load_tokenizer, tokenizer_digest, train_bpe
 
-__all__ = ["META_FILE", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw", "eval_batches", "prepare"]
+__all__ = ["META_FILE", "VERIFIED_FILE", "check_meta", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw", "eval_batches", "prepare"]
 
 META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
 FORMAT = "gptlab-tokens/1"
 SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MB of uint16 per shard
 _BATCH_BYTES = 1 << 20
@@ -185,11 +186,12 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
                         "use --dtype uint32 (or auto)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale(out.parent)  # what an earlier prepare that was killed left behind
+    tmp = out.parent / temporary_name(out.name, "prepare")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tok.save(tmp / "tokenizer")
+        tok.save(tmp / TOKENIZER_DIR)
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         digests: dict[str, Any] = {}
         batches = _batches(iter_pieces(sources, val_fraction=val_fraction, seed=seed, text_field=text_field,
@@ -206,13 +208,13 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
             bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}", refresh=False)
 
         if nproc == 1 or (total is not None and total < _PARALLEL_MIN_BYTES):
-            _init_worker(str(tmp / "tokenizer"))
+            _init_worker(str(tmp / TOKENIZER_DIR))
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
             for batch in batches:
                 write(_encode(batch, dtype))
         else:
             ctx = multiprocessing.get_context("spawn")  # fork after torch/tokenizers threads start can hang
-            with ctx.Pool(nproc, initializer=_init_worker, initargs=(str(tmp / "tokenizer"),)) as pool:
+            with ctx.Pool(nproc, initializer=_init_worker, initargs=(str(tmp / TOKENIZER_DIR),)) as pool:
                 pending: collections.deque[Any] = collections.deque()
                 for batch in batches:
                     pending.append(pool.apply_async(_encode, (batch, dtype)))
@@ -230,7 +232,8 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
         meta = {
             "format": FORMAT,
             "tokenizer": spec,
-            "tokenizer_dir": "tokenizer",
+            "tokenizer_dir": TOKENIZER_DIR,
+            "tokenizer_sha256": tokenizer_digest(tmp / TOKENIZER_DIR),
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
             "dtype": dtype,
@@ -255,17 +258,33 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
 
 
 class ShardedTokens:
-    """The shards of one split as one read-only sequence of token ids (memory-mapped)."""
+    """The shards of one split as one read-only sequence of token ids (memory-mapped).
 
-    def __init__(self, paths: Sequence[Path], dtype: str) -> None:
-        self.maps = [np.memmap(p, dtype=dtype, mode="r") for p in paths if os.path.getsize(p) > 0]
+    With ``vocab_size``, every window read is checked to hold ids below it, so that a corrupted shard
+    read without ``TokenData.verify`` still stops with its place named rather than inside the model.
+    """
+
+    def __init__(self, paths: Sequence[Path], dtype: str, vocab_size: int | None = None) -> None:
+        self.paths = [p for p in paths if os.path.getsize(p) > 0]
+        self.maps = [np.memmap(p, dtype=dtype, mode="r") for p in self.paths]
         self.offsets = np.cumsum([0] + [len(m) for m in self.maps])
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` as int64, crossing shard boundaries when needed."""
+        ids = self._window(start, length)
+        if self.vocab_size is not None and len(ids) and int(ids.max()) >= self.vocab_size:
+            at = start + int(np.argmax(ids >= self.vocab_size))
+            i = int(np.searchsorted(self.offsets, at, side="right")) - 1
+            raise DataError(f"{self.paths[i]}: token id {int(ids[at - start])} at offset {at - int(self.offsets[i])} "
+                            f"is not below vocab_size {self.vocab_size} (the shard was corrupted or written with "
+                            f"another tokenizer); re-run gptlab prepare")
+        return ids
+
+    def _window(self, start: int, length: int) -> np.ndarray:
         if start < 0 or start + length > len(self):
             raise IndexError(f"window [{start}, {start + length}) outside {len(self)} tokens")
         if length == 0:
@@ -289,8 +308,55 @@ class ShardedTokens:
         return self.window(start, max(stop - start, 0))
 
 
+def _plain_name(value: Any) -> bool:
+    """A file name that stays inside its directory: no separators, no ``..``, not hidden."""
+    return isinstance(value, str) and bool(value) and Path(value).name == value and "\\" not in value \
+        and not value.startswith(".")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_meta(meta: Any, where: Path) -> dict[str, Any]:
+    """``meta`` checked as the schema ``prepare`` writes; a ``DataError`` names the field otherwise."""
+    def need(cond: bool, field: str, what: str) -> None:
+        if not cond:
+            raise DataError(f"{where}: field {field} {what}; re-run gptlab prepare")
+
+    need(isinstance(meta, dict) and meta.get("format") == FORMAT, "format", f"is not {FORMAT!r}")
+    vocab, dtype = meta.get("vocab_size"), meta.get("dtype")
+    need(_count(vocab) and vocab > 0, "vocab_size", "must be a positive integer")
+    need(dtype in ("uint16", "uint32"), "dtype", "must be 'uint16' or 'uint32'")
+    need(dtype == "uint32" or vocab <= 1 << 16, "vocab_size", f"{vocab} does not fit uint16 shards")
+    need(_count(meta.get("eos_id")) and meta["eos_id"] < vocab, "eos_id", "must be a token id below vocab_size")
+    need(_plain_name(meta.get("tokenizer_dir", TOKENIZER_DIR)), "tokenizer_dir", "must be a directory name inside "
+                                                                                "the data directory")
+    splits = meta.get("splits")
+    need(isinstance(splits, dict) and isinstance(splits.get("train"), dict), "splits", "must hold a 'train' split")
+    for name, info in splits.items():
+        at = f"splits.{name}"
+        need(isinstance(info, dict), at, "must be an object")
+        for key in ("tokens", "bytes", "documents"):
+            need(_count(info.get(key)), f"{at}.{key}", "must be a count (an integer >= 0)")
+        shards = info.get("shards")
+        need(isinstance(shards, list), f"{at}.shards", "must be a list")
+        for i, shard in enumerate(shards):
+            field = f"{at}.shards[{i}]"
+            need(isinstance(shard, dict), field, "must be an object")
+            need(_plain_name(shard.get("file")), f"{field}.file", "must be a file name inside the data directory")
+            need(_count(shard.get("tokens")), f"{field}.tokens", "must be a count (an integer >= 0)")
+            sha = shard.get("sha256")
+            need(isinstance(sha, str) and len(sha) == 64, f"{field}.sha256", "must be a sha256 digest")
+        need(sum(s["tokens"] for s in shards) == info["tokens"], f"{at}.tokens", "is not the sum of its shards'")
+    return meta
+
+
+VERIFIED_FILE = ".verified.json"  # shards already checked, by size and mtime: the check runs once per change
+
+
 class TokenData:
-    """A data directory written by ``prepare``: its meta, splits and tokenizer."""
+    """A data directory written by ``prepare``: its meta (checked as a schema), splits and tokenizer."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -300,31 +366,32 @@ class TokenData:
             raise DataError(f"{self.path}: {what}; create it with `gptlab prepare --input FILES "
                             f"--tokenizer SPEC --out {self.path}`")
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e}); re-run gptlab prepare") from None
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path}: not a {FORMAT} data directory; re-run gptlab prepare")
+            meta = parse_json(meta_path.read_bytes())
+        except (ValueError, OSError) as e:
+            raise DataError(f"{meta_path}: {e}; re-run gptlab prepare") from None
+        self.meta: dict[str, Any] = check_meta(meta, meta_path)
         self._splits: dict[str, ShardedTokens] = {}
 
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
+    def _shard_path(self, shard: dict[str, Any]) -> Path:
+        """A shard's file, checked to be there with the size meta.json gives it."""
+        p = self.path / shard["file"]
+        expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
+        if not p.is_file() or p.stat().st_size != expected:
+            raise DataError(f"{p}: missing or truncated (expected {shard['tokens']} tokens, {expected} bytes); "
+                            "re-run gptlab prepare")
+        return p
+
     def split(self, name: str) -> ShardedTokens:
         if name not in self._splits:
             info = self.meta["splits"].get(name)
             if info is None:
                 raise DataError(f"{self.path}: no split {name!r}; it has {', '.join(self.meta['splits'])}")
-            itemsize = np.dtype(self.meta["dtype"]).itemsize
-            paths = []
-            for shard in info["shards"]:
-                p = self.path / shard["file"]
-                if not p.is_file() or p.stat().st_size != shard["tokens"] * itemsize:
-                    raise DataError(f"{p}: missing or truncated (expected {shard['tokens']} tokens); "
-                                    "re-run gptlab prepare")
-                paths.append(p)
-            self._splits[name] = ShardedTokens(paths, self.meta["dtype"])
+            paths = [self._shard_path(shard) for shard in info["shards"]]
+            self._splits[name] = ShardedTokens(paths, self.meta["dtype"], self.vocab_size)
         return self._splits[name]
 
     def bytes_per_token(self, split: str) -> float:
@@ -332,19 +399,52 @@ class TokenData:
         return info["bytes"] / max(info["tokens"], 1)
 
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(str(self.path / self.meta.get("tokenizer_dir", "tokenizer")))
+        directory = self.path / self.meta.get("tokenizer_dir", TOKENIZER_DIR)
+        return load_checked_tokenizer(directory, self.meta.get("tokenizer_sha256"), str(self.path / META_FILE))
 
     def verify(self) -> None:
-        """Check every shard against its sha256 (a full read; ``split`` only checks sizes)."""
+        """Check every shard against its sha256 and every id against the vocabulary, once per change.
+
+        A full read (the cost per GB is in docs/BENCHMARKS.md); a shard already checked at its size and
+        mtime is skipped, remembered in ``.verified.json`` when the directory is writable.
+        """
+        cache_path = self.path / VERIFIED_FILE
+        try:
+            cache = json.loads(cache_path.read_text(encoding="utf-8"))
+            cache = cache if isinstance(cache, dict) else {}
+        except (OSError, ValueError):
+            cache = {}
+        fresh: dict[str, Any] = {}
         for info in self.meta["splits"].values():
             for shard in info["shards"]:
-                p = self.path / shard["file"]
-                digest = hashlib.sha256()
-                with open(p, "rb") as f:
-                    while block := f.read(1 << 24):
-                        digest.update(block)
-                if digest.hexdigest() != shard.get("sha256"):
-                    raise DataError(f"{p}: checksum mismatch (the file changed after prepare); re-run gptlab prepare")
+                p = self._shard_path(shard)
+                stat = p.stat()
+                stamp = [stat.st_size, stat.st_mtime_ns, shard["sha256"], self.vocab_size]
+                if cache.get(shard["file"]) != stamp:
+                    self._check_shard(p, shard["sha256"])
+                fresh[shard["file"]] = stamp
+        if fresh != cache:
+            try:
+                atomic_write_json(cache_path, fresh)
+            except OSError:  # a read-only data directory: check again next time
+                pass
+
+    def _check_shard(self, path: Path, sha256: str) -> None:
+        dtype = np.dtype(self.meta["dtype"])
+        digest, offset = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+                ids = np.frombuffer(block, dtype=dtype)
+                if len(ids) and int(ids.max()) >= self.vocab_size:
+                    at = offset + int(np.argmax(ids >= self.vocab_size))
+                    raise DataError(f"{path}: token id {int(ids[at - offset])} at offset {at} is not below "
+                                    f"vocab_size {self.vocab_size} (the shard was corrupted or written with "
+                                    f"another tokenizer); re-run gptlab prepare")
+                offset += len(ids)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"{path}: sha256 does not match meta.json (the file changed after prepare); "
+                            "re-run gptlab prepare")
 
 
 def rank_draw(seed: Sequence[int], high: int, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:

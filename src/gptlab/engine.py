@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # e.g. chat.stop_ids: end of an assistant turn
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # ... times how often it was generated
+    slide: bool = False  # past the context, go on reading its last block_size tokens (nanoGPT's window)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -86,7 +87,7 @@ class _Row:
             if top is not None:
                 self.top.append(top)
         if tokenizer is not None:
-            self.text = tokenizer.decode(self.ids)
+            self.text = tokenizer.decode_text(self.ids)
             cut = min((self.text.find(s) for s in stops if s in self.text), default=-1)
             if cut >= 0:
                 self.text, self.finish = self.text[:cut], "stop"
@@ -273,7 +274,7 @@ class Engine:
     def completion(self, row: _Row) -> Completion:
         text = row.text
         if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(row.ids)
+            text = self.tokenizer.decode_text(row.ids)
         return Completion(token_ids=row.ids, text=text, finish_reason=row.finish or "length",
                           logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len,
                           stop_token=row.stop_token)
@@ -321,10 +322,13 @@ class Engine:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise UserError("empty prompt: give at least one token (e.g. the end-of-text token)")
-        if max(lengths) >= cfg.block_size:
+        if max(lengths) >= cfg.block_size and not params.slide:
             raise UserError(f"prompt of {max(lengths)} tokens does not fit the model's context of "
-                            f"{cfg.block_size} with room to generate: shorten it")
-        max_new = min(params.max_new_tokens, cfg.block_size - max(lengths))
+                            f"{cfg.block_size} with room to generate: shorten it (or let the window slide)")
+        history = [list(p) for p in prompts]  # what a sliding window reads from
+        prompts = [p[-cfg.block_size:] for p in history]
+        room = cfg.block_size - max(len(p) for p in prompts)
+        max_new = params.max_new_tokens if params.slide else min(params.max_new_tokens, room)
         track_text = track_text or bool(params.stop)
         if track_text and self.tokenizer is None:
             raise UserError("stop strings and streaming need a tokenizer")
@@ -339,7 +343,7 @@ class Engine:
                 r.finish, r.text = "length", "" if track_text else None
             yield rows
             return
-        logits, cache, next_pos = self.prefill(prompts, room=max_new)
+        logits, cache, next_pos = self.prefill(prompts, room=min(max_new, room))
         for step in range(max_new):
             tokens, chosen, tops = self.draw(logits, rows, params, generator)
             for r, tok, lp, top in zip(rows, tokens.tolist(), chosen, tops):
@@ -351,5 +355,9 @@ class Engine:
             yield rows
             if all(r.finish for r in rows):
                 return
-            logits = self.model(tokens[:, None], cache=cache, positions=next_pos)[:, -1]
-            next_pos = next_pos + 1
+            if cache.length < cache.max_len:
+                logits = self.model(tokens[:, None], cache=cache, positions=next_pos)[:, -1]
+                next_pos = next_pos + 1
+            else:  # the context is full: the next token sees the last block_size tokens, as in nanoGPT
+                logits, cache, next_pos = self.prefill([(h + r.ids)[-cfg.block_size:] for h, r in zip(history, rows)],
+                                                       room=0)

@@ -4,6 +4,17 @@ The CLI prints these without a traceback and exits with code 2; anything else
 is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
 
 class UserError(Exception):
     """A problem the user can fix (bad input, bad flag, missing file)."""
@@ -36,3 +47,12 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss, gradient norm or a stage's own measure became NaN/inf or too large; the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def naming(where: str) -> Iterator[None]:
+    """Re-raise a ``TokenizerError`` from inside as a ``DataError`` that names ``where`` (a file's line)."""
+    try:
+        yield
+    except TokenizerError as exc:
+        raise DataError(f"{where}: {exc}") from None

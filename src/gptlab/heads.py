@@ -4,7 +4,7 @@ A wrapper holds its backbone as ``self.gpt`` and adds what its objective reads
 from the hidden states. ``GPTWrapper`` gives each one what the trainer asks of a
 model (``flops_per_token``, the blocks FSDP shards, an empty unsharded copy),
 so the trainer never looks inside a wrapper. A run directory always stores the
-plain backbone; heads are saved beside it (``runs.save_head``).
+plain backbone; heads are saved beside it (``runs.save_model``'s ``head``).
 
 - ``TaskModel``: GPT-1 fine-tuning: a linear head on the hidden state at each
   sequence's ``[extract]`` token (classification, entailment, similarity,

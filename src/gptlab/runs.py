@@ -19,6 +19,8 @@ transformers GPT-2 / OpenAI-GPT directory, see ``hf``).
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,16 +29,16 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .atomic import PathLike, atomic_write_json, sha256_file
+from .atomic import PathLike, atomic_write_json, fsync_dir, remove_stale, sha256_file, temporary_name
 from .config import GPTConfig
 from .errors import CheckpointError, UserError
 from .hf import hf_dir_from_spec, import_hf, read_json_file
 from .model import GPT
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_checked_tokenizer, tokenizer_digest
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, model_tensors, unwrap
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_DIR", "CKPT_DIR", "run_config", "save_model",
-           "read_run_config", "load_model", "load_run", "save_head", "load_head", "save_with_head", "load_with_head",
+           "read_run_config", "load_model", "load_run", "load_head", "load_with_head", "save_tokenizer",
            "check_run_dir", "prepare_out_dir"]
 
 FORMAT_VERSION = 1
@@ -45,45 +47,93 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 CKPT_DIR = "checkpoints"  # training checkpoints (gptlab.train.checkpoints)
 # Keys of a run's config.json that save_model owns; ``extra`` may not override them.
-_RESERVED = ("format_version", "model", "tokenizer", "stage", "weights")
+_RESERVED = ("format_version", "model", "tokenizer", "tokenizer_sha256", "stage", "weights")
+_NEXT = ".next.safetensors"  # a replacing save's files before they take their names
 
 
-def run_config(stage: str, model: GPTConfig, tokenizer: Tokenizer | None, extra: dict[str, Any]) -> dict[str, Any]:
+def run_config(stage: str, model: GPTConfig, tokenizer_sha256: dict[str, str] | None,
+               extra: dict[str, Any]) -> dict[str, Any]:
     """The config.json of a run: what ``save_model`` writes, without the weights record."""
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"run config: extra may not set reserved key(s) {', '.join(clash)}")
-    return {"format_version": FORMAT_VERSION, "model": model.to_dict(),
-            "tokenizer": TOKENIZER_DIR if tokenizer is not None else None, "stage": stage, **extra}
+    config: dict[str, Any] = {"format_version": FORMAT_VERSION, "model": model.to_dict(),
+                              "tokenizer": TOKENIZER_DIR if tokenizer_sha256 is not None else None}
+    if tokenizer_sha256 is not None:
+        config["tokenizer_sha256"] = tokenizer_sha256
+    return {**config, "stage": stage, **extra}
+
+
+def save_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> dict[str, str]:
+    """Write ``run_dir/tokenizer/``; returns its files' sha256 for config.json."""
+    directory = run_dir / TOKENIZER_DIR
+    remove_stale(directory)
+    tokenizer.save(directory)
+    return tokenizer_digest(directory)
 
 
 def save_model(run_dir: PathLike, model: nn.Module, tokenizer: Tokenizer | None = None, stage: str = "pretrain",
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (and ``tokenizer``) as a run directory; returns its Path.
+               extra: dict[str, Any] | None = None, head: tuple[str, str, nn.Module] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, and ``head`` = (config section, file name, module)) as a run directory.
 
-    Order: tokenizer/, model.safetensors, then config.json (with the weights'
-    sha256) last, each file replaced atomically. ``extra`` adds JSON-serialisable
-    top-level keys to config.json (not the reserved ones: format_version, model,
-    tokenizer, stage, weights).
+    ``extra`` adds JSON-serialisable top-level keys to config.json (not the reserved
+    ones). A reader always finds one complete state, old or new: the first save writes
+    the files, then config.json, which records their sha256; a save over an earlier one
+    writes the files as ``*.next.safetensors``, switches config.json to them, gives them
+    their names (hard links, so that the switched config stays valid), switches
+    config.json back and removes the ``next`` files. Returns the run directory.
     """
     gpt = unwrap(model)
     run_dir = Path(run_dir)
-    config = run_config(stage, gpt.config, tokenizer, dict(extra or {}))
+    extra = dict(extra or {})
+    run_config("", gpt.config, None, extra)  # reserved keys: refused before anything is written
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: exists and is not a directory; choose another output path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale(run_dir)
+    tok_sha = None
     if tokenizer is not None:
         if tokenizer.vocab_size > gpt.config.vocab_size:
             raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's "
                                   f"vocab_size is {gpt.config.vocab_size}; build the model with "
                                   f"vocab_size >= the tokenizer's")
-        tokenizer.save(run_dir / TOKENIZER_DIR)
-    weights = run_dir / WEIGHTS_FILE
-    digest = atomic_save_safetensors(model_tensors(gpt), weights,
-                                     metadata={"gptlab_format_version": str(FORMAT_VERSION)})
-    config["weights"] = {"file": WEIGHTS_FILE, "sha256": digest, "bytes": weights.stat().st_size}
-    atomic_write_json(run_dir / CONFIG_FILE, config)
+        tok_sha = save_tokenizer(run_dir, tokenizer)
+    files = {WEIGHTS_FILE: model_tensors(gpt)}
+    if head is not None:
+        files[head[1]] = dict(head[2].state_dict())
+    replacing = any((run_dir / name).exists() for name in files)
+    staged = {name: run_dir / (name.removesuffix(".safetensors") + _NEXT if replacing else name) for name in files}
+    digests = {name: atomic_save_safetensors(tensors, staged[name],
+                                             metadata={"gptlab_format_version": str(FORMAT_VERSION)})
+               for name, tensors in files.items()}
+
+    def config(on: dict[str, Path]) -> dict[str, Any]:
+        records = {n: {"file": on[n].name, "sha256": digests[n], "bytes": on[n].stat().st_size} for n in files}
+        out = {**run_config(stage, gpt.config, tok_sha, extra), "weights": records[WEIGHTS_FILE]}
+        if head is not None:
+            out[head[0]] = {**out.get(head[0], {}), "head": records[head[1]]}
+        return out
+
+    atomic_write_json(run_dir / CONFIG_FILE, config(staged))
+    if replacing:
+        final = {name: run_dir / name for name in files}
+        for name in files:
+            _replace_keeping(staged[name], final[name])
+        atomic_write_json(run_dir / CONFIG_FILE, config(final))
+        for path in staged.values():
+            path.unlink()
     return run_dir
+
+
+def _replace_keeping(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` hold ``src``'s content while ``src`` stays (a hard link, else a copy)."""
+    tmp = dst.with_name(temporary_name(dst.name, "link"))
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
 
 
 def read_run_config(run_dir: PathLike) -> dict[str, Any]:
@@ -166,7 +216,7 @@ def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, T
         if not tok_dir.is_dir():
             raise CheckpointError(f"{tok_dir}: tokenizer directory named by config.json is missing; "
                                   f"copy the whole run directory")
-        tokenizer = load_tokenizer(tok_dir)
+        tokenizer = load_checked_tokenizer(tok_dir, config.get("tokenizer_sha256"), str(run_dir / CONFIG_FILE))
     model = _load_weights(run_dir, config, device)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's "
@@ -175,15 +225,8 @@ def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, T
     return model, tokenizer, config
 
 
-def save_head(run_dir: PathLike, head: nn.Module, name: str) -> dict[str, Any]:
-    """Write ``head``'s state as ``RUN_DIR/name``; returns its record for config.json (file, sha256, bytes)."""
-    path = Path(run_dir) / name
-    digest = atomic_save_safetensors(dict(head.state_dict()), path)
-    return {"file": name, "sha256": digest, "bytes": path.stat().st_size}
-
-
 def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.Module:
-    """Load the head file ``record`` (from ``save_head``) into ``head``, checking its sha256."""
+    """Load the head file ``record`` (written by ``save_model``'s ``head``) into ``head``, checking its sha256."""
     if not isinstance(record, dict) or not isinstance(record.get("file"), str):
         raise CheckpointError(f"{run_dir}: config.json does not name the {what} head file; "
                               f"train it again or copy the whole run directory")
@@ -198,18 +241,10 @@ def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.
     return head
 
 
-def save_with_head(run_dir: PathLike, gpt: nn.Module, head: nn.Module, head_file: str, tokenizer: Tokenizer | None,
-                   stage: str, section: str, extra: dict[str, Any]) -> Path:
-    """A stage's model with a head: the head file first, then the backbone run directory whose config.json
-    records it as ``extra[section]["head"]``."""
-    record = {**extra.get(section, {}), "head": save_head(run_dir, head, head_file)}
-    return save_model(run_dir, gpt, tokenizer, stage=stage, extra={**extra, section: record})
-
-
 def load_with_head(spec: PathLike, section: str, head: Callable[[GPT, dict[str, Any]], nn.Module], what: str,
                    hint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """(``head(backbone, config[section])`` with its head file loaded, in eval mode; tokenizer; config.json)
-    of a run saved by ``save_with_head``; ``hint`` says how to make one."""
+    of a run saved by ``save_model`` with a ``head``; ``hint`` says how to make one."""
     gpt, tokenizer, config = load_run(spec, device=device)
     record = config.get(section)
     if not isinstance(record, dict) or not isinstance(record.get("head"), dict):
@@ -222,9 +257,12 @@ def load_with_head(spec: PathLike, section: str, head: Callable[[GPT, dict[str, 
 
 
 def check_run_dir(run_dir: PathLike, resume: bool) -> bool:
-    """Whether ``run_dir`` holds a run to resume; a started run without ``resume`` is an error."""
+    """Whether ``run_dir`` holds a run to resume (a checkpoint or a saved model); a started run without ``resume``
+    is an error. A run that failed before its first checkpoint left only its config: it may start again."""
     run = Path(run_dir)
-    started = (run / CONFIG_FILE).exists() or (run / CKPT_DIR).exists()
+    checkpoints = run / CKPT_DIR
+    started = (run / WEIGHTS_FILE).exists() or (checkpoints.is_dir() and any(
+        p.is_dir() and p.name.startswith("step-") for p in checkpoints.iterdir()))
     if started and not resume:
         raise UserError(f"run directory {run} already holds a run: use --resume to continue it or a new --out")
     return started

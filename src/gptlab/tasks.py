@@ -45,11 +45,13 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Task:
-    """A validated task file: its rows (labels normalised), the line of each row, and the label classes.
+    """A validated task file: its rows, the line of each row, and the label classes.
 
-    ``labels`` are strings for classification/entailment (sorted: integers numerically,
-    then other strings, unless the caller passed the training split's), ``["0", "1"]``
-    for binary similarity, None for graded similarity, multiple choice and completion.
+    ``labels`` are the classes as strings for classification/entailment (sorted: integers
+    numerically, then other strings, unless the caller passed the training split's),
+    ``["0", "1"]`` for binary similarity, None for graded similarity, multiple choice and
+    completion; ``label_values`` are the same classes as the rows write them (``1``, not
+    ``"1"``), so that what gptlab writes back compares equal to the rows' labels.
     """
 
     type: str
@@ -57,6 +59,7 @@ class Task:
     rows: list[dict[str, Any]]
     lines: list[int]
     labels: list[str] | None
+    label_values: list[Any] | None = None
 
     @property
     def graded(self) -> bool:
@@ -152,7 +155,7 @@ def _check_row(row: dict[str, Any], task_type: str, where: str, known: Sequence[
             _check_text(label, "label", where)
         elif not _is_int(label):
             raise DataError(f"{where}: label is {json_type(label)}; write it as a string or an integer")
-        row["label"] = key = str(label)
+        key = str(label)
     if known is not None and key not in known:
         raise DataError(f"{where}: label {key!r} is not one of {_shown(known)} (the training split's labels); "
                         "fix the label or add examples of it to the training split")
@@ -192,7 +195,7 @@ def load_task(path: str | os.PathLike[str], task_type: str | None = None,
         raise ValueError(f"labels apply to classification, entailment and similarity, not {task_type}")
     classes: list[str] | None
     if task_type in ("classification", "entailment"):
-        classes = known if known is not None else sorted({r["label"] for r in rows if "label" in r},
+        classes = known if known is not None else sorted({str(r["label"]) for r in rows if "label" in r},
                                                          key=_label_order)
     elif task_type == "similarity":
         labelled = [r for r in rows if "label" in r]
@@ -202,7 +205,9 @@ def load_task(path: str | os.PathLike[str], task_type: str | None = None,
         classes = (known if known is not None else ["0", "1"]) if binary else None
     else:
         classes = None
-    return Task(task_type, path, rows, lines, classes)
+    typed = {str(r["label"]): r["label"] for r in reversed(rows) if "label" in r}  # the first row's wins
+    values = [typed.get(c, int(c) if task_type == "similarity" else c) for c in classes] if classes else None
+    return Task(task_type, path, rows, lines, classes, values)
 
 
 # ============================================================ derived tasks

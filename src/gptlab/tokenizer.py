@@ -34,7 +34,7 @@ import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, sha256_file
 from .errors import TokenizerError
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
     "CharTokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
     "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "tokenizer_difference", "check_tokenizers_match",
+    "tokenizer_digest", "load_checked_tokenizer",
 ]
 
 EOS = "<|endoftext|>"
@@ -176,6 +177,11 @@ class Tokenizer(abc.ABC):
         """Ids -> text; bytes that are not valid UTF-8 (a split multi-byte character) become U+FFFD."""
         ids = _as_ids(ids)
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """What people read of generated ids: ``decode`` without special tokens (``<|end|>`` is not text)."""
+        special = set(self.special_tokens.values())
+        return self.decode([i for i in _as_ids(ids) if i not in special])
 
     @abc.abstractmethod
     def token_bytes(self, id: int) -> bytes:
@@ -959,6 +965,29 @@ def _load_gpt2() -> TiktokenTokenizer:
     except Exception as e:  # network or cache failures come in many types
         raise TokenizerError(f"could not load the GPT-2 vocabulary through tiktoken ({type(e).__name__}); {_GPT2_HINT}") from None
     return TiktokenTokenizer.from_encoding(enc)
+
+
+def tokenizer_digest(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """The sha256 of every file of a saved tokenizer directory, by name: recorded where the tokenizer is used
+    (a run's config.json, a data directory's meta.json) so that an edited vocabulary is caught on load."""
+    return {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def load_checked_tokenizer(directory: str | os.PathLike[str], digest: Any, where: str) -> Tokenizer:
+    """``load_tokenizer(directory)`` after checking its files against ``digest`` recorded in ``where``
+    (None: nothing was recorded, as in runs written before gptlab recorded it)."""
+    directory = Path(directory)
+    if digest is not None:
+        if not isinstance(digest, dict) or not all(isinstance(v, str) for v in digest.values()):
+            raise TokenizerError(f"{where}: field 'tokenizer_sha256' must map file names to sha256 digests")
+        found = tokenizer_digest(directory) if directory.is_dir() else {}
+        for name, sha in digest.items():
+            if found.get(name) != sha:
+                what = "is missing" if name not in found else "does not match the sha256 recorded in " + where
+                raise TokenizerError(f"{directory / name}: {what} (the tokenizer was modified after saving); "
+                                     f"copy the whole directory again, or re-run what wrote it")
+    return load_tokenizer(directory)
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:

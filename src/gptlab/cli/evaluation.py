@@ -24,6 +24,8 @@ __all__ = ["COMMANDS"]
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     data = TokenData(args.data)
+    if not args.no_verify:
+        data.verify()
     model, tokenizer, config = load_run(args.model, device=resolve_device(args.device))
     vocab = data.meta.get("vocab_size")
     check_tokenizers_match(tokenizer, data.tokenizer(), model_vocab=model.config.vocab_size,
@@ -49,6 +51,7 @@ def add_eval_ppl(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the data's shards against meta.json")
     p.set_defaults(func=cmd_eval_ppl)
 
 
@@ -109,8 +112,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    n = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
-    print(f"wrote {n} predictions to {args.out}")
+    n, metrics = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    scores = "" if metrics is None else "; " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"wrote {n} predictions to {args.out}{scores}")
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:

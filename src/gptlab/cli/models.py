@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
 from ..config import PRESETS, GPTConfig
 from ..engine import Engine, SamplingParams
@@ -24,16 +26,32 @@ def add_presets(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_presets)
 
 
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a shell argument as the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     engine = Engine.from_spec(args.model, precision=args.precision)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, stop=args.stop or [], seed=args.seed)
-    if args.stream:
-        for piece in engine.stream_text(args.prompt, params):
+                            top_k=args.top_k, top_p=args.top_p, stop=[unescape(s) for s in args.stop or []],
+                            seed=args.seed, stop_at_eos=not args.ignore_eos, slide=args.slide)
+    completion = None
+    for piece, done in engine.stream_pieces(engine.encode(args.prompt), params):
+        if args.stream:
             print(piece, end="", flush=True)
-        print()
-    else:
-        print(engine.complete(args.prompt, params).text)
+        completion = done or completion
+    assert completion is not None
+    print("" if args.stream else completion.text)
+    made = len(completion.token_ids)
+    if made < args.max_new_tokens:  # never stop short without saying why
+        why = ("a stop string" if completion.stop_token is None and completion.finish_reason == "stop" else
+               "the end-of-text token (--ignore-eos goes on)" if completion.finish_reason == "stop" else
+               f"the model's context of {engine.config.block_size} tokens (--slide goes on)")
+        print(f"gptlab generate: stopped after {made} of {args.max_new_tokens} tokens at {why}", file=sys.stderr)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +62,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; \\n, \\t, \\r and \\\\ are read as "
+                                                   "the characters they name)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
+    p.add_argument("--slide", action=argparse.BooleanOptionalAction, default=True,
+                   help="past the model's context, go on reading its last block_size tokens, as nanoGPT "
+                        "(default: on)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",

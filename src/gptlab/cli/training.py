@@ -24,6 +24,8 @@ from .args import Adder, add_fields, exit_code, given
 
 __all__ = ["COMMANDS"]
 
+NO_VERIFY: dict[str, Any] = {"action": "store_true", "help": "skip checking the data's shards against meta.json "
+                             "(sha256, ids below the vocabulary; done once per change) for corpora too large to read twice"}
 RESUME_HELP = "continue the run in --out from its latest checkpoint (its saved configs; flags may extend training)"
 
 
@@ -58,12 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.preset is not None:
         model["preset"] = args.preset
     return exit_code(run_pretrain(args.data, args.out, model, given(args, TrainConfig), config_file=args.config,
-                                  resume=args.resume).signal)
+                                  resume=args.resume, verify_data=not args.no_verify).signal)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = _stage_parser(sub, "train", "pretrain a GPT on a prepared data directory (resumable; torchrun for DDP/FSDP)",
                       [("--data", {"required": True, "help": "data directory from `gptlab prepare`"}),
+                       ("--no-verify", NO_VERIFY),
                        ("--preset", {"help": "model preset (see `gptlab presets`); the model flags change its fields"})],
                       GPTConfig, {})
     p.set_defaults(func=cmd_train)
@@ -117,7 +120,7 @@ add_dpo = _add_alignment("dpo", "direct preference optimisation of an SFT run on
 def cmd_ppo(args: argparse.Namespace) -> int:
     return exit_code(run_ppo(args.policy, args.reward, args.prompts, args.out, given(args, TrainConfig),
                              given(args, PPOConfig), iterations=args.iterations, ptx_data=args.ptx_data,
-                             config_file=args.config, resume=args.resume).signal)
+                             config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
 
 
 PPO_TRAIN_HELP = {**{k: repr(v) for k, v in PPO_TRAIN.items()},
@@ -131,6 +134,7 @@ def add_ppo(sub: argparse._SubParsersAction) -> None:
         ("--reward", {"required": True, "help": "the reward-model run directory (also the value function's init)"}),
         ("--prompts", {"required": True, "help": 'JSONL with a "prompt" field per row'}),
         ("--ptx-data", {"help": "data directory from gptlab prepare for the pretraining mix"}),
+        ("--no-verify", NO_VERIFY),
         ("--iterations", {"type": int, "help": f"PPO iterations: rollout + ppo_epochs x minibatches updates "
                                                f"(default {PPO_ITERATIONS}; on --resume: the new total)"})],
         PPOConfig, PPO_TRAIN_HELP)

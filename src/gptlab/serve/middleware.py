@@ -5,11 +5,12 @@ limit, 429 when the generation queue is full, and 400 for text that is not valid
 from __future__ import annotations
 
 import hmac
-import json
 import time
+
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..corpus import BadJSON, parse_json
 from .protocol import error_response
 from .state import ServeState
 from .web import PAGES
@@ -114,12 +115,14 @@ class Guard:
             if len(body) > self.max_body:
                 await too_big(scope, receive, send)
                 return
-        where = _lone_surrogate(bytes(body))
-        if where is not None:
-            await error_response(400, f"{where} is not valid Unicode (a lone UTF-16 surrogate such as \\ud800): "
-                                      "send text that encodes as UTF-8", param=where.split(".")[0].split("[")[0])(
-                scope, receive, send)
-            return
+        try:  # once here, before any route sees the text, rather than in every tokenizer and JSONL writer
+            parse_json(bytes(body))
+        except BadJSON as e:
+            if not e.syntax:  # syntax errors: the route answers them, naming what it expected
+                param = e.field.removeprefix("field ").split(".")[0].split("[")[0] if e.field else None
+                await error_response(400, f"{e}: send JSON text that encodes as UTF-8", param=param)(
+                    scope, receive, send)
+                return
         replayed = False
 
         async def replay() -> Message:
@@ -130,36 +133,3 @@ class Guard:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-def _lone_surrogate(body: bytes) -> str | None:
-    """Where a JSON body holds a string Python cannot encode as UTF-8 (``"\\ud800"`` is valid JSON), or None.
-
-    Checked once here, before any route sees the text, rather than in every tokenizer and JSONL writer.
-    """
-    if b"\\ud" not in body.lower():
-        return None
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None  # not JSON: the route answers that
-
-    def walk(v: object, path: str) -> str | None:
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return path or "body"
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                found = walk(k, path) or walk(item, f"{path}.{k}" if path else str(k))
-                if found:
-                    return found
-        elif isinstance(v, list):
-            for i, item in enumerate(v):
-                found = walk(item, f"{path}[{i}]")
-                if found:
-                    return found
-        return None
-
-    return walk(value, "")

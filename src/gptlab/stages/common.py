@@ -27,14 +27,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, remove_stale
 from ..chat import CHAT_TOKENS, stop_ids
 from ..config import Config, GPTConfig
 from ..data import rank_draw
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from ..model import GPT, with_tokens
-from ..runs import CONFIG_FILE, TOKENIZER_DIR, check_run_dir, load_run, read_run_config, run_config
+from ..runs import CONFIG_FILE, check_run_dir, load_run, read_run_config, run_config, save_tokenizer
 from ..tokenizer import PAD, Tokenizer
 from ..train.config import Given, TrainConfig, load_config_file, resolve
 from ..train.dist import DistEnv, distributed
@@ -132,12 +132,16 @@ class StageRun:
             yield joined
 
     def begin(self, env: DistEnv, model: GPTConfig, tokenizer: Tokenizer | None, extra: dict[str, Any]) -> None:
-        """Write ``tokenizer/`` and ``config.json`` when the run starts (rank 0); a resumed run keeps its own."""
-        if env.is_main and not self.started:
+        """Write ``tokenizer/`` and ``config.json`` when the run starts (rank 0). A resumed run keeps its own,
+        with the train config it now runs with, so that a later resume without flags knows where it ends."""
+        if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if tokenizer is not None:
-                tokenizer.save(self.out_dir / TOKENIZER_DIR)
-            atomic_write_json(self.out_dir / CONFIG_FILE, run_config(self.name, model, tokenizer, extra))
+            remove_stale(self.out_dir)
+            if not self.started:
+                tok_sha = save_tokenizer(self.out_dir, tokenizer) if tokenizer is not None else None
+                atomic_write_json(self.out_dir / CONFIG_FILE, run_config(self.name, model, tok_sha, extra))
+            elif self.saved is not None and "train" in extra:
+                atomic_write_json(self.out_dir / CONFIG_FILE, {**self.saved, "train": extra["train"]})
         env.barrier()
 
     def trainer(self, model: M, stage: Stage[M], train: TrainConfig, env: DistEnv,

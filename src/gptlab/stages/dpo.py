@@ -29,7 +29,7 @@ from ..align_data import load_rankings
 from ..chat import CHAT_FORMAT, render_pair
 from ..config import Config
 from ..data import rank_draw
-from ..errors import DataError
+from ..errors import DataError, naming
 from ..heads import PolicyModel
 from ..rl import dpo_loss
 from ..runs import save_model
@@ -76,7 +76,8 @@ def encode_pairs(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: in
     out: list[tuple[str, Pair]] = []
     for r in load_rankings(path):
         where = f"{path}:{r.line}"
-        seqs = [_fit(*render_pair(r.prompt, resp, tokenizer), max_len, where) for resp in r.responses]
+        with naming(where):
+            seqs = [_fit(*render_pair(r.prompt, resp, tokenizer), max_len, where) for resp in r.responses]
         out.extend((r.prompt, (*seqs[i], *seqs[j])) for i in range(len(seqs)) for j in range(i + 1, len(seqs)))
     return out
 

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..config import Config
-from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError
+from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError, naming
 from ..heads import CLF_DROPOUT, TaskModel, TaskModelConfig
 from ..model import GPT, with_tokens
-from ..runs import load_run, load_with_head, save_with_head
+from ..runs import load_run, load_with_head, save_model
 from ..tasks import Task, load_task
 from ..tokenizer import DELIM, EXTRACT, START, Tokenizer
 from ..train.config import Given
@@ -162,10 +162,8 @@ def encode_task(task: Task, tokenizer: Tokenizer, max_len: int, labelled: bool =
     """``transform`` every row; an unencodable row is reported as ``file:line``."""
     out = []
     for row, line in zip(task.rows, task.lines):
-        try:
+        with naming(f"{task.path}:{line}"):
             seqs = transform(task.type, row, tokenizer, max_len)
-        except TokenizerError as exc:
-            raise DataError(f"{task.path}:{line}: {exc}") from None
         label = None
         if labelled:
             label = float(row["label"]) if task.graded else task.label_index(row)
@@ -302,7 +300,7 @@ class FinetuneStage(Stage[TaskModel]):
 def save_finetuned(run_dir: str | os.PathLike[str], model: TaskModel, tokenizer: Tokenizer | None,
                    extra: dict[str, Any]) -> Path:
     """``head.safetensors``, then the backbone run directory whose ``finetune`` section records the head."""
-    return save_with_head(run_dir, model.gpt, model.head, HEAD_FILE, tokenizer, FinetuneStage.name, "finetune", extra)
+    return save_model(run_dir, model.gpt, tokenizer, FinetuneStage.name, extra, head=("finetune", HEAD_FILE, model.head))
 
 
 def load_finetuned(run_dir: str | os.PathLike[str],
@@ -360,7 +358,7 @@ def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: 
         val_examples = encode_task(val_task, tokenizer, max_len)
         clf_dropout = CLF_DROPOUT if train_cfg.dropout is None else train_cfg.dropout
         config = TaskModelConfig(gpt.config, task_type, n_classes, clf_dropout)
-        extra = {"finetune": {**settings.to_dict(), "labels": train_task.labels, "n_classes": n_classes,
+        extra = {"finetune": {**settings.to_dict(), "labels": train_task.label_values, "n_classes": n_classes,
                               "clf_dropout": clf_dropout, "max_len": max_len},
                  "train": train_cfg.to_dict(),
                  "data": {"train": os.path.abspath(train_file), "val": os.path.abspath(val_file),
@@ -373,21 +371,23 @@ def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: 
 
 
 def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[str],
-            output_file: str | os.PathLike[str], *, batch_size: int = 32, device: str = "auto") -> int:
+            output_file: str | os.PathLike[str], *, batch_size: int = 32,
+            device: str = "auto") -> tuple[int, dict[str, float] | None]:
     """Write one JSON line per input row: the row plus ``prediction`` and ``probabilities`` or ``score``.
 
-    ``prediction`` is a label (classification, entailment, binary similarity),
-    a choice index (multiple choice, with ``probabilities`` per choice) or the
-    score itself (graded similarity). Rows are read by ``tasks.load_task``; a label
-    is optional (new data), but one outside the run's label set is an error at its
-    line, and a row's label stays in the output for comparison.
-    The file is replaced atomically. Returns the number of rows.
+    ``prediction`` is a label as the training file wrote it (classification, entailment,
+    binary similarity), a choice index (multiple choice, with ``probabilities`` per
+    choice) or the score itself (graded similarity). Rows are read by
+    ``tasks.load_task``; a label is optional (new data), but one outside the run's label
+    set is an error at its line, and a row's label stays in the output for comparison.
+    The file is replaced atomically. Returns (the number of rows, the metrics of the
+    predictions when every row has a label, else None).
     """
     model, tokenizer, ft = load_finetuned(ft_run_dir, device=resolve_device(device))
     task = load_task(input_file, ft["task_type"], labels=ft.get("labels"), require_label=False)
     examples = encode_task(task, tokenizer, int(ft.get("max_len", model.config.gpt.block_size)), labelled=False)
     labels = ft.get("labels")
-    lines = []
+    lines, outputs = [], []
     for row, out in zip(task.rows, head_outputs(model, examples, batch_size)):
         if model.config.regression:
             result: dict[str, Any] = {"prediction": float(out), "score": float(out)}
@@ -401,5 +401,12 @@ def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[st
                     raise CheckpointError(f"{ft_run_dir}: config.json's finetune section has no labels")
                 result = {"prediction": labels[best], "probabilities": dict(zip(labels, probs))}
         lines.append(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
+        outputs.append(out)
     atomic_write_text(output_file, "".join(lines))
-    return len(lines)
+    if not task.rows or any("label" not in row for row in task.rows):
+        return len(lines), None
+    if model.config.regression:
+        return len(lines), regression_metrics([float(o) for o in outputs], [float(r["label"]) for r in task.rows])
+    n = None if model.config.task_type == "multiple_choice" else model.config.n_classes
+    gold = [task.label_index(r) for r in task.rows]
+    return len(lines), classification_metrics([int(o.argmax()) for o in outputs], gold, n)

@@ -48,7 +48,7 @@ from ..chat import CHAT_FORMAT, render_prompt, stop_ids
 from ..config import Config
 from ..data import PretrainBatches, TokenData
 from ..engine import Engine, SamplingParams
-from ..errors import ConfigError, DataError, TrainingDiverged
+from ..errors import ConfigError, DataError, TrainingDiverged, naming
 from ..heads import ActorCritic, PolicyModel, ScalarModel, response_positions
 from ..model import rebuilt
 from ..rl import (KL_KINDS, AdaptiveKLController, gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
@@ -145,7 +145,8 @@ def encode_prompts(path: str | os.PathLike[str], tokenizer: Tokenizer, block_siz
     room = block_size - max_new_tokens
     out = []
     for n, prompt in enumerate(load_prompts(path), 1):
-        ids = render_prompt(prompt, tokenizer)
+        with naming(f"{path}: prompt {n}"):
+            ids = render_prompt(prompt, tokenizer)
         if len(ids) > room:
             raise DataError(f"{path}: prompt {n} has {len(ids)} tokens and leaves no room for a "
                             f"{max_new_tokens}-token response in the context of {block_size}; "
@@ -353,8 +354,8 @@ def _derive(cfg: PPOConfig, iterations: int) -> Callable[[dict[str, Any]], dict[
 def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[str],
             out_dir: str | os.PathLike[str], train: Given = None, ppo: Given = None, *,
             iterations: int | None = None, ptx_data: str | os.PathLike[str] | None = None,
-            config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
-            env: DistEnv | None = None) -> TrainResult:
+            config_file: str | os.PathLike[str] | None = None, resume: bool = False, verify_data: bool = True,
+            progress: bool = True, env: DistEnv | None = None) -> TrainResult:
     """PPO of the SFT run ``policy_spec`` against the reward-model run ``reward_spec`` on ``prompts_file``.
 
     ``iterations`` (default 100 for a new run) sets the run's length: iterations x
@@ -389,6 +390,8 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
         ptx = None
         if ptx_data is not None:
             td = TokenData(os.fspath(ptx_data))
+            if verify_data:
+                td.verify()
             check_tokenizers_match(tokenizer, td.tokenizer(), model_vocab=gpt.config.vocab_size,
                                    data_vocab=td.vocab_size, model_name=os.fspath(policy_spec),
                                    data_name=os.fspath(ptx_data))

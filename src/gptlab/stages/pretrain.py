@@ -148,14 +148,17 @@ def _model_config(run: StageRun, given: ModelGiven, vocab: int, train: TrainConf
 
 def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], model: ModelGiven = None,
                  train: Given = None, *, config_file: str | os.PathLike[str] | None = None, resume: bool = False,
-                 progress: bool = True, env: DistEnv | None = None) -> TrainResult:
+                 verify_data: bool = True, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
     """Pretrain a new GPT (or resume ``out_dir``) on ``data_dir``; configs resolve as in ``train.config``.
 
-    Under torchrun this joins the process group (DDP, or FSDP2 with ``fsdp``);
-    only rank 0 writes files and prints.
+    The data's shards are checked against meta.json first (``TokenData.verify``, once per change;
+    ``verify_data=False`` skips it for corpora too large to read twice). Under torchrun this joins the
+    process group (DDP, or FSDP2 with ``fsdp``); only rank 0 writes files and prints.
     """
     run = StageRun(PretrainStage.name, out_dir, resume=resume, config_file=config_file, sections=("model",))
     data = TokenData(os.fspath(data_dir))
+    if verify_data:
+        data.verify()
     vocab = data.meta.get("vocab_size")
     if not isinstance(vocab, int) or vocab < 1:
         raise UserError(f"{data_dir}: meta.json has no valid vocab_size; re-run gptlab prepare")

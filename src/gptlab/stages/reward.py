@@ -35,11 +35,11 @@ from ..align_data import load_rankings
 from ..chat import CHAT_FORMAT, render_pair, render_prompt
 from ..config import Config
 from ..data import rank_draw
-from ..errors import DataError
+from ..errors import DataError, naming
 from ..heads import ScalarModel
 from ..model import GPT
 from ..rl import ranking_loss
-from ..runs import load_with_head, save_with_head
+from ..runs import load_with_head, save_model
 from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
@@ -76,7 +76,8 @@ def encode_rankings(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len:
     """(prompt, token ids of each response best -> worst) per ranking; over-long ones keep their end."""
     out = []
     for r in load_rankings(path):
-        seqs = [render_pair(r.prompt, resp, tokenizer)[0][-max_len:] for resp in r.responses]
+        with naming(f"{path}:{r.line}"):
+            seqs = [render_pair(r.prompt, resp, tokenizer)[0][-max_len:] for resp in r.responses]
         out.append((r.prompt, seqs))
     return out
 
@@ -170,7 +171,7 @@ def sample_responses(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], *, 
 def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, tokenizer: Tokenizer | None,
                       extra: dict[str, Any]) -> Path:
     """The head file, then the backbone run directory whose ``reward`` section records it."""
-    return save_with_head(run_dir, model.gpt, model.head, HEAD_FILE, tokenizer, RewardStage.name, "reward", extra)
+    return save_model(run_dir, model.gpt, tokenizer, RewardStage.name, extra, head=("reward", HEAD_FILE, model.head))
 
 
 def load_reward_model(spec: str | os.PathLike[str],

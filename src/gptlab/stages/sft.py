@@ -32,7 +32,7 @@ from ..align_data import load_sft
 from ..chat import CHAT_FORMAT, render, render_prompt
 from ..config import Config
 from ..data import rank_draw
-from ..errors import DataError
+from ..errors import DataError, naming
 from ..model import GPT
 from ..runs import save_model
 from ..tokenizer import Tokenizer
@@ -70,7 +70,8 @@ def encode_sft(path: str | os.PathLike[str], tokenizer: Tokenizer, max_len: int)
     """
     out = []
     for ex in load_sft(path):
-        ids, mask = render(ex.messages, tokenizer)
+        with naming(f"{path}:{ex.line}"):
+            ids, mask = render(ex.messages, tokenizer)
         ids, mask = ids[:max_len], mask[:max_len]
         if not any(mask[1:]):
             raise DataError(f"{path}:{ex.line}: no response token fits in {max_len} tokens; shorten the "

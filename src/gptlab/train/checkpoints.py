@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,8 +31,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import fsync_dir, sha256_file
-from ..errors import CheckpointError
+from ..atomic import fsync_dir, remove_stale, sha256_file, temporary_name
+from ..corpus import parse_json
+from ..errors import CheckpointError, first_line
 from ..runs import CKPT_DIR
 
 __all__ = ["CKPT_DIR", "Checkpoint", "checkpoint_dirs", "latest_checkpoint", "verify_checkpoint", "write_checkpoint",
@@ -67,10 +70,9 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def remove_partial(run_dir: str | os.PathLike[str]) -> None:
-    """Delete checkpoint writes that never finished (a crash between writing and renaming)."""
-    root = Path(run_dir) / CKPT_DIR
-    for tmp in root.glob(".tmp-*") if root.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Delete what killed writers left in a run directory: unfinished checkpoints and temporary files."""
+    remove_stale(run_dir)
+    remove_stale(Path(run_dir) / CKPT_DIR)
 
 
 def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -81,9 +83,12 @@ def verify_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = Path(ckpt)
     hint = f"delete {ckpt} to resume from the previous checkpoint (or start a new run with a new --out)"
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+        manifest = parse_json((ckpt / MANIFEST).read_bytes())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not all(isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+                   for i in files.values()):
+            raise ValueError("bad file records")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint {ckpt} has no readable {MANIFEST}: {hint}") from None
     for name, info in files.items():
         path = ckpt / name
@@ -104,7 +109,7 @@ def write_checkpoint(run_dir: Path, step: int, model: Mapping[str, torch.Tensor]
     final = run_dir / CKPT_DIR / f"step-{step:08d}"
     if final.exists():
         return final
-    tmp = run_dir / CKPT_DIR / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = run_dir / CKPT_DIR / temporary_name(final.name, "ckpt")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"),
@@ -135,15 +140,22 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
     """A verified checkpoint's contents on the CPU (pickles only as ``weights_only``)."""
     verify_checkpoint(ckpt)
     try:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        state = parse_json((ckpt / "trainer_state.json").read_bytes())
         model = load_file(str(ckpt / "model.safetensors"))
         optimizer = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
         stages = (torch.load(ckpt / "stage.pt", map_location="cpu", weights_only=True)
                   if (ckpt / "stage.pt").is_file() else None)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {ckpt}: {exc}; delete it to resume from "
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            SafetensorError) as exc:  # weights_only refuses any pickle that is not plain tensors and values
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: {first_line(exc)}; delete it to resume from "
                               f"the previous checkpoint") from None
+    counts = ("step", "metrics_lines", "tokens_seen")
+    if (not isinstance(state, dict) or not all(isinstance(state.get(k, 0), int) for k in counts)
+            or not isinstance(state.get("train_time_s", 0.0), (int, float)) or not isinstance(state.get("last_val", {}), dict)
+            or not isinstance(rngs, list) or not isinstance(optimizer, dict) or (stages is not None and not isinstance(stages, list))):
+        raise CheckpointError(f"checkpoint {ckpt}: trainer_state.json, rng.pt or optimizer.pt does not hold what "
+                              f"gptlab writes (edited by hand?); delete it to resume from the previous checkpoint")
     return Checkpoint(model, optimizer, rngs, stages, state)
 
 

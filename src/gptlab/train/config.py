@@ -15,7 +15,6 @@ value is an error naming the field rather than a silently different run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, TypeVar
 import yaml
 
 from ..config import Config, field_types
+from ..corpus import parse_json
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "load_config_file", "resolve", "Given"]
@@ -134,10 +134,15 @@ def load_config_file(path: str | os.PathLike[str], sections: tuple[str, ...]) ->
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
+    try:
+        data = parse_json(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{p}: cannot parse: nested too deeply") from None
+    except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{p}: cannot parse: {first}") from None
     data = data or {}

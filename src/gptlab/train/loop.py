@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged, first_line
 from ..runs import CKPT_DIR
 from .checkpoints import (latest_checkpoint, read_checkpoint, remove_partial, rng_state, seed_everything,
                           set_rng_state, tied_aliases, write_checkpoint)
@@ -308,17 +308,20 @@ class Trainer(Generic[M]):
             set_model_state_dict(self.raw_model, model_sd, options=opts)
             set_optimizer_state_dict(self.raw_model, self.optimizer, saved.optimizer, options=opts)
         except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {ckpt} does not fit this model/optimizer ({first}); "
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this model/optimizer ({first_line(exc)}); "
                                   f"resume with the run's own config or start a new --out") from None
         rank = self.env.rank
-        if saved.stages is not None and rank < len(saved.stages):
-            self.stage.load_state_dict(saved.stages[rank])
         state = saved.state
-        if rank < len(saved.rngs):
-            set_rng_state(saved.rngs[rank], self.device)
-        else:  # resumed on more ranks than wrote it: fresh, deterministic streams
-            seed_everything(self.cfg.seed + rank + 7919 * state["step"])
+        try:
+            if saved.stages is not None and rank < len(saved.stages):
+                self.stage.load_state_dict(saved.stages[rank])
+            if rank < len(saved.rngs):
+                set_rng_state(saved.rngs[rank], self.device)
+            else:  # resumed on more ranks than wrote it: fresh, deterministic streams
+                seed_everything(self.cfg.seed + rank + 7919 * state["step"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {ckpt}: its stage or RNG state is not what gptlab writes "
+                                  f"({first_line(exc)}); delete it to resume from the previous checkpoint") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_time = float(state.get("train_time_s", 0.0))

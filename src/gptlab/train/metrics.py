@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_write_bytes
+from ..corpus import parse_json
+from ..errors import CheckpointError
 
 __all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLog", "read_metrics", "plot_losses", "PEAK_FLOPS", "peak_flops"]
 
@@ -50,16 +52,21 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The complete lines of a metrics.jsonl (a partial last line from a killed run is ignored)."""
+    """The complete lines of a metrics.jsonl; a partial last line (a killed run's) is ignored, a bad complete
+    line (the file was edited or damaged) is a ``CheckpointError`` naming it."""
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.endswith("\n"):
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.endswith(b"\n"):
                 break
             try:
-                out.append(json.loads(line))
-            except ValueError:
-                break
+                record = parse_json(line)
+            except ValueError as e:
+                raise CheckpointError(f"{path}:{n}: {e}; the metrics log was damaged or edited: delete that line "
+                                      f"and the ones after it to resume, or start a new run") from None
+            if not isinstance(record, dict):
+                raise CheckpointError(f"{path}:{n}: not a JSON object; delete that line and the ones after it")
+            out.append(record)
     return out
 
 
