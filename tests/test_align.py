@@ -461,7 +461,7 @@ def ppo_run(work, sft_run, rm_run, prompts_file) -> Path:
     """Two iterations of 4 updates, uninterrupted: the run every resumed run must reproduce."""
     cfg = ppo_cfg()
     tc = ppo_tc(cfg, 2, eval_every=2)
-    assert tc.max_steps == 8 and tc.grad_accum == 1 and tc.batch_size == cfg.ptx_batch
+    assert tc.max_steps == 8 and tc.grad_accum == 1 and tc.batch_size == 8  # the ptx rows per update
     run_ppo(str(sft_run), str(rm_run), prompts_file, work / "ppo", tc, cfg.replace(val_fraction=0.3), progress=False)
     return work / "ppo"
 
@@ -526,10 +526,10 @@ def test_ppo_resumes_bit_for_bit_from_the_middle_of_an_iteration(work, ppo_run, 
 def test_ppo_ptx_needs_data_and_logs_the_pretraining_loss(work, base_run, sft_run, rm_run, prompts_file):
     from gptlab.data import prepare
 
-    cfg = ppo_cfg(ptx_coef=0.5, ptx_batch=2, ppo_epochs=1)
+    cfg = ppo_cfg(ptx_coef=0.5, ppo_epochs=1)
     out = work / "ppo-ptx"
     with pytest.raises(ConfigError, match="ptx_coef > 0 needs pretraining data"):
-        run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1), cfg, progress=False)
+        run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1, batch_size=2), cfg, progress=False)
     assert not (out / "config.json").exists()
     rng = random.Random(4)
     text = " ".join("".join(rng.choice("abcde") for _ in range(rng.randint(2, 7))) for _ in range(300))
@@ -537,7 +537,7 @@ def test_ppo_ptx_needs_data_and_logs_the_pretraining_loss(work, base_run, sft_ru
     # tokenized with the base run's tokenizer, from before SFT added the chat tokens
     prepare([work / "ptx.txt"], str(base_run / "tokenizer"), work / "ptx-data", val_fraction=0.0, progress=False)
     out = work / "ppo-ptx-2"
-    run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1), cfg.replace(val_fraction=0.3),
+    run_ppo(str(sft_run), str(rm_run), prompts_file, out, ppo_tc(cfg, 1, batch_size=2), cfg.replace(val_fraction=0.3),
             ptx_data=work / "ptx-data", progress=False)
     records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 2

@@ -85,3 +85,30 @@ def test_chat_command_refuses_a_model_without_chat_format(engine, tmp_path, caps
     assert main(["chat", "--model", str(tmp_path / "base")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no chat format" in err and "gptlab sft" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_save_keeps_the_session(engine, tmp_path):
+    out = io.StringIO()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    good = tmp_path / "conv.json"
+    conv = run_chat(engine, SamplingParams(max_new_tokens=4, temperature=0),
+                    read=scripted(["hello", f"/save {tmp_path}", f"/save {blocker}/conv.json", "again",
+                                   f"/save {good}"]), out=out)
+    text = out.getvalue()
+    assert f"(could not save to {tmp_path}: " in text and f"(could not save to {blocker}/conv.json: " in text
+    assert text.count("the conversation is kept)") == 2
+    saved = json.loads(good.read_text())["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == ["hello", "again"]
+    assert len(conv.turns) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "conv.json"]
+
+
+def test_the_reply_budget_is_clamped_to_the_context_once(engine):
+    """The default 128 new tokens on a 64-token model: every message is answered, the clamp said once."""
+    out = io.StringIO()
+    conv = run_chat(engine, SamplingParams(max_new_tokens=128, temperature=0),
+                    read=scripted(["hello", "and again"]), out=out)
+    text = out.getvalue()
+    assert text.count("(the model's context is 64 tokens: the conversation keeps 32 of them, and replies longer "
+                      "than 32 tokens slide the window)") == 1
+    assert "error" not in text and [m.role for m in conv.turns] == ["user", "assistant"] * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_generate_prints_only_the_greedy_continuation(run_dir, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["generate", "--model", "{run}", "--prompt", "x " * 200, "--max-new-tokens", "4"], "context"),
+    (["generate", "--model", "{run}", "--prompt", "x " * 200, "--max-new-tokens", "4", "--no-slide"], "context"),
     (["generate", "--model", "/nonexistent/run", "--prompt", "hi"], "/nonexistent/run"),
     (["generate", "--model", "{run}", "--prompt", "hi", "--top-p", "2"], "top_p"),
     (["tokenizer", "train", "--input", "/nonexistent.txt", "--vocab-size", "300", "--out", "{tmp}"], "nonexistent"),
@@ -70,3 +71,54 @@ def test_console_script_is_installed_and_reports_errors_in_one_line(run_dir):
     assert ok.returncode == 0 and ok.stdout.startswith("gpt1 12 768 12 512 40478 116534784")
     bad = subprocess.run([str(script), "generate", "--model", "hf:/nope", "--prompt", "a"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_generate_slides_past_the_context_like_nanogpt(run_dir, capsys):
+    """300 new tokens from a 64-token model: all of them, each read from the last 64 tokens (nanoGPT's loop)."""
+    argv = ["generate", "--model", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "300", "--temperature",
+            "0", "--ignore-eos"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    engine = Engine.from_spec(str(run_dir))
+    done = engine.complete("ROMEO:", SamplingParams(max_new_tokens=300, temperature=0, slide=True, stop_at_eos=False))
+    assert len(done.token_ids) == 300 and out == done.text + "\n" and err == ""
+    ids = engine.encode("ROMEO:")
+    with torch.no_grad():
+        for _ in range(300):
+            ids.append(int(engine.model(torch.tensor([ids[-64:]]))[0, -1].argmax()))
+    assert done.token_ids == ids[-300:]
+    assert main([*argv, "--no-slide"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "gptlab generate: stopped after 58 of 300 tokens at the model's context of 64 tokens " \
+                  "(--slide goes on)\n"
+
+
+@pytest.fixture(scope="module")
+def newline_run(run_dir, tmp_path_factory):
+    """A model whose greedy choice is always the newline token: it writes "\\n\\n" on demand."""
+    tok = load_tokenizer(run_dir / "tokenizer")
+    (nl,) = tok.encode("\n")
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=64))
+    with torch.no_grad():
+        for p in model.h.parameters():
+            p.zero_()
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(torch.nn.functional.normalize(model.wte.weight[nl], dim=0))
+        model.wte.weight[nl] *= 1000  # a logit of ~160 over ~0: newline even at temperature 0.8
+    out = tmp_path_factory.mktemp("nl") / "run"
+    save_model(out, model, tok)
+    return out
+
+
+def test_generate_stop_as_the_readme_writes_it(newline_run, capsys):
+    """`--stop "\\n\\n"` in a shell passes backslash-n: it means the newline, and the stop is reported."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if x.startswith("gptlab generate --model runs/x"))
+    argv = shlex.split(line.replace("[", "").replace("]", "").replace("runs/x", str(newline_run)))[1:]
+    assert argv[argv.index("--stop") + 1] == "\\n\\n"
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and err == "gptlab generate: stopped after 2 of 100 tokens at a stop string\n"
+    assert main(["generate", "--model", str(newline_run), "--prompt", "x", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr() == ("\n" * 5 + "\n", "")

@@ -153,7 +153,8 @@ def test_acc_and_acc_norm_differ_when_choice_lengths_differ(tmp_path, tok):
     rows = [{"context": context, "choices": [short, long_text], "label": 1},
             {"context": "Other:", "choices": ["a", "b"], "label": 0}]
     result = evaluate_icl(model, tok, load_task(write_task(tmp_path / "mc.jsonl", rows)), [0], max_examples=1)
-    assert result["results"]["0"] == {"acc": 0.0, "acc_norm": 1.0, "n": 1, "skipped": 0, "truncated": 0}
+    assert result["results"]["0"] == {"acc": 0.0, "acc_norm": 1.0, "acc_norm_chars": 1.0, "chance": 0.5, "n": 1,
+                                      "skipped": 0, "truncated": 0, "demos": 0.0}  # per char = per token here
     assert result["type"] == "multiple_choice"
 
 
@@ -255,7 +256,8 @@ def test_cli_writes_json_markdown_and_plot(runs, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["type"] == "multiple_choice" and results["shots"] == [0, 1, 2]
     assert list(results["models"]) == [a, b] and list(results["models"][a]) == ["0", "1", "2"]
-    assert set(results["models"][a]["1"]) == {"acc", "acc_norm", "n", "skipped", "truncated"}
+    assert set(results["models"][a]["1"]) == {"acc", "acc_norm", "acc_norm_chars", "chance", "n", "skipped",
+                                              "truncated", "demos"}
     md = (tmp_path / "out" / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 * 3 and table[0].startswith("| model | shots | acc | acc_norm |")

@@ -25,6 +25,7 @@ from gptlab.align_data import load_rankings  # noqa: E402
 from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
 from gptlab.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.serve import create_app  # noqa: E402
+from gptlab.serve.web import WebData  # noqa: E402
 from gptlab.atomic import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
 from serving import RunningApp  # noqa: E402
@@ -47,9 +48,13 @@ def _browser_missing() -> str | None:
 
 
 def _model(tok: CharTokenizer, seed: int, **sizes) -> GPT:
+    """A random model that writes text: special tokens (left out of replies) never win a greedy step."""
     torch.manual_seed(seed)
     cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size) | sizes
-    return GPT(GPTConfig(**cfg)).eval()
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[list(tok.special_tokens.values())] = 0
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def served(tmp_path_factory):
     tok = CharTokenizer.from_text(LETTERS)
     add_chat_tokens(tok)
     model = _model(tok, 0)
-    chat = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", data_dir=data,
+    chat = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="tiny", data=WebData(data),
                                max_n=4))
     base_tok = CharTokenizer.from_text(LETTERS)
     base = RunningApp(create_app(_model(base_tok, 1), base_tok, {}, model_name="base"))
@@ -424,7 +429,7 @@ def test_screenshots_for_the_docs(browser, tmp_path):
     def serve(run: str) -> RunningApp:
         config = json.loads((Path(run) / "config.json").read_text())
         return RunningApp(create_app(load_model(run), load_tokenizer(str(Path(run) / "tokenizer")), config,
-                                   model_name=Path(run).name, data_dir=tmp_path, max_n=9))
+                                   model_name=Path(run).name, data=WebData(tmp_path), max_n=9))
 
     chat = serve(runs[0])
     base = serve(runs[-1]) if len(runs) > 1 else chat

@@ -23,7 +23,8 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .chat import ROLES, Message
-from .corpus import json_lines, json_type
+from .corpus import json_lines
+from .jsonsafe import json_type
 from .errors import DataError
 
 __all__ = ["MIN_RESPONSES", "MAX_RESPONSES", "SFTExample", "Ranking", "load_sft", "load_rankings",

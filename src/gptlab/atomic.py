@@ -21,7 +21,7 @@ except ImportError:  # Windows: the thread lock alone serialises this process's 
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl", "sha256_file",
-           "fsync_dir", "temporary_name", "remove_stale"]
+           "fsync_dir", "temporary_name", "remove_stale", "FileFull"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -163,8 +163,13 @@ def _whole_lines_end(fd: int) -> int:
     return 0
 
 
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to ``path`` as one JSON line that readers only ever see whole.
+class FileFull(Exception):
+    """An append refused because the file would grow past its limit."""
+
+
+def append_jsonl(path: Path, row: dict[str, Any], max_bytes: int | None = None) -> None:
+    """Append ``row`` to ``path`` as one JSON line that readers only ever see whole; ``FileFull`` when the file
+    would grow past ``max_bytes``.
 
     Chosen over temp + rename, which would rewrite the whole file for every label: the complete line
     goes out in ``os.write`` calls on an ``O_APPEND`` descriptor under a thread lock and an advisory
@@ -183,6 +188,8 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
             size = _whole_lines_end(fd)
             if size != os.fstat(fd).st_size:
                 os.ftruncate(fd, size)
+            if max_bytes is not None and size + len(line) > max_bytes:
+                raise FileFull(f"{path} would grow past {max_bytes} bytes")
             try:
                 while line:
                     line = line[os.write(fd, line):]

@@ -21,7 +21,7 @@ from .errors import TokenizerError
 from .tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 __all__ = [
-    "CHAT_TOKENS", "CHAT_FORMAT", "ROLES", "Message", "has_chat_tokens", "render", "render_prompt",
+    "CHAT_TOKENS", "CHAT_FORMAT", "CHAT_TEMPLATE", "ROLES", "Message", "has_chat_tokens", "render", "render_prompt",
     "render_pair", "stop_ids", "add_chat_tokens",
 ]
 
@@ -98,6 +98,18 @@ def render_pair(prompt: str, response: str, tokenizer: Tokenizer) -> tuple[list[
 def stop_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids that end an assistant turn: ``<|end|>``, or EOS from a model that never learnt the format."""
     return [_chat_ids(tokenizer)[END_OF_TURN], tokenizer.eos_id]
+
+
+# The format as a Jinja chat template (transformers' ``chat_template``): what clients that render prompts
+# themselves read (lm-evaluation-harness's remote tokenizer). Rendered text holds the role tokens as text, so
+# it is for trusted prompts only; ``render`` is what gptlab itself uses.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}" + USER + "{%- elif m['role'] == 'assistant' -%}" + ASSISTANT +
+    "{%- else -%}" + SYSTEM + "{%- endif -%}"
+    "{{ m['content'] }}" + END_OF_TURN + "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}" + ASSISTANT + "{%- endif -%}"
+)
 
 
 def add_chat_tokens(tokenizer: Tokenizer) -> list[int]:

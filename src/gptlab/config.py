@@ -85,14 +85,17 @@ class Config:
     def from_dict(cls: type[C], data: Mapping[str, Any], source: str | None = None) -> C:
         """Build from a mapping, naming ``source`` and the key on an unknown key, a wrong type or a bad value."""
         source = source or f"{cls.section} config"
-        cls.check_keys(data, source)
-        hints = field_types(cls)
-        values = {key: _typed(key, value, hints[key], source) for key, value in data.items()}
         try:
-            return cls(**values)
+            return cls(**cls.typed_fields(data, source))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
+    @classmethod
+    def typed_fields(cls, data: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """``data``'s fields checked against their types (no cross-field checks: ``data`` may be partial)."""
+        cls.check_keys(data, source)
+        hints = field_types(cls)
+        return {key: _typed(key, value, hints[key], source) for key, value in data.items()}
 
     @classmethod
     def check_keys(cls, data: Mapping[str, Any], source: str, extra: tuple[str, ...] = ()) -> None:
@@ -140,6 +143,10 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
                 raise ConfigError(f"{source}: field {key}={value!r} must be a finite number")
             return number
         if option is str and isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: from JSON/YAML escapes or undecodable argv bytes
+                raise ConfigError(f"{source}: field {key}={value!r} is not valid UTF-8 text") from None
             return value
     raise ConfigError(f"{source}: field {key}={value!r} should be of type {type_name(hint)}")
 

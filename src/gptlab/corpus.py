@@ -21,16 +21,15 @@ import glob
 import gzip
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import DataError
+from .jsonsafe import parse_json
 
-__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "json_lines", "json_type", "parse_json", "BadJSON", "text_chunks",
-           "unencodable"]
+__all__ = ["Piece", "Source", "expand_inputs", "iter_pieces", "json_lines", "text_chunks"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -223,62 +222,6 @@ def _record_split(seed: int, index: int, val_fraction: float) -> str:
         return "train"
     h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return "val" if int.from_bytes(h, "little") / 2.0**64 < val_fraction else "train"
-
-
-def json_type(value: Any) -> str:
-    """How an error message names a JSON value's type ("a string", "a list", ...)."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), "null")
-
-
-class BadJSON(ValueError):
-    """Why untrusted JSON was refused; ``field`` is where a bad string sits (``messages[0].content``), if one does."""
-
-    def __init__(self, message: str, syntax: bool = False, field: str | None = None) -> None:
-        super().__init__(message)
-        self.syntax, self.field = syntax, field
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")  # json.loads accepts NaN/Infinity by default
-
-
-def parse_json(text: str | bytes) -> Any:
-    """``json.loads`` for untrusted input: ``BadJSON`` (a message for people) on bad syntax, on NaN/Infinity
-    (JSON has no such numbers), on nesting too deep to walk, and on a string that is not valid Unicode (a lone
-    UTF-16 surrogate such as ``"\\ud800"``, which JSON allows and UTF-8 cannot encode)."""
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-    except RecursionError:
-        raise BadJSON("JSON nested too deeply to read") from None
-    except ValueError as e:
-        raise BadJSON(f"not valid JSON ({getattr(e, 'msg', e)})", syntax="JSON allows" not in str(e)) from None
-    where = unencodable(value)
-    if where is not None:
-        raise BadJSON(f"{where} is not valid Unicode (a lone UTF-16 surrogate such as \\ud800)", field=where)
-    return value
-
-
-def unencodable(value: Any) -> str | None:
-    """Where in a parsed JSON value (``messages[0].content``) the first string sits that UTF-8 cannot encode."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        v, path = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"field {path}" if path else "the value"
-        elif isinstance(v, dict):
-            for k, item in reversed(list(v.items())):
-                stack += [(item, f"{path}.{k}" if path else str(k)), (k, f"a key of {path or 'the object'}")]
-        elif isinstance(v, list):
-            stack += [(item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v)))]
-    return None
 
 
 def json_lines(path: str, digest: Any = None) -> Iterator[tuple[int, Any]]:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_write_json, remove_stale, temporary_name
-from .corpus import Piece, expand_inputs, iter_pieces, parse_json
+from .corpus import Piece, expand_inputs, iter_pieces
+from .jsonsafe import parse_json
 from .errors import DataError
 from .tokenizer import CharTokenizer, Tokenizer, load_checked_tokenizer, load_tokenizer, tokenizer_digest, train_bpe
 
@@ -400,7 +401,11 @@ class TokenData:
 
     def tokenizer(self) -> Tokenizer:
         directory = self.path / self.meta.get("tokenizer_dir", TOKENIZER_DIR)
-        return load_checked_tokenizer(directory, self.meta.get("tokenizer_sha256"), str(self.path / META_FILE))
+        tok = load_checked_tokenizer(directory, self.meta.get("tokenizer_sha256"), str(self.path / META_FILE))
+        if (tok.vocab_size, tok.eos_id) != (self.vocab_size, self.meta["eos_id"]):
+            raise DataError(f"{self.path / META_FILE}: vocab_size {self.vocab_size} and eos_id {self.meta['eos_id']} "
+                            f"are not the tokenizer's ({tok.vocab_size}, {tok.eos_id}); re-run gptlab prepare")
+        return tok
 
     def verify(self) -> None:
         """Check every shard against its sha256 and every id against the vocabulary, once per change.

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from .atomic import PathLike, atomic_write_json, atomic_write_text
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
+from .jsonsafe import parse_json
 from .model import GPT
 from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
@@ -56,12 +57,11 @@ def hf_dir_from_spec(spec: PathLike) -> Path | None:
 
 def read_json_file(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; {what}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:80]}); the file is corrupted: "
-                              f"{FIX_WEIGHTS}") from None
+    except ValueError as e:  # BadJSON, bad UTF-8 included
+        raise CheckpointError(f"{path}: {str(e)[:120]}; the file is corrupted: {FIX_WEIGHTS}") from None
 
 
 # HF's Conv1D stores (in, out), the transpose of nn.Linear's (out, in).

@@ -18,7 +18,10 @@ same in every prompt.
 - multiple choice, and classification / entailment / binary similarity as
   multiple choice over verbalised labels (the label strings; "no"/"yes" for
   similarity): ``acc`` picks the choice with the highest summed log-prob,
-  ``acc_norm`` the highest log-prob per token (which does not favour short choices);
+  ``acc_norm`` the highest log-prob per token (GPT-3's rule, which does not favour
+  short choices), ``acc_norm_chars`` the highest log-prob per character (what
+  lm-evaluation-harness calls ``acc_norm``, to compare with its published numbers);
+  ``chance`` is the accuracy of guessing (the mean of 1 / choices);
 - completion: ``acc`` is exact match of the greedy continuation. Greedy decoding
   of len(answer) tokens reproduces the answer exactly when every answer token is
   the argmax given the prompt and the answer tokens before it, which is
@@ -27,8 +30,10 @@ same in every prompt.
   the model would generate after the word is not checked).
 
 A prompt that does not fit the model's context loses whole demonstrations, the
-ones farthest from the example first (counted as ``truncated``); an example that
-does not fit even alone is skipped (counted as ``skipped``, with a warning).
+ones farthest from the example first (counted as ``truncated``, and ``demos`` is
+the mean number of demonstrations that stayed); an example that does not fit even
+alone is skipped (counted as ``skipped``, with a warning). ``template`` replaces a
+task type's context template (``str.format`` over the row's fields).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .engine import Engine
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import GPT
 from .tokenizer import Tokenizer
 from .tasks import Task
@@ -70,9 +75,14 @@ def _continuation(context: str, answer: str) -> str:
     return " " + answer
 
 
-def render(task: Task, row: dict[str, Any]) -> tuple[str, list[str], int]:
+def render(task: Task, row: dict[str, Any], template: str | None = None) -> tuple[str, list[str], int]:
     """(context, candidate continuations, index of the correct one) of a row; completion has one candidate."""
-    context = TEMPLATES[task.type].format(**row)
+    try:
+        context = (template or TEMPLATES[task.type]).format(**row)
+    except (KeyError, IndexError, ValueError) as e:
+        fields = ", ".join("{" + f + "}" for f in row)
+        raise UserError(f"template {template!r} does not fit the rows of {task.path} ({first_line(e)}): use "
+                        f"their fields, {fields}") from None
     if task.type == "completion":
         return context, [_continuation(context, str(row["answer"]))], 0
     gold = task.label_index(row)
@@ -128,13 +138,14 @@ def _check(task: Task, train: Task | None, shots: Sequence[int], max_examples: i
 
 def evaluate_icl(model: GPT, tokenizer: Tokenizer | None, task: Task, shots: list[int], *, train: Task | None = None,
                  seed: int = 0, max_examples: int | None = None, batch_size: int = 16,
-                 model_name: str | None = None) -> dict[str, Any]:
+                 model_name: str | None = None, template: str | None = None) -> dict[str, Any]:
     """Accuracy of ``model`` on ``task`` for each number of shots (see the module docstring).
 
     ``max_examples`` evaluates the first N rows (demonstrations still come from
-    every other row). Returns ``{"task", "type", "model", "seed", "results": {"k":
-    {"acc", "acc_norm", "n", "skipped", "truncated"}}}``; ``acc_norm`` is None for
-    completion, accuracies are None when every example was skipped.
+    every other row). Returns ``{"task", "type", "model", "seed", "template", "results":
+    {"k": {"acc", "acc_norm", "acc_norm_chars", "chance", "n", "skipped", "truncated",
+    "demos"}}}``; the normalised accuracies and ``chance`` are None for completion,
+    accuracies are None when every example was skipped.
     """
     if tokenizer is None:
         raise UserError(f"model {model_name or '(unnamed)'} has no tokenizer: in-context evaluation needs "
@@ -147,7 +158,7 @@ def evaluate_icl(model: GPT, tokenizer: Tokenizer | None, task: Task, shots: lis
 
     def demo(j: int) -> str:
         if j not in demo_text:
-            context, conts, gold = render(pool, pool.rows[j])
+            context, conts, gold = render(pool, pool.rows[j], template)
             demo_text[j] = context + conts[gold]
         return demo_text[j]
 
@@ -155,24 +166,26 @@ def evaluate_icl(model: GPT, tokenizer: Tokenizer | None, task: Task, shots: lis
         return tokenizer.encode(text) or [tokenizer.eos_id]  # an empty prompt follows end-of-text
 
     n_eval = len(task.rows) if max_examples is None else min(max_examples, len(task.rows))
-    examples = []  # (row index, context, continuation ids, gold) of the examples that fit alone
+    examples = []  # (row index, context, continuations, their ids, gold) of the examples that fit alone
     skipped = 0
     for i in range(n_eval):
-        context, conts, gold = render(task, task.rows[i])
+        context, conts, gold = render(task, task.rows[i], template)
         cont_ids = [tokenizer.encode(c) for c in conts]
         if len(encode(context)) + max(map(len, cont_ids)) > room:
             skipped += 1
             continue
-        examples.append((i, context, cont_ids, gold))
+        examples.append((i, context, conts, cont_ids, gold))
     if skipped:
         warnings.warn(f"{task.path}: {skipped} of {n_eval} examples do not fit the model's context of "
                       f"{model.config.block_size} tokens even without demonstrations; skipped", stacklevel=2)
 
+    choice = task.type != "completion"
+    chance = sum(1 / len(conts) for _, _, conts, _, _ in examples) / len(examples) if examples and choice else None
     results: dict[str, Any] = {}
     for k in shots:
         requests: list[tuple[list[int], list[int]]] = []
-        truncated = 0
-        for i, context, cont_ids, _ in examples:
+        truncated = kept = 0
+        for i, context, _, cont_ids, _ in examples:
             demos = [demo(j) for j in sample_demos(i, len(pool.rows), k, seed, exclude_example=train is None)]
             longest = max(map(len, cont_ids))
             ids = encode(DEMO_SEPARATOR.join(demos + [context]))
@@ -180,23 +193,28 @@ def evaluate_icl(model: GPT, tokenizer: Tokenizer | None, task: Task, shots: lis
                 demos.pop(0)
                 ids = encode(DEMO_SEPARATOR.join(demos + [context]))
             truncated += int(len(demos) < k)
+            kept += len(demos)
             requests.extend((ids, c) for c in cont_ids)
         scores = iter(engine.score(requests, batch_size=batch_size))
-        hits = hits_norm = 0
-        for _, _, cont_ids, gold in examples:
+        hits = hits_norm = hits_chars = 0
+        for _, _, conts, cont_ids, gold in examples:
             got = [next(scores) for _ in cont_ids]
-            if task.type == "completion":
+            if not choice:
                 hits += got[0][2]
                 continue
             hits += max(range(len(got)), key=lambda c: got[c][0]) == gold
             hits_norm += max(range(len(got)), key=lambda c: got[c][0] / got[c][1]) == gold
+            hits_chars += max(range(len(got)), key=lambda c: got[c][0] / max(1, len(conts[c]))) == gold
         n = len(examples)
         results[str(k)] = {
             "acc": hits / n if n else None,
-            "acc_norm": None if task.type == "completion" or not n else hits_norm / n,
-            "n": n, "skipped": skipped, "truncated": truncated,
+            "acc_norm": hits_norm / n if choice and n else None,
+            "acc_norm_chars": hits_chars / n if choice and n else None,
+            "chance": chance, "n": n, "skipped": skipped, "truncated": truncated,
+            "demos": kept / n if n else None,
         }
-    return {"task": str(task.path), "type": task.type, "model": model_name, "seed": seed, "results": results}
+    return {"task": str(task.path), "type": task.type, "model": model_name, "seed": seed,
+            "template": template or TEMPLATES[task.type], "results": results}
 
 
 # ------------------------------------------------------------------ reports
@@ -205,13 +223,14 @@ def _fmt(x: float | None) -> str:
 
 
 def markdown_table(by_model: dict[str, dict[str, Any]]) -> str:
-    """One row per model and shot count: | model | shots | acc | acc_norm | n | skipped | truncated |."""
-    lines = ["| model | shots | acc | acc_norm | n | skipped | truncated |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per model and shot count: accuracies, chance, and what the context allowed."""
+    lines = ["| model | shots | acc | acc_norm | acc_norm_chars | chance | n | skipped | truncated | demos |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in by_model.items():
         for k, r in result["results"].items():
-            lines.append(f"| {name} | {k} | {_fmt(r['acc'])} | {_fmt(r['acc_norm'])} | {r['n']} | "
-                         f"{r['skipped']} | {r['truncated']} |")
+            demos = "–" if r["demos"] is None else f"{r['demos']:.2f}"
+            lines.append(f"| {name} | {k} | {_fmt(r['acc'])} | {_fmt(r['acc_norm'])} | {_fmt(r['acc_norm_chars'])} | "
+                         f"{_fmt(r['chance'])} | {r['n']} | {r['skipped']} | {r['truncated']} | {demos} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +247,9 @@ def plot_accuracy(by_model: dict[str, dict[str, Any]], title: str = "") -> bytes
             if points:
                 ax.plot(*zip(*points), style, color=color, label=f"{name} {metric}", markersize=4)
                 ticks.update(k for k, _ in points)
+    chances = {r["chance"] for result in by_model.values() for r in result["results"].values()} - {None}
+    for chance in chances:
+        ax.axhline(chance, color="0.5", linestyle=":", linewidth=1, label="chance" if len(chances) == 1 else None)
     ax.set_xscale("symlog", linthresh=1)
     if ticks:
         ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .atomic import atomic_write_text
-from .corpus import expand_inputs, json_lines, json_type, text_chunks
+from .corpus import expand_inputs, json_lines, text_chunks
+from .jsonsafe import json_type
 from .errors import DataError
 
 __all__ = ["TASK_TYPES", "TASK_FIELDS", "DERIVED_TASKS", "SPLITS", "Task", "load_task", "make_tasks"]

@@ -36,6 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .atomic import atomic_write_bytes, sha256_file
 from .errors import TokenizerError
+from .jsonsafe import parse_json
 
 __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
@@ -107,11 +108,11 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_bytes())
     except FileNotFoundError:
         raise TokenizerError(f"{path}: file not found; save the tokenizer again or point at the right directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid UTF-8 JSON ({e}); re-save or re-download this file") from None
+    except ValueError as e:  # BadJSON, bad UTF-8 included
+        raise TokenizerError(f"{path}: {e}; re-save or re-download this file") from None
 
 
 def _as_ids(ids: Any) -> Sequence[int]:

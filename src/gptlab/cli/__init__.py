@@ -8,7 +8,7 @@
     demos.py       demo, rlhf-demo
     args.py        flags from dataclass fields, command groups
 
-A ``UserError`` is printed as one line (no traceback) and exits with code 2.
+A ``UserError`` or a usage error is printed as one line (no traceback) and exits with code 2.
 ``python -m gptlab.cli`` is the same program (what torchrun launches).
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ..errors import UserError
 from . import data, demos, evaluation, models, serving, training
@@ -23,8 +24,15 @@ from . import data, demos, evaluation, models, serving, training
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line, like every other error (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptlab", description="The GPT lineage as one hackable tool: "
+    parser = _Parser(prog="gptlab", description="The GPT lineage as one hackable tool: "
                                      "GPT-1, GPT-2, GPT-3, InstructGPT, ChatGPT")
     sub = parser.add_subparsers(dest="command", required=True)
     for topic in (models, data, training, evaluation, serving, demos):

@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -23,7 +24,7 @@ from typing import Any, Callable, Literal, Mapping, Union
 
 from ..config import Config, field_types
 
-__all__ = ["field_docs", "add_fields", "given", "exit_code", "add_group", "Adder"]
+__all__ = ["field_docs", "add_fields", "given", "exit_code", "add_group", "Adder", "unescape"]
 
 
 @functools.cache
@@ -100,3 +101,11 @@ def add_group(sub: argparse._SubParsersAction, name: str, help: str, children: l
     group = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
     for add in children:
         add(group)
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a shell argument as the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)

@@ -17,7 +17,7 @@ from ..stages.finetune import predict
 from ..tasks import load_task
 from ..tokenizer import check_tokenizers_match
 from ..train.dist import resolve_device
-from .args import add_group
+from .args import add_group, unescape
 
 __all__ = ["COMMANDS"]
 
@@ -80,11 +80,12 @@ def cmd_eval_icl(args: argparse.Namespace) -> None:
         model, tokenizer, _ = load_run(spec, device=device)
         by_model[spec] = evaluate_icl(model, tokenizer, task, shots, train=train, seed=args.seed,
                                       max_examples=args.max_examples, batch_size=args.batch_size,
-                                      model_name=spec)
+                                      model_name=spec, template=unescape(args.template) if args.template else None)
     table = markdown_table(by_model)
     atomic_write_json(out / "results.json", {
         "task": str(args.task), "type": task.type, "train": args.train, "seed": args.seed, "shots": shots,
-        "max_examples": args.max_examples, "models": {m: r["results"] for m, r in by_model.items()}})
+        "max_examples": args.max_examples, "template": next(iter(by_model.values()))["template"],
+        "models": {m: r["results"] for m, r in by_model.items()}})
     atomic_write_text(out / "results.md", f"# In-context evaluation: {args.task} ({task.type})\n\n{table}")
     atomic_write_bytes(out / "accuracy_vs_shots.png", plot_accuracy(by_model, title=f"{args.task} ({task.type})"))
     print(table, end="")
@@ -102,6 +103,10 @@ def add_eval_icl(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the demonstration draws")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--template", default=None,
+                   help="the example's context as a format string over the row's fields, e.g. "
+                        "'{text}\\nSentiment:' (\\n reads as a newline; default: gptlab.icl.TEMPLATES for the "
+                        "task type)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval_icl)
 

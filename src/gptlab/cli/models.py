@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from ..config import PRESETS, GPTConfig
@@ -11,6 +10,7 @@ from ..engine import Engine, SamplingParams
 from ..hf import export_hf, import_hf
 from ..model import GPT
 from ..runs import load_run, prepare_out_dir, save_model
+from .args import unescape
 
 __all__ = ["COMMANDS"]
 
@@ -24,14 +24,6 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def add_presets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params")
     p.set_defaults(func=cmd_presets)
-
-
-ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
-def unescape(text: str) -> str:
-    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a shell argument as the characters they name."""
-    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from ..engine import Engine, SamplingParams
 from ..errors import UserError
 from ..runs import load_run
 from ..serve.run import run_server
+from ..serve.web import WebData
 
 __all__ = ["COMMANDS"]
 
@@ -40,14 +41,16 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    for flag in ("max_body_bytes", "max_queue", "max_batch"):
+    for flag in ("max_body_bytes", "max_queue", "max_batch", "max_record_bytes", "max_data_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
     directory = Path(str(args.model).removeprefix("hf:")).expanduser()
     name = args.model_name or directory.resolve().name
+    data = WebData(Path(args.data_dir).expanduser() if args.data_dir else None, args.max_record_bytes,
+                   args.max_data_bytes)
     return run_server(lambda: load_run(args.model), model_name=name, host=args.host, port=args.port,
                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                      max_batch=args.max_batch, data_dir=args.data_dir or directory)
+                      max_batch=args.max_batch, data=data, allow_hosts=args.allow_host or ())
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +66,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="sequences decoded together; more requests wait to join between steps (default 16)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory name)")
     p.add_argument("--data-dir", default=None,
-                   help="where the web pages append feedback.jsonl and rankings.jsonl (default: the model's directory)")
+                   help="where the web pages append feedback.jsonl and rankings.jsonl and read prompts.jsonl "
+                        "(default: nowhere: the pages' writes are refused)")
+    p.add_argument("--max-record-bytes", type=int, default=WebData.max_record_bytes,
+                   help=f"largest feedback or ranking record (default {WebData.max_record_bytes})")
+    p.add_argument("--max-data-bytes", type=int, default=WebData.max_file_bytes,
+                   help=f"largest feedback.jsonl / rankings.jsonl; past it appends get 429 "
+                        f"(default {WebData.max_file_bytes})")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="another name the server answers to in the Host header (repeatable; bound to 127.0.0.1 "
+                        "it answers only to localhost, 127.0.0.1 and ::1: the DNS-rebinding defence)")
     p.set_defaults(func=cmd_serve)
 
 

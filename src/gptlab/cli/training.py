@@ -124,7 +124,9 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 PPO_TRAIN_HELP = {**{k: repr(v) for k, v in PPO_TRAIN.items()},
-                  "max_steps": "iterations x ppo_epochs x minibatches", "batch_size": "--ptx-batch",
+                  "max_steps": "iterations x ppo_epochs x minibatches",
+                  "batch_size": f"{PPO_TRAIN['batch_size']}: the pretraining (ptx) rows per update",
+                  "min_lr": f"{PPO_TRAIN['min_lr']}: the learning rate stays constant",
                   "eval_every": "a tenth of the iterations", "checkpoint_every": "a tenth of the iterations"}
 
 

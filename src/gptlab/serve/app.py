@@ -15,9 +15,8 @@ or waiting, 503 while the model loads (the last four from the middleware, middle
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +33,7 @@ from .openai import Answer, OpenAIHandler
 from .protocol import (ERROR_SCHEMA, ERRORS, STREAMED, APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest, error_response)
 from .state import ServeState
-from .web import add_web_routes
+from .web import WebData, add_web_routes
 
 __all__ = ["create_app", "Loader"]
 
@@ -80,7 +79,8 @@ def _respond(answer: Answer) -> dict[str, Any] | StreamingResponse:
 def create_app(model: GPT | None = None, tokenizer: Tokenizer | None = None, config: dict[str, Any] | None = None,
                *, model_name: str, load: Loader | None = None, api_key: str | None = None,
                max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
-               max_queue: int = 64, max_batch: int = 16, data_dir: str | Path | None = None) -> FastAPI:
+               max_queue: int = 64, max_batch: int = 16, data: WebData = WebData(),
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app serving a model under ``model_name``; its ``ServeState`` is ``app.state.serve``.
 
     Give the model (``model, tokenizer, config``), or ``load`` returning them:
@@ -89,9 +89,10 @@ def create_app(model: GPT | None = None, tokenizer: Tokenizer | None = None, con
     decoded together by a ``Batcher`` of up to ``max_batch`` sequences.
     ``api_key`` set: every route but ``/health`` needs ``Authorization: Bearer
     KEY``. ``max_tokens_limit`` defaults to the model's context length; more than
-    ``max_queue`` generation requests running or waiting get 429. ``data_dir``
-    receives what the web pages collect (feedback.jsonl, rankings.jsonl); None
-    disables those writes.
+    ``max_queue`` generation requests running or waiting get 429. ``data`` says
+    where and how much the web pages keep of what they collect (feedback.jsonl,
+    rankings.jsonl; nothing by default). ``allowed_hosts`` (None: any) are the names
+    a request's ``Host`` header may carry.
     """
     if (model is None) == (load is None):
         raise UserError("create_app: give either the model (model, tokenizer, config) or load, not both")
@@ -182,7 +183,8 @@ def create_app(model: GPT | None = None, tokenizer: Tokenizer | None = None, con
     async def tokenizer_info() -> dict[str, Any]:
         return state.api.tokenizer_info()
 
-    add_web_routes(app, state, Path(data_dir) if data_dir is not None else None)
+    add_web_routes(app, state, data)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(Guard, state=state, api_key=api_key, max_body_bytes=max_body_bytes, max_queue=max_queue)
+    app.add_middleware(Guard, state=state, api_key=api_key, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                       allowed_hosts=None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts))
     return app

@@ -10,12 +10,12 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..corpus import BadJSON, parse_json
+from ..jsonsafe import BadJSON, parse_json
 from .protocol import error_response
 from .state import ServeState
 from .web import PAGES
 
-__all__ = ["Guard"]
+__all__ = ["Guard", "host_of"]
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 COUNTED_PATHS = (*GENERATION_PATHS, "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models")
@@ -28,11 +28,22 @@ def _public(scope: Scope) -> bool:
     return scope.get("method") in ("GET", "HEAD") and (path in PAGES or path.startswith("/static/"))
 
 
+def host_of(header: bytes) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class Guard:
+    """``allowed_hosts`` (None: any) are the names a ``Host`` header may carry: a server bound to this machine
+    answers only to its own names, so a web page on another site cannot reach it by DNS rebinding."""
+
     def __init__(self, app: ASGIApp, *, state: ServeState, api_key: str | None, max_body_bytes: int,
-                 max_queue: int):
+                 max_queue: int, allowed_hosts: frozenset[str] | None = None):
         self.app, self.state, self.api_key = app, state, api_key
-        self.max_body, self.max_queue = max_body_bytes, max_queue
+        self.max_body, self.max_queue, self.allowed_hosts = max_body_bytes, max_queue, allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +92,13 @@ class Guard:
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts is not None and host_of(headers.get(b"host", b"")) not in self.allowed_hosts:
+            host = headers.get(b"host", b"").decode("latin-1")
+            await error_response(400, f"Host header {host!r} is not a name of this server: open it at one of "
+                                      f"{', '.join(sorted(self.allowed_hosts))}, or start gptlab serve with "
+                                      f"--allow-host {host_of(headers.get(b'host', b'')) or 'NAME'}",
+                                 code="host_not_allowed")(scope, receive, send)
+            return
         if self.api_key is not None and scope.get("path") != "/health" and not _public(scope):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):

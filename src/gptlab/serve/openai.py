@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from ..batcher import Batcher, Piece
-from ..chat import ROLES, Message, has_chat_tokens, render, stop_ids
+from ..chat import CHAT_TEMPLATE, ROLES, Message, has_chat_tokens, render, stop_ids
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from ..model import GPT
@@ -83,17 +83,26 @@ class OpenAIHandler:
         return self.model_card()
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
-        ids = self.encode(req.prompt)
+        conversation = req.messages if req.messages is not None else req.prompt if isinstance(req.prompt, list) else None
+        if conversation is not None:
+            ids = self.chat_ids(conversation, add_generation_prompt=req.add_generation_prompt is not False)
+        elif isinstance(req.prompt, str):
+            ids = self.encode(req.prompt)
+        else:
+            raise APIError(400, "give prompt (a text, or a list of messages) or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.block}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         return {"prompt": self.tok.decode(self.check_ids(req.tokens, "tokens"))}
 
     def tokenizer_info(self) -> dict[str, Any]:
-        return {"eos_token": self.special_name(self.tok.eos_id), "eos_token_id": self.tok.eos_id,
+        """What clients that tokenize through the server read (lm-evaluation-harness's remote tokenizer): the
+        special tokens by name and id (GPT-2 begins texts with its end-of-text token), and the chat template."""
+        eos = self.special_name(self.tok.eos_id)
+        return {"eos_token": eos, "eos_token_id": self.tok.eos_id, "bos_token": eos, "bos_token_id": self.tok.eos_id,
                 "pad_token": self.special_name(self.tok.pad_id), "pad_token_id": self.tok.pad_id,
                 "vocab_size": self.tok.vocab_size, "chat_format": self.config.get("chat_format"),
-                "max_model_len": self.block}
+                "chat_template": CHAT_TEMPLATE if self.chat_ok else None, "max_model_len": self.block}
 
     def special_name(self, i: int | None) -> str | None:
         return next((name for name, j in self.tok.special_tokens.items() if j == i), None)
@@ -112,8 +121,10 @@ class OpenAIHandler:
         return list(ids)
 
     def encode(self, text: str) -> list[int]:
+        """A raw text's ids, special tokens spelt in it read as such (``<|endoftext|>`` -> its id), as vLLM
+        does; chat messages never are (``chat_ids``), so that no message can forge a turn."""
         try:
-            return self.tok.encode(text)
+            return self.tok.encode(text, allow_special=True)
         except UserError as e:
             raise APIError(400, f"the text cannot be tokenized: {e}", param="prompt") from None
 
@@ -385,7 +396,7 @@ class OpenAIHandler:
         return events()
 
     # -------------------------------------------------------------- chat
-    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not self.chat_ok:
             raise APIError(400, f"the model '{self.model_name}' has no chat format (it was not trained with "
                                 "gptlab sft, ppo or dpo): use /v1/completions, or fine-tune it with gptlab sft",
@@ -406,7 +417,7 @@ class OpenAIHandler:
                 content = "".join(part.text or "" for part in content)
             turns.append(Message(role, content or ""))
         try:
-            return render(turns, self.tok, add_generation_prompt=True)[0]
+            return render(turns, self.tok, add_generation_prompt=add_generation_prompt)[0]
         except UserError as e:
             raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from None
 

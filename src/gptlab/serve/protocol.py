@@ -79,8 +79,14 @@ class ChatRequest(GenerationRequest):
 
 
 class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text (special tokens spelt in it are read as such), or a conversation (``messages``,
+    or ``prompt`` as a list of messages) rendered through the model's chat format."""
+
     model_config = ConfigDict(extra="allow", strict=True)
-    prompt: str
+    prompt: str | list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # gptlab's tokenizers add none: accepted for vLLM's clients
+    add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(BaseModel):

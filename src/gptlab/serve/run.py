@@ -8,12 +8,14 @@ the load, and nothing of uvicorn's patched.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 import uvicorn
 
 from .app import Loader, create_app
+from .web import WebData
 from .state import ServeState
 
 __all__ = ["run_server"]
@@ -38,11 +40,32 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def run_server(load: Loader, *, model_name: str, host: str, port: int, api_key: str | None, max_body_bytes: int,
-               max_queue: int, max_batch: int, data_dir: str | Path | None) -> int:
-    """Serve until Ctrl-C (0), or until the model fails to load (2)."""
+               max_queue: int, max_batch: int, data: WebData, allow_hosts: Sequence[str] = ()) -> int:
+    """Serve until Ctrl-C (0), or until the model fails to load (2).
+
+    Bound to this machine, the server answers only requests addressed to its own names (and ``allow_hosts``):
+    the DNS-rebinding defence of local servers. Bound to a network address, it takes any ``Host`` unless
+    ``allow_hosts`` lists them, and warns when no API key guards it.
+    """
+    loopback = is_loopback(host)
+    allowed = (*LOOPBACK_NAMES, *allow_hosts) if loopback else ((host, *allow_hosts) if allow_hosts else None)
+    if not loopback and api_key is None:
+        print(f"gptlab serve: warning: listening on {host} without --api-key: anyone who can reach this machine "
+              f"can use the model{' and write to ' + str(data.directory) if data.directory else ''}; "
+              "pass --api-key KEY", file=sys.stderr, flush=True)
     app = create_app(load=load, model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     max_queue=max_queue, max_batch=max_batch, data_dir=data_dir)
+                     max_queue=max_queue, max_batch=max_batch, data=data, allowed_hosts=allowed)
     state: ServeState = app.state.serve
     _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), state, model_name).run()
     return 2 if state.load_error else 0

@@ -17,9 +17,11 @@ JSON endpoints are guarded like the API and the pages send the key they keep in 
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,14 +33,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from ..align_data import load_prompts, ranking_of
-from ..atomic import append_jsonl
+from ..atomic import FileFull, append_jsonl
 from ..chat import ROLES
 from ..errors import DataError, UserError
 from .openai import OpenAIHandler
 from .protocol import APIError
 from .state import ServeState
 
-__all__ = ["add_web_routes", "PAGES", "STATIC"]
+__all__ = ["add_web_routes", "WebData", "PAGES", "STATIC"]
 
 STATIC = Path(__file__).with_name("static")
 PAGES = {"/": "chat.html", "/explore": "explore.html", "/rank": "rank.html"}
@@ -79,11 +81,32 @@ class RankingRequest(BaseModel):
 
 
 # ------------------------------------------------------------------ data
-def _data_file(data_dir: Path | None, name: str) -> Path:
-    if data_dir is None:
-        raise APIError(409, f"the server was started without a data directory, so it keeps no {name}: restart "
-                            "gptlab serve with --data-dir DIR", code="no_data_dir")
-    return data_dir / name
+@dataclass(frozen=True)
+class WebData:
+    """Where the pages keep what people send (feedback, rankings), and how much: nothing is written unless
+    the user named a directory, one record is at most ``max_record_bytes``, a file at most ``max_file_bytes``."""
+
+    directory: Path | None = None
+    max_record_bytes: int = 64 * 1024
+    max_file_bytes: int = 100 * 1024 * 1024
+
+    def file(self, name: str) -> Path:
+        if self.directory is None:
+            raise APIError(409, f"the server was started without a data directory, so it keeps no {name}: "
+                                "restart gptlab serve with --data-dir DIR", code="no_data_dir")
+        return self.directory / name
+
+    async def append(self, name: str, row: dict[str, Any]) -> None:
+        path = self.file(name)
+        size = len(json.dumps(row, ensure_ascii=False).encode()) + 1
+        if size > self.max_record_bytes:
+            raise APIError(413, f"the record is {size} bytes, more than the {self.max_record_bytes} one record may "
+                                "hold (--max-record-bytes)", code="record_too_large")
+        try:
+            await run_in_threadpool(append_jsonl, path, row, self.max_file_bytes)
+        except FileFull:
+            raise APIError(429, f"{name} reached its limit of {self.max_file_bytes} bytes (--max-data-bytes): move "
+                                "it away or raise the limit", type="rate_limit_error", code="data_file_full") from None
 
 
 def _stamp() -> str:
@@ -151,9 +174,9 @@ def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
     return page
 
 
-def add_web_routes(app: FastAPI, state: ServeState, data_dir: Path | None) -> None:
-    """Register the pages, their static files and their JSON endpoints on ``app``; ``data_dir`` None keeps
-    no feedback or rankings."""
+def add_web_routes(app: FastAPI, state: ServeState, data: WebData) -> None:
+    """Register the pages, their static files and their JSON endpoints on ``app``."""
+    data_dir = data.directory
     for path, name in PAGES.items():
         app.add_api_route(path, _page(name), methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -183,15 +206,14 @@ def add_web_routes(app: FastAPI, state: ServeState, data_dir: Path | None) -> No
             if turn.role not in ROLES:
                 raise APIError(400, f"messages[{i}].role '{turn.role}' is not one of {', '.join(ROLES)}",
                                param=f"messages[{i}].role")
-        path = _data_file(data_dir, FEEDBACK)
         row = {"time": _stamp(), "model": state.api.model_name, "rating": req.rating,
                "messages": [t.model_dump() for t in req.messages], "answer": req.answer}
-        await run_in_threadpool(append_jsonl, path, row)
+        await data.append(FEEDBACK, row)
         return {"saved": FEEDBACK}
 
     @app.get("/web/prompt")
     async def prompt() -> dict[str, Any]:
-        path = _data_file(data_dir, PROMPTS)
+        path = data.file(PROMPTS)
         try:
             text = await run_in_threadpool(_next_prompt, path)
         except DataError as e:
@@ -204,8 +226,7 @@ def add_web_routes(app: FastAPI, state: ServeState, data_dir: Path | None) -> No
     @app.post("/web/rankings")
     async def rankings(req: RankingRequest) -> dict[str, Any]:
         _check_ranking(req)
-        path = _data_file(data_dir, RANKINGS)
         row = {"prompt": req.prompt, "responses": req.responses, "ranking": req.ranking,
                "model": state.api.model_name, "time": _stamp()}
-        await run_in_threadpool(append_jsonl, path, row)
+        await data.append(RANKINGS, row)
         return {"saved": RANKINGS}

@@ -65,8 +65,9 @@ from .sft import sft_sample
 
 __all__ = ["PPOConfig", "PPOStage", "PPO_TRAIN", "encode_prompts", "ppo_train_config", "run_ppo", "rollout"]
 
-# Constant, small lr; no warmup; one optimizer step per minibatch update.
-PPO_TRAIN: dict[str, Any] = {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0}
+# Constant, small lr; no warmup; one optimizer step per minibatch update; batch_size is the pretraining
+# (ptx) rows per update.
+PPO_TRAIN: dict[str, Any] = {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "batch_size": 8}
 PPO_ITERATIONS = 100
 
 
@@ -106,8 +107,6 @@ class PPOConfig(Config):
     """weight of the value loss"""
     ptx_coef: float = 0.0
     """γ_ptx: weight of the pretraining LM loss (PPO-ptx; 0 = plain PPO; needs --ptx-data)"""
-    ptx_batch: int = 8
-    """pretraining rows per update (the train config's batch_size)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never ends"""
     whiten_advantages: bool = True
@@ -120,7 +119,7 @@ class PPOConfig(Config):
     """most held-out prompts evaluated"""
 
     def validate(self) -> None:
-        for key in ("rollout_batch", "minibatches", "ppo_epochs", "max_new_tokens", "ptx_batch", "kl_horizon",
+        for key in ("rollout_batch", "minibatches", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "val_max"):
             self.need(getattr(self, key) >= 1, f"{key}={getattr(self, key)!r} must be >= 1")
         self.need(self.minibatches <= self.rollout_batch, f"minibatches={self.minibatches} must be <= "
@@ -347,8 +346,7 @@ def ppo_train_config(cfg: PPOConfig, iterations: int = PPO_ITERATIONS, given: Gi
 def _derive(cfg: PPOConfig, iterations: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     updates = cfg.updates_per_iteration
     every = max(1, math.ceil(iterations / 10)) * updates
-    return lambda _: {"max_steps": iterations * updates, "eval_every": every, "checkpoint_every": every,
-                      "batch_size": cfg.ptx_batch}
+    return lambda _: {"max_steps": iterations * updates, "eval_every": every, "checkpoint_every": every}
 
 
 def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[str],

@@ -142,6 +142,8 @@ def _model_config(run: StageRun, given: ModelGiven, vocab: int, train: TrainConf
                               f"drop --config/--preset and the model flags when resuming, or use a new --out")
         return saved
     if not section:
+        if run.config_file is not None:
+            raise ConfigError(f"{run.config_file}: no model: section; add one (see configs/) or pass --preset NAME")
         raise ConfigError("no model given: pass --preset NAME or --config FILE (with a model: section)")
     return build_model_config(section, vocab, train, source=f"{source}: model")
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import fsync_dir, remove_stale, sha256_file, temporary_name
-from ..corpus import parse_json
+from ..jsonsafe import parse_json
 from ..errors import CheckpointError, first_line
 from ..runs import CKPT_DIR
 

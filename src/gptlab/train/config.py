@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, TypeVar
 import yaml
 
 from ..config import Config, field_types
-from ..corpus import parse_json
+from ..jsonsafe import parse_json, unencodable
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "load_config_file", "resolve", "Given"]
@@ -146,6 +146,9 @@ def load_config_file(path: str | os.PathLike[str], sections: tuple[str, ...]) ->
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{p}: cannot parse: {first}") from None
     data = data or {}
+    bad = unencodable(data)
+    if bad is not None:
+        raise ConfigError(f"{p}: {bad} is not valid Unicode (a lone UTF-16 surrogate such as \\ud800); fix the text")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping with sections {', '.join(sections)}")
     unknown = sorted(set(map(str, data)) - set(sections))
@@ -176,6 +179,8 @@ def resolve(cls: type[C], given: Given = None, *, defaults: Mapping[str, Any] | 
     source = source or f"{section} config"
     given_fields = given.to_dict() if isinstance(given, Config) else {k: v for k, v in (given or {}).items()
                                                                       if v is not None}  # None: not given
+    if not isinstance(given, Config):  # a bad flag is named as given, not as the file it would override
+        cls.typed_fields(given_fields, f"the given {section} settings")
     if saved is None:
         if isinstance(given, cls):
             return given

@@ -326,10 +326,13 @@ class Trainer(Generic[M]):
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_time = float(state.get("train_time_s", 0.0))
         self.last_val = dict(state.get("last_val") or {})
-        self.metrics.truncate(int(state["metrics_lines"]))
+        missing = self.metrics.truncate(int(state["metrics_lines"]))
         self.last_ckpt = ckpt
         if self.env.is_main:
             tqdm.write(f"resumed from {ckpt} (step {self.step})")
+            if missing:
+                tqdm.write(f"warning: {self.metrics.path} lacks {missing} of the {state['metrics_lines']} lines the "
+                           f"checkpoint recorded (cut or deleted by hand); the log goes on from step {self.step}")
 
     # --------------------------------------------------------------- the loop
     def _fetch(self, step: int, micro: int) -> Any:

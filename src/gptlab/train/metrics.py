@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_write_bytes
-from ..corpus import parse_json
+from ..jsonsafe import parse_json
 from ..errors import CheckpointError
 
 __all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLog", "read_metrics", "plot_losses", "PEAK_FLOPS", "peak_flops"]
@@ -34,13 +34,15 @@ class MetricsLog:
     def lines(self) -> int:
         return len(self.records)
 
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` complete lines (drops lines a killed run wrote after its checkpoint)."""
+    def truncate(self, n: int) -> int:
+        """Keep the first ``n`` complete lines (drops lines a killed run wrote after its checkpoint);
+        returns how many of those ``n`` are missing (the log was cut or deleted by hand)."""
         if not self.enabled:
-            return
+            return 0
         kept = self.records[:n]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
         self.records = kept
+        return n - len(kept)
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
