@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        work / "gptlab.log")
         meta = json.loads((ours_dir / "meta.json").read_text())
         ours_tok = {s: digest([ours_dir / sh["file"] for sh in meta["splits"][s]["shards"]]) for s in ("train", "val")}
+        verify = measure([sys.executable, "-c", "import sys; from gptlab.data import TokenData; "
+                          "TokenData(sys.argv[1]).verify()", str(ours_dir)], work / "verify.log")
+        verify_again = measure([sys.executable, "-c", "import sys; from gptlab.data import TokenData; "
+                                "TokenData(sys.argv[1]).verify()", str(ours_dir)], work / "verify2.log")
         if not args.keep:
             shutil.rmtree(ours_dir)
 
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_tokens = sum(n for n, _ in ours_tok.values())
     results: dict[str, Any] = {
         "input_mb": mb, "files": len(inputs), "workers": args.workers, "tokens": n_tokens, "identical": identical,
-        "gptlab": ours, "peer": peer, "ratio": peer["s"] / ours["s"],
+        "gptlab": ours, "peer": peer, "ratio": peer["s"] / ours["s"], "verify": verify, "verify_again": verify_again,
     }
     print(f"prepare throughput: {hardware()}")
     print(f"input: {mb:.1f} MB in {len(inputs)} files, {n_tokens:,} GPT-2 tokens "
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['peak_rss'] / 1e6:>12.0f} {r['procs']:>6}")
     print(f"gptlab/peer throughput: {results['ratio']:.3f} wall, {peer['cpu_s'] / ours['cpu_s']:.3f} CPU"
           f"  (1.0 = same speed; tokens identical: {identical})")
+    print(f"verifying the shards it wrote (sha256 + ids < vocab_size, what train and eval ppl do first): "
+          f"{verify['s']:.2f} s ({100 * verify['s'] / ours['s']:.1f}% of prepare), again with the check cached: "
+          f"{verify_again['s']:.2f} s (interpreter start-up included)")
     if not identical:
         print(f"  MISMATCH: gptlab {ours_tok} vs peer {peer_tok}")
     return results

@@ -122,3 +122,14 @@ def test_generate_stop_as_the_readme_writes_it(newline_run, capsys):
     assert main(["generate", "--model", str(newline_run), "--prompt", "x", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr() == ("\n" * 5 + "\n", "")
+
+
+def test_ppo_help_says_one_thing_per_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--ptx-batch" not in text and "constant)" not in text.split("--min-lr")[0]
+    assert "--batch-size INT micro batch per process (sequences, rows or prompts, by stage) (default: 8: the " \
+           "pretraining (ptx) rows per update)" in text
+    assert "--lr FLOAT peak learning rate (default: 1e-05)" in text
+    assert "--min-lr FLOAT floor of the cosine decay (default: 1e-05: the learning rate stays constant)" in text

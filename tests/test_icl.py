@@ -12,13 +12,13 @@ from PIL import Image
 
 from gptlab import GPT, GPTConfig
 from gptlab.hf import export_hf
-from gptlab.runs import save_model
+from gptlab.runs import load_model, save_model
 from gptlab.cli import main
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.icl import evaluate_icl, sample_demos
 from gptlab.tasks import load_task
-from gptlab.tokenizer import CharTokenizer
+from gptlab.tokenizer import CharTokenizer, load_tokenizer
 
 ALPHABET = string.ascii_letters + string.digits + " .,:;?!'-\n"
 
@@ -117,7 +117,7 @@ def test_truncation_drops_whole_demonstrations_and_skips_examples_that_cannot_fi
     assert (r["n"], r["skipped"]) == (6, 1)
     room = 48 + 1
     labels = len(task.labels)
-    truncated = kept_some = 0
+    truncated = kept_some = kept_total = 0
     examples = [i for i in range(7) if i != 4]
     for e, i in enumerate(examples):
         prompt = tok.decode(seen[e * labels][0])
@@ -128,10 +128,12 @@ def test_truncation_drops_whole_demonstrations_and_skips_examples_that_cannot_fi
         assert kept == draw[len(draw) - len(kept):]  # whole demonstrations, the farthest dropped first
         assert len(prompt) + 4 <= room
         kept_some += bool(kept)
+        kept_total += len(kept)
         if len(kept) < 3:
             truncated += 1
             assert len("\n\n".join(draw[len(draw) - len(kept) - 1:] + [context])) + 4 > room
     assert r["truncated"] == truncated > 0 and kept_some > 0
+    assert r["demos"] == kept_total / 6 < 3  # how many demonstrations the examples really saw
 
 
 # ---------------------------------------------------------------- accuracy
@@ -234,6 +236,30 @@ def test_accuracies_equal_a_brute_force_computation_with_model_idx(tmp_path, tok
         assert r["acc_norm"] == (None if kind == "completion" else hits_norm / len(rows))
 
 
+def test_three_normalisations_against_a_brute_force_with_bpe(tmp_path, gpt2_ranks_path):
+    """With GPT-2's BPE, tokens and characters differ: acc sums log-probs, acc_norm divides by tokens (GPT-3),
+    acc_norm_chars by characters (lm-evaluation-harness's acc_norm); chance is the mean of 1/choices."""
+    bpe = load_tokenizer(str(gpt2_ranks_path))
+    rows = [{"context": c, "choices": ch, "label": lab} for c, ch, lab in [
+        ("The river is", ["Mississippi", "wet", "a photosynthesising organism"], 0),
+        ("Two plus two is", ["four", "quadrilateralisation", "5"], 0),
+        ("Birds can", ["swim", "fly over antidisestablishmentarianism"], 1),
+        ("Ice is", ["hot", "cold", "sour", "ultramicroscopically loud"], 1)]]
+    model = tiny(vocab=bpe.vocab_size, block=128, tie_embeddings=False, seed=3)
+    result = evaluate_icl(model, bpe, load_task(write_task(tmp_path / "mc.jsonl", rows)), [0])["results"]["0"]
+    picks = {"acc": 0, "acc_norm": 0, "acc_norm_chars": 0}
+    for row in rows:
+        conts = [" " + c for c in row["choices"]]
+        scores = [ref_score(model, bpe.encode(row["context"]), bpe.encode(c)) for c in conts]
+        by = {"acc": lambda c: scores[c][0], "acc_norm": lambda c: scores[c][0] / scores[c][1],
+              "acc_norm_chars": lambda c: scores[c][0] / len(conts[c])}
+        for name, key in by.items():
+            picks[name] += max(range(len(conts)), key=key) == row["label"]
+    assert {k: result[k] for k in picks} == {k: v / len(rows) for k, v in picks.items()}
+    assert result["chance"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 2 + 1 / 4) / 4)
+    assert any(len(bpe.encode(" " + c)) != len(" " + c) for r in rows for c in r["choices"])
+
+
 # --------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tok):
@@ -270,7 +296,20 @@ def test_cli_writes_json_markdown_and_plot(runs, tmp_path, capsys):
         assert im.size == (770, 462)
 
 
+def test_cli_template_as_typed_in_a_shell(runs, tmp_path, capsys):
+    argv = ["eval", "icl", "--model", str(runs / "a"), "--task", str(runs / "mc.jsonl"), "--shots", "0,1",
+            "--out", str(tmp_path / "out"), "--template", "Q: {context}\\nA:"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["template"] == "Q: {context}\nA:"
+    model = load_model(str(runs / "a"))
+    direct = evaluate_icl(model, load_tokenizer(str(runs / "a" / "tokenizer")), load_task(runs / "mc.jsonl"), [0, 1], template="Q: {context}\nA:")
+    assert results["models"][str(runs / "a")] == direct["results"]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("extra,needle", [
+    (["--template", "{question}", "--shots", "0"], "does not fit the rows of"),
     (["--shots", "0,x"], "comma-separated counts"),
     (["--shots", "0,5"], "5 shots need 5 demonstrations but"),
     (["--task", "{root}/graded.jsonl"], "graded similarity"),

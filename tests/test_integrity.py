@@ -210,11 +210,15 @@ def test_edited_tokenizer_files_are_caught_in_runs_and_data_directories(base, ru
     (TINY.encode() + b"# caf\xe9\n", "not UTF-8 text (bad byte at offset"),
     ("model: " + "[" * 100_000 + "\n", "nested too deeply"),
     ("train: {lr: 1e-3}\n", "no model: section"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" + TINY,  # billion laughs
+     "cannot parse: line 2: an alias (*a)"),
+    (TINY + "train: {lr: [" + ", ".join(map(str, range(100_000))) + "]}\n", "lr=[0, 1, 2"),
 ])
 def test_bad_config_files_are_one_line_and_leave_nothing(base, tmp_path, text, needle):
     config = tmp_path / "bad.yaml"
     (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
-    fails("train", "--data", base / "data", "--out", tmp_path / "out", "--config", config, needles=(needle,))
+    line = fails("train", "--data", base / "data", "--out", tmp_path / "out", "--config", config, needles=(needle,))
+    assert line.count("bad.yaml") <= 1 and len(line) < 400, line
     assert not (tmp_path / "out").exists()
 
 
@@ -224,6 +228,16 @@ def test_flags_that_are_not_text_are_named_as_flags(base, tmp_path):
           needles=("the given train settings: field sample_prompt", "not valid UTF-8"))
     assert not (tmp_path / "out").exists()
     fails("finetune", "--model", base / "run", needles=("required: --train, --val, --out", "--help"))
+    config = tmp_path / "with-train.yaml"
+    config.write_text(TINY + "train: {lr: 1.0e-3}\n")
+    fails("train", "--data", base / "data", "--out", tmp_path / "out", "--config", config, "--max-steps", "0",
+          needles=("the given train settings: max_steps=0 must be >= 1",))
+    config.write_text(TINY + "train: {max_steps: 0}\n")
+    fails("train", "--data", base / "data", "--out", tmp_path / "out", "--config", config, "--lr", "1e-3",
+          needles=(f"{config}: train: max_steps=0 must be >= 1",))
+    fails("eval", "ppl", "--model", base / "run", "--data", base / "data", "--max-batches", "-1",
+          needles=("max_batches=-1 must be >= 1",))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value,needle", [

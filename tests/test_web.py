@@ -327,6 +327,31 @@ def test_without_a_data_dir_feedback_and_rankings_are_refused(served):
     assert _error(httpx.get(served["base_url"] + "/web/prompt"), 409)["code"] == "no_data_dir"
 
 
+def test_each_record_and_each_file_is_capped(served, tmp_path):
+    """Without a key any local client may post: one record is at most max_record_bytes (413), a file grows to
+    at most max_file_bytes (429); nothing past either is written."""
+    running = RunningApp(create_app(served["model"], served["tok"], {"chat_format": "gptlab-chat-v1"},
+                                    model_name="tiny", data=WebData(tmp_path, max_record_bytes=1000,
+                                                                    max_file_bytes=3000)))
+    try:
+        url = running.url + "/web/feedback"
+        feedback = {"messages": [{"role": "user", "content": "hi"}], "answer": "yo", "rating": "up"}
+        big = _error(httpx.post(url, json={**feedback, "answer": "y" * 2000}), 413)
+        assert big["code"] == "record_too_large" and "--max-record-bytes" in big["message"]
+        assert not (tmp_path / "feedback.jsonl").exists()
+        codes = [httpx.post(url, json={**feedback, "answer": "y" * 800}).status_code for _ in range(6)]
+        assert codes[:3] == [200, 200, 200] and set(codes[3:]) == {429}
+        assert len((tmp_path / "feedback.jsonl").read_text().splitlines()) == 3
+        assert httpx.post(url, json=feedback).status_code == 200  # a small record still fits
+        size = (tmp_path / "feedback.jsonl").stat().st_size
+        assert size <= 3000 and len((tmp_path / "feedback.jsonl").read_text().splitlines()) == 4
+        full = _error(httpx.post(url, json={**feedback, "answer": "y" * 800}), 429)
+        assert full["code"] == "data_file_full" and "--max-data-bytes" in full["message"]
+        assert (tmp_path / "feedback.jsonl").stat().st_size == size
+    finally:
+        running.stop()
+
+
 def test_feedback_is_validated(served):
     url = served["url"] + "/web/feedback"
     assert _error(httpx.post(url, json={"messages": [], "answer": "a", "rating": "meh"}), 400)["param"] == "rating"

@@ -85,8 +85,9 @@ class Config:
     def from_dict(cls: type[C], data: Mapping[str, Any], source: str | None = None) -> C:
         """Build from a mapping, naming ``source`` and the key on an unknown key, a wrong type or a bad value."""
         source = source or f"{cls.section} config"
+        values = cls.typed_fields(data, source)
         try:
-            return cls(**cls.typed_fields(data, source))
+            return cls(**values)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
@@ -148,7 +149,8 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
             except UnicodeEncodeError:  # a lone surrogate: from JSON/YAML escapes or undecodable argv bytes
                 raise ConfigError(f"{source}: field {key}={value!r} is not valid UTF-8 text") from None
             return value
-    raise ConfigError(f"{source}: field {key}={value!r} should be of type {type_name(hint)}")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + f"... ({type(value).__name__})"
+    raise ConfigError(f"{source}: field {key}={shown} should be of type {type_name(hint)}")
 
 
 @dataclass

@@ -78,6 +78,8 @@ def evaluate_ppl(model: nn.Module, data: TokenData | str | os.PathLike[str], spl
         raise UserError(f"block_size {block} exceeds the model's context of {ctx}: use --block-size <= {ctx}")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"max_batches={max_batches} must be >= 1 (or None: the whole split)")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)

@@ -256,6 +256,7 @@ def plot_accuracy(by_model: dict[str, dict[str, Any]], title: str = "") -> bytes
         ax.legend(fontsize=8)
     ax.set_xlabel("number of examples in context (K)")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)  # the whole scale: chance and the gap to 1 in view
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

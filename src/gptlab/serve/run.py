@@ -9,11 +9,13 @@ the load, and nothing of uvicorn's patched.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from collections.abc import Sequence
 
 import uvicorn
 
+from ..errors import UserError
 from .app import Loader, create_app
 from .web import WebData
 from .state import ServeState
@@ -56,16 +58,37 @@ def run_server(load: Loader, *, model_name: str, host: str, port: int, api_key: 
 
     Bound to this machine, the server answers only requests addressed to its own names (and ``allow_hosts``):
     the DNS-rebinding defence of local servers. Bound to a network address, it takes any ``Host`` unless
-    ``allow_hosts`` lists them, and warns when no API key guards it.
+    ``allow_hosts`` lists them (loopback names stay allowed: no other site's page can send them), and warns
+    when no API key guards it.
     """
     loopback = is_loopback(host)
-    allowed = (*LOOPBACK_NAMES, *allow_hosts) if loopback else ((host, *allow_hosts) if allow_hosts else None)
+    allowed = (*LOOPBACK_NAMES, *allow_hosts) if loopback else (
+        (*LOOPBACK_NAMES, host, *allow_hosts) if allow_hosts else None)
+    app = create_app(load=load, model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                     max_queue=max_queue, max_batch=max_batch, data=data, allowed_hosts=allowed)
+    state: ServeState = app.state.serve
+    sock = listen(host, port)  # before the model loads: a port in use is a one-line error, not a crash
     if not loopback and api_key is None:
         print(f"gptlab serve: warning: listening on {host} without --api-key: anyone who can reach this machine "
               f"can use the model{' and write to ' + str(data.directory) if data.directory else ''}; "
               "pass --api-key KEY", file=sys.stderr, flush=True)
-    app = create_app(load=load, model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     max_queue=max_queue, max_batch=max_batch, data=data, allowed_hosts=allowed)
-    state: ServeState = app.state.serve
-    _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), state, model_name).run()
+    _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), state, model_name).run(sockets=[sock])
     return 2 if state.load_error else 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``; a ``UserError`` naming the address and the fix if it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, OverflowError) as e:
+        raise UserError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}): pass an address "
+                        "of this machine as --host and a port in 0-65535 as --port") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}): choose another "
+                        "--port (0 picks a free one) or --host") from None
+    return sock

@@ -109,7 +109,8 @@ class StageRun:
         return value if isinstance(value, dict) else {}
 
     def _source(self, section: str) -> str:
-        return f"{self.config_file}: {section}" if self.config_file and section in self.file else f"{self.name} {section}"
+        named = self.config_file and self.file.get(section)  # a file without the section is not the source
+        return f"{self.config_file}: {section}" if named else f"{self.name} {section}"
 
     def train(self, given: Given = None, defaults: Mapping[str, Any] | None = None,
               derive: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> TrainConfig:

@@ -124,6 +124,17 @@ class TrainConfig(Config):
                   f"dtype={self.dtype!r} must be one of auto, float32, bfloat16")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a config has no use for them, and nested ones expand exponentially
+    (the "billion laughs") in everything that walks the result."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: an alias (*{event.anchor}); write the value out")
+        return super().compose_node(parent, index)
+
+
 def load_config_file(path: str | os.PathLike[str], sections: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """The sections of a YAML or JSON run config, each a mapping (missing ones are empty).
 
@@ -139,7 +150,7 @@ def load_config_file(path: str | os.PathLike[str], sections: tuple[str, ...]) ->
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
     try:
-        data = parse_json(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = parse_json(text) if p.suffix == ".json" else yaml.load(text, Loader=_ConfigLoader)
     except RecursionError:
         raise ConfigError(f"{p}: cannot parse: nested too deeply") from None
     except (ValueError, yaml.YAMLError) as exc:
@@ -187,7 +198,16 @@ def resolve(cls: type[C], given: Given = None, *, defaults: Mapping[str, Any] | 
         merged = {**(defaults or {}), **(file or {}), **given_fields}
         for key, value in (derive(merged) if derive is not None else {}).items():
             merged.setdefault(key, value)
-        return cls.from_dict(merged, source=source)
+        try:
+            return cls.from_dict(merged, source=source)
+        except ConfigError:
+            if given_fields and file:  # the file is named only when it is wrong without the flags on top
+                without = {**(defaults or {}), **file}
+                for key, value in (derive(without) if derive is not None else {}).items():
+                    without.setdefault(key, value)
+                cls.from_dict(without, source=source)
+                cls.from_dict(merged, source=f"the given {section} settings")
+            raise
     compared = {f.name for f in dataclasses.fields(cls) if f.compare}
     base = {k: v for k, v in saved.items() if k in field_types(cls) and v is not None}  # older runs may lack one
     if not changeable:
