@@ -35,7 +35,7 @@ from gptlab.serve import create_app  # noqa: E402
 from gptlab.atomic import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
 from gptlab.serve.offline import standalone_page  # noqa: E402
-from gptlab.visualize import ModelView  # noqa: E402
+from gptlab.visualize import ModelView, ViewConfig  # noqa: E402
 from serving import RunningApp  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -659,3 +659,70 @@ def test_screenshots_for_the_docs(browser, tmp_path):
         chat.stop()
         if base is not chat:
             base.stop()
+
+
+VIZ_SHOT_TEXT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+                 "Arise, fair sun, and kill the envious moon.")
+
+
+@pytest.mark.skipif(not os.environ.get("GPTLAB_VIZ_SCREENSHOTS"),
+                    reason="opt-in: GPTLAB_VIZ_SCREENSHOTS=GPT2_RUN,GPT1_RUN,GPT3_RUN[,GPT2_SMALL_RUN] writes "
+                           "docs/img/visualize-*.png")
+def test_visualize_screenshots_for_the_docs(browser):
+    """The 3-D view of a GPT-2-style, a GPT-1-style and a banded GPT-3-style run (and GPT-2 small's shape), from
+    several angles and steps; PNGs cut to 256 colours to keep the repository small."""
+    from gptlab.runs import load_run
+
+    runs = os.environ["GPTLAB_VIZ_SCREENSHOTS"].split(",")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, device_scale_factor=1)
+    context.set_default_timeout(120_000)
+    tab = context.new_page()
+
+    def shot(name: str) -> None:
+        tab.wait_for_timeout(900)  # the camera's glide and the reveal are over
+        png = Image.open(io.BytesIO(tab.screenshot())).convert("RGB").quantize(256)
+        png.save(ROOT / "docs" / "img" / f"visualize-{name}.png", optimize=True)
+
+    def open_run(run: str) -> RunningApp:
+        model, tok, config = load_run(run)
+        app = RunningApp(create_app(model, tok, config, model_name=Path(run).name))
+        tab.goto(app.url + "/visualize?text=" + quote(VIZ_SHOT_TEXT))
+        tab.wait_for_function("() => document.body.dataset.ready === 'true'")
+        return app
+
+    try:
+        app = open_run(runs[0])  # GPT-2-style: the overview, a step of attention, the MLP from another angle
+        shot("gpt2-overview")
+        tab.evaluate("() => gptlabView.goTo('1.attn')")
+        shot("gpt2-attention-step")
+        tab.evaluate("() => gptlabView.goTo(null)")
+        _click_part(tab, "2.act")
+        tab.evaluate("() => { gptlabView.camera.yaw = 0.7; gptlabView.camera.pitch = 0.55; gptlabView.camera.distance *= 1.6; "
+                     "gptlabView.redraw(); }")
+        shot("gpt2-mlp-angle")
+        app.stop()
+        app = open_run(runs[1])  # GPT-1: LayerNorm on the stream after each sum
+        tab.evaluate("() => gptlabView.goTo('1.ln_1')")
+        tab.wait_for_timeout(900)  # the camera's glide to the step is over
+        tab.evaluate("() => { gptlabView.camera.yaw = -0.55; gptlabView.camera.pitch = 0.2; gptlabView.camera.distance *= 4; "
+                     "gptlabView.camera.target[0] += 60; gptlabView.redraw(); }")
+        shot("gpt1-post-ln")
+        app.stop()
+        # GPT-3: a file from `gptlab visualize --positions 64`, so that a band of 32 shows inside the drawn keys
+        model, tok, _ = load_run(runs[2])
+        text = VIZ_SHOT_TEXT + " Be not her maid, since she is envious; her vestal livery is but sick and green."
+        page_file = ROOT / ".cache" / "visualize-gpt3.html"
+        page_file.parent.mkdir(exist_ok=True)
+        page_file.write_text(standalone_page("visualize.html", ModelView(model, tok, ViewConfig(positions=64),
+                                                                         name=Path(runs[2]).name).view(tok.encode(text))))
+        tab.goto(page_file.as_uri())
+        tab.wait_for_function("() => document.body.dataset.ready === 'true'")
+        _click_part(tab, "1.attn", head=1, yaw=math.pi)
+        tab.evaluate("() => { gptlabView.camera.yaw = -0.6; gptlabView.camera.pitch = 0.25; gptlabView.redraw(); }")
+        shot("gpt3-band")
+        if len(runs) > 3:  # GPT-2 small's shape: twelve blocks, twelve heads, 768 wide
+            app = open_run(runs[3])
+            shot("gpt2-small-overview")
+            app.stop()
+    finally:
+        context.close()

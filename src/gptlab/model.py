@@ -471,7 +471,8 @@ class GPT(nn.Module):
         layer, attn = block.attn.layer, block.attn
         attn_in = block.attn_input(x)
         q, k, v = attn.heads(attn_in)
-        probs = attn.weights(attn_in)
+        first = int(keep.min())  # softmax rows from the first kept query on only: O(P * T), not O(T^2)
+        probs = F.pad(attn.weights(attn_in, queries=x.shape[1] - first), (0, 0, first, 0))
         with _outputs(block, ("ln_1", "attn", "attn.c_proj", "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj")) as seen:
             out = block(x, None, masks)
 

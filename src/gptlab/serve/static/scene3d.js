@@ -140,7 +140,7 @@ void main() {
 }`;
 
 // i_info: x the step that computes the box (-1: always lit), y the token rows of its texture (0: none),
-// z 1 when the front and back faces show the texture, w 1 for a bar.
+// z which faces show the texture (0 none, 1 front and back, 2 top and bottom), w 1 for a bar.
 const FRAGMENT_SHADER = `#version 300 es
 precision highp float;
 in vec2 v_uv;
@@ -155,7 +155,7 @@ uniform float u_follow;
 uniform vec3 u_background;
 out vec4 colour;
 void main() {
-  bool face = abs(v_normal.z) > 0.5;
+  bool face = v_info.z > 1.5 ? abs(v_normal.y) > 0.5 : abs(v_normal.z) > 0.5;
   vec3 c = v_color.rgb;
   float rows = v_info.y;
   float row = floor(v_uv.y * rows);
@@ -206,7 +206,8 @@ function compile(gl, type, source) {
 
 // ------------------------------------------------------------------ the scene
 /**
- * Boxes: `{center, size, rect (atlas uv or null), color [r,g,b] 0..1, step, rows, bar}`. `setBoxes(panels)`
+ * Boxes: `{center, size, rect (atlas uv or null), top (the texture on the top face), color [r,g,b] 0..1, step,
+ * rows, bar}`. `setBoxes(panels)`
  * once, `setBars(bars)` whenever the followed token or the step changes, `render()` draws when asked.
  */
 class Scene {
@@ -266,7 +267,7 @@ class Scene {
       const rect = b.rect || [0, 0, 0, 0];
       const c = b.color || [0.8, 0.8, 0.8];
       data.set([...b.center, ...b.size, ...rect, c[0], c[1], c[2], 1,
-        b.step ?? -1, b.rows || 0, b.rect ? 1 : 0, b.bar ? 1 : 0], i * INSTANCE_FLOATS);
+        b.step ?? -1, b.rows || 0, b.rect ? (b.top ? 2 : 1) : 0, b.bar ? 1 : 0], i * INSTANCE_FLOATS);
     });
     const gl = this.gl;
     gl.bindBuffer(gl.ARRAY_BUFFER, this.vaos[which].buffer);

@@ -134,7 +134,8 @@ function edgeOf(step) {
   return step.name.startsWith("ln") ? EDGES.norm : EDGES[step.branch] || EDGES.stream;
 }
 
-/** A weight matrix as a block: its width the outputs, its depth the inputs, its face the sampled values. */
+/** A weight matrix as a block: its width the outputs, its depth the inputs, its top face the sampled matrix
+ *  (outputs across, inputs from back to front). */
 function weightBox(weight, index, atlas, x, y) {
   const H = view.data.rows.length * KY, [inputs, outputs] = weight.shape;
   const w = width(outputs), depth = width(inputs);
@@ -142,7 +143,7 @@ function weightBox(weight, index, atlas, x, y) {
   const colours = image(C, R, (r, c) => diverging(v[r * C + c] / s));
   return {
     center: [x + w / 2, y - H / 2, THICK / 2 - depth / 2], size: [w, H, depth], image: atlas.add(C, R, colours),
-    color: EDGES.weight, rows: 0, step: index, pickable: true, part: { weight, index }, width: w,
+    top: true, color: EDGES.weight, rows: 0, step: index, pickable: true, part: { weight, index }, width: w,
   };
 }
 
@@ -186,9 +187,9 @@ function layout(atlas) {
 // ------------------------------------------------------------------ bars: the followed token, by height
 function barsOf(step) {
   const f = view.follow, P = view.data.rows.length, H = P * KY, bars = [];
+  const unit = step.boxes.length > 1 ? (HEAD_GAP - 1) / 1.5 : BAR; // a head's bars stop short of the next slab
   for (const box of step.boxes) {
-    const [W] = [box.image.w];
-    const cellW = box.size[0] / W, head = box.part.head ?? 0, v = step.tensor.values;
+    const W = box.image.w, cellW = box.size[0] / W, head = box.part.head ?? 0, v = step.tensor.values;
     const x0 = box.center[0] - box.size[0] / 2, y = box.center[1] + H / 2 - (f + 0.5) * KY, z0 = box.center[2] + THICK / 2;
     for (let c = 0; c < W; c++) {
       let value, colour;
@@ -200,7 +201,7 @@ function barsOf(step) {
         value = v[(head * P + f) * W + c] / step.scale;
         colour = diverging(value);
       }
-      const length = Math.max(0.05, Math.min(1.5, Math.abs(value))) * BAR;
+      const length = Math.max(0.05, Math.min(1.5, Math.abs(value))) * unit;
       bars.push({
         center: [x0 + (c + 0.5) * cellW, y, z0 + length / 2], size: [cellW * 0.8, KY * 0.8, length],
         color: colour.map((x) => x / 255), step: step.index, bar: true,
@@ -493,7 +494,8 @@ function renderStepList() {
 // ------------------------------------------------------------------ the whole view
 function overview() {
   const [lo, hi] = bounds(view.boxes);
-  return { ...view.scene.frame(lo, hi), yaw: -0.45, pitch: 0.22 };
+  lo[0] -= 0.3 * (hi[0] - lo[0]) + 40;  // room for the rows' labels on the left
+  return { ...view.scene.frame(lo, hi), yaw: -0.4, pitch: 0.3 };
 }
 
 function modelLine(m) {
@@ -567,8 +569,16 @@ async function run() {
   }
 }
 
-/** What tests and people may ask of the page: where a step's slab is on the screen. */
+/** What tests, benchmarks and people at the console may ask of the page. */
 window.gptlabView = {
+  /** Show the computation up to a step, by its id ("5.attn"); null: the overview. */
+  goTo(stepId) {
+    goTo(stepId === null ? -1 : view.steps.findIndex((s) => s.id === stepId));
+  },
+  redraw() {
+    view.scene.render();
+  },
+  /** Where a step's slab (head `head` of a stack) is on the page, in CSS pixels. */
   screenPoint(stepId, head = 0) {
     const step = view.steps.find((s) => s.id === stepId);
     const box = step.boxes[Math.min(head, step.boxes.length - 1)];
