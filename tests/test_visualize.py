@@ -139,7 +139,8 @@ def test_cli_writes_a_self_contained_page(run_dir, tmp_path, tok, capsys):
     data = json.loads(embedded)
     ids = tok.encode(long)[-32:]
     model, saved_tok, _ = load_run(run_dir)  # the same view from the saved run
-    assert data == json.loads(json.dumps(ModelView(model, saved_tok, ViewConfig(positions=8), name="run").view(ids, 96)))
+    view = ModelView(model, saved_tok, ViewConfig(positions=8), name="run").view(ids, 96)
+    assert data == json.loads(json.dumps(view))
     assert data["truncated"] == 96 and len(data["rows"]) == 8
 
 

@@ -4,7 +4,8 @@ endpoints.
 The browser tests need Chromium at /usr/bin/chromium and the playwright package (no browser download);
 without them they skip with the reason, while the endpoint tests still run. Screenshots for the docs:
 ``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png;
-``GPTLAB_VIZ_SCREENSHOTS=RUN[,RUN...] pytest tests/test_web.py -k visualize_screenshots`` writes docs/img/visualize-*.png.
+``GPTLAB_VIZ_SCREENSHOTS=RUN,RUN,RUN[,RUN] pytest tests/test_web.py -k visualize_screenshots`` writes
+docs/img/visualize-*.png.
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ def test_visualize_draws_the_served_models_own_forward_pass(viz, page, kind):
     # Each kind of model looks like itself: its steps in its order, its blocks' kinds in the row labels.
     trace = model.trace(torch.tensor([ids]), rows)
     labels = page.locator("#steps .step").all_inner_texts()
-    assert len(labels) == len(trace.steps) and labels[3] == ("block 0 · LayerNorm 1" if kind != "gpt1" else "block 0 · queries")
+    assert len(labels) == len(trace.steps)
+    assert labels[3] == ("block 0 · queries" if kind == "gpt1" else "block 0 · LayerNorm 1")  # GPT-1: no norm first
     row_labels = page.locator("#labels .row-label").evaluate_all("els => els.map(e => e.textContent)")
     assert ("block 0 · attention · dense · post-LN" in row_labels) == (kind == "gpt1")
     assert ("block 1 · attention · banded (w=4)" in row_labels) == (kind == "gpt3")
@@ -412,7 +414,8 @@ def test_visualize_file_opens_without_a_server(viz, browser, tmp_path):
     tok, apps = viz
     _, model = apps["gpt1"]
     path = tmp_path / "view.html"
-    path.write_text(standalone_page("visualize.html", ModelView(model, tok, name="tiny-gpt1").view(tok.encode(VIZ_TEXT))))
+    data = ModelView(model, tok, name="tiny-gpt1").view(tok.encode(VIZ_TEXT))
+    path.write_text(standalone_page("visualize.html", data))
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     requests: list[str] = []
     try:
@@ -683,6 +686,11 @@ def test_visualize_screenshots_for_the_docs(browser):
         png = Image.open(io.BytesIO(tab.screenshot())).convert("RGB").quantize(256)
         png.save(ROOT / "docs" / "img" / f"visualize-{name}.png", optimize=True)
 
+    def turn(yaw: float, pitch: float, farther: float = 1, right: float = 0) -> None:
+        tab.evaluate("([yaw, pitch, farther, right]) => { const c = gptlabView.camera; c.yaw = yaw; "
+                     "c.pitch = pitch; c.distance *= farther; c.target[0] += right; gptlabView.redraw(); }",
+                     [yaw, pitch, farther, right])
+
     def open_run(run: str) -> RunningApp:
         model, tok, config = load_run(run)
         app = RunningApp(create_app(model, tok, config, model_name=Path(run).name))
@@ -697,15 +705,13 @@ def test_visualize_screenshots_for_the_docs(browser):
         shot("gpt2-attention-step")
         tab.evaluate("() => gptlabView.goTo(null)")
         _click_part(tab, "2.act")
-        tab.evaluate("() => { gptlabView.camera.yaw = 0.7; gptlabView.camera.pitch = 0.55; gptlabView.camera.distance *= 1.6; "
-                     "gptlabView.redraw(); }")
+        turn(yaw=0.7, pitch=0.55, farther=1.6)
         shot("gpt2-mlp-angle")
         app.stop()
         app = open_run(runs[1])  # GPT-1: LayerNorm on the stream after each sum
         tab.evaluate("() => gptlabView.goTo('1.ln_1')")
         tab.wait_for_timeout(900)  # the camera's glide to the step is over
-        tab.evaluate("() => { gptlabView.camera.yaw = -0.55; gptlabView.camera.pitch = 0.2; gptlabView.camera.distance *= 4; "
-                     "gptlabView.camera.target[0] += 60; gptlabView.redraw(); }")
+        turn(yaw=-0.55, pitch=0.2, farther=4, right=60)
         shot("gpt1-post-ln")
         app.stop()
         # GPT-3: a file from `gptlab visualize --positions 64`, so that a band of 32 shows inside the drawn keys
@@ -713,12 +719,12 @@ def test_visualize_screenshots_for_the_docs(browser):
         text = VIZ_SHOT_TEXT + " Be not her maid, since she is envious; her vestal livery is but sick and green."
         page_file = ROOT / ".cache" / "visualize-gpt3.html"
         page_file.parent.mkdir(exist_ok=True)
-        page_file.write_text(standalone_page("visualize.html", ModelView(model, tok, ViewConfig(positions=64),
-                                                                         name=Path(runs[2]).name).view(tok.encode(text))))
+        data = ModelView(model, tok, ViewConfig(positions=64), name=Path(runs[2]).name).view(tok.encode(text))
+        page_file.write_text(standalone_page("visualize.html", data))
         tab.goto(page_file.as_uri())
         tab.wait_for_function("() => document.body.dataset.ready === 'true'")
         _click_part(tab, "1.attn", head=1, yaw=math.pi)
-        tab.evaluate("() => { gptlabView.camera.yaw = -0.6; gptlabView.camera.pitch = 0.25; gptlabView.redraw(); }")
+        turn(yaw=-0.6, pitch=0.25)
         shot("gpt3-band")
         if len(runs) > 3:  # GPT-2 small's shape: twelve blocks, twelve heads, 768 wide
             app = open_run(runs[3])

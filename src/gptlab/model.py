@@ -449,7 +449,8 @@ class GPT(nn.Module):
             raise ValueError(f"rows must be positions 0..{T - 1}, got {list(keep.tolist())}")
         tok, pos = self.wte(idx), self.wpe(torch.arange(T, device=idx.device))
         x = self.drop(tok + pos)
-        steps = [TraceStep("wte", "vector", "input", "wte", tok[0, keep]), TraceStep("wpe", "vector", "input", "wpe", pos[keep]),
+        steps = [TraceStep("wte", "vector", "input", "wte", tok[0, keep]),
+                 TraceStep("wpe", "vector", "input", "wpe", pos[keep]),
                  TraceStep("embed", "vector", "stream", "", x[0, keep])]
         blocks = []
         masks = self._masks(T, None, None, idx.device)

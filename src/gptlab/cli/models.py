@@ -94,6 +94,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     name = Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
     data = ModelView(model.eval(), tok, config, name=name).view(ids[cut:], cut)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, standalone_page("visualize.html", data))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(ids) - cut} tokens"
           f"{f', the first {cut} cut to fit the context' if cut else ''}): open it in a browser, no server needed")

@@ -618,6 +618,7 @@ async function main() {
     document.body.classList.add("offline");
     const data = JSON.parse(embedded.textContent);
     $("text").value = data.text;
+    $("text").readOnly = true;
     show(data);
     return;
   }
