@@ -671,7 +671,7 @@ VIZ_SHOT_TEXT = ("ROMEO: But soft, what light through yonder window breaks? It i
 @pytest.mark.skipif(not os.environ.get("GPTLAB_VIZ_SCREENSHOTS"),
                     reason="opt-in: GPTLAB_VIZ_SCREENSHOTS=GPT2_RUN,GPT1_RUN,GPT3_RUN[,GPT2_SMALL_RUN] writes "
                            "docs/img/visualize-*.png")
-def test_visualize_screenshots_for_the_docs(browser):
+def test_visualize_screenshots_for_the_docs(browser, tmp_path):
     """The 3-D view of a GPT-2-style, a GPT-1-style and a banded GPT-3-style run (and GPT-2 small's shape), from
     several angles and steps; PNGs cut to 256 colours to keep the repository small."""
     from gptlab.runs import load_run
@@ -717,8 +717,7 @@ def test_visualize_screenshots_for_the_docs(browser):
         # GPT-3: a file from `gptlab visualize --positions 64`, so that a band of 32 shows inside the drawn keys
         model, tok, _ = load_run(runs[2])
         text = VIZ_SHOT_TEXT + " Be not her maid, since she is envious; her vestal livery is but sick and green."
-        page_file = ROOT / ".cache" / "visualize-gpt3.html"
-        page_file.parent.mkdir(exist_ok=True)
+        page_file = tmp_path / "visualize-gpt3.html"
         data = ModelView(model, tok, ViewConfig(positions=64), name=Path(runs[2]).name).view(tok.encode(text))
         page_file.write_text(standalone_page("visualize.html", data))
         tab.goto(page_file.as_uri())
