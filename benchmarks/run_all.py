@@ -31,6 +31,7 @@ def main() -> int:
         ["bench_rlhf.py", "--out", "runs/bench-rlhf-quick" if args.quick else "runs/bench-rlhf",
          *(["--quick"] if args.quick else [])],
         ["bench_serve.py", *(["--quick"] if args.quick else [])],
+        ["bench_visualize.py", *(["--repeat", "1"] if args.quick else [])],
         ["fuzz_serve.py", *(["--max-examples", "20"] if args.quick else [])],
     ]
     failed = []

@@ -194,6 +194,95 @@ def test_band_limits_what_a_token_can_see():
     torch.testing.assert_close(a[0, reach + 1:], b[0, reach + 1:])
 
 
+# ------------------------------------------------------------------ trace
+def _reference_steps(model: GPT, idx: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each block's intermediate tensors computed from its parameters by hand (no hooks, no trace)."""
+    T, C = idx.shape[1], model.config.n_embd
+    H, d = model.config.n_head, C // model.config.n_head
+    x = model.wte(idx) + model.wpe(torch.arange(T))
+    out = []
+    for block in model.h:
+        pre = block.pre_norm
+        a_in = block.ln_1(x) if pre else x
+        q, k, v = (t.view(1, T, H, d).transpose(1, 2) for t in block.attn.c_attn(a_in).split(C, dim=2))
+        w = naive_attention(q, k, v, naive_mask(0, T, T, block.attn.window)).transpose(1, 2).reshape(1, T, C)
+        attn_out = block.attn.c_proj(w)
+        resid_attn = x + attn_out
+        mid = resid_attn if pre else block.ln_1(resid_attn)  # GPT-1 normalises the sum itself
+        m_in = block.ln_2(mid) if pre else mid
+        fc = block.mlp.c_fc(m_in)
+        act = F.gelu(fc, approximate="tanh")
+        mlp_out = block.mlp.c_proj(act)
+        resid_mlp = mid + mlp_out
+        x = resid_mlp if pre else block.ln_2(resid_mlp)
+        out.append({"q": q, "k": k, "v": v, "attn_out": attn_out, "resid_attn": resid_attn, "fc": fc, "act": act,
+                    "mlp_out": mlp_out, "resid_mlp": resid_mlp, "ln_1": a_in if pre else mid,
+                    "ln_2": m_in if pre else x})
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt1", "tiny-gpt3"])
+def test_trace_is_the_models_forward_pass(preset):
+    """The logits equal model(idx)'s exactly, each block's output equals running the block, and every step
+    equals the block's math done by hand (q/k/v, attention, MLP, the sums and norms where GPT-1/2 put them)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset(preset, n_layer=2, block_size=48, attn_window=7, vocab_size=300)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 300, (1, 40))
+    trace = model.trace(idx)
+    with torch.no_grad():
+        torch.testing.assert_close(trace.step("logits").value, model(idx)[0], rtol=0, atol=0)
+        x = model.wte(idx) + model.wpe(torch.arange(40))
+        torch.testing.assert_close(trace.step("embed").value, x[0], rtol=0, atol=0)
+        masks = model._masks(40, None, None, idx.device)
+        weights = model.attention_weights(idx)
+        for layer, (block, ref) in enumerate(zip(model.h, _reference_steps(model, idx))):
+            x = block(x, None, masks)
+            assert trace.blocks[layer].norm == cfg.norm_position and trace.blocks[layer].window == block.attn.window
+            last = trace.steps[[i for i, s in enumerate(trace.steps) if s.layer == layer][-1]]
+            torch.testing.assert_close(last.value, x[0], rtol=0, atol=0)  # the block's own output
+            torch.testing.assert_close(trace.step("attn", layer).value, weights[0, layer])
+            for name, want in ref.items():
+                got = trace.step(name, layer).value
+                torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5, msg=f"layer {layer} {name}")
+            heads = trace.step("heads", layer).value  # (H, T, d): attention @ v, head by head
+            torch.testing.assert_close(heads, weights[0, layer] @ ref["v"][0], atol=1e-5, rtol=1e-5)
+    names = [s.name for s in trace.steps if s.layer == 0]
+    if cfg.norm_position == "pre":  # a norm opens each branch; the sums are the stream
+        assert names == ["ln_1", "q", "k", "v", "attn", "heads", "attn_out", "resid_attn", "ln_2", "fc", "act",
+                         "mlp_out", "resid_mlp"]
+    else:  # GPT-1: the norms sit on the stream after each sum
+        assert names == ["q", "k", "v", "attn", "heads", "attn_out", "resid_attn", "ln_1", "fc", "act", "mlp_out",
+                         "resid_mlp", "ln_2"]
+    final = ["ln_f", "logits"] if cfg.norm_position == "pre" else ["logits"]  # GPT-1 has no final norm
+    assert [s.name for s in trace.steps if s.layer is None] == ["wte", "wpe", "embed", *final]
+
+
+def test_trace_keeps_only_the_asked_rows():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny-gpt3", n_layer=2, block_size=32, attn_window=5)).eval()
+    idx = torch.randint(0, 2048, (1, 30))
+    full, part = model.trace(idx), model.trace(idx, rows=[3, 29])
+    assert part.rows == [3, 29] and len(part.steps) == len(full.steps)
+    for a, b in zip(part.steps, full.steps):
+        assert (a.name, a.kind, a.branch, a.module, a.layer) == (b.name, b.kind, b.branch, b.module, b.layer)
+        want = b.value[:, [3, 29]] if b.kind != "vector" else b.value[[3, 29]]
+        torch.testing.assert_close(a.value, want, atol=1e-5, rtol=1e-5)
+    band = part.step("attn", 1).value  # a banded layer: query 29 sees keys 25..29 only
+    assert torch.all(band[:, 1, :25] == 0) and torch.all(band[:, 1, 25:] > 0)
+    assert part.step("q", 0).module == "h.0.attn.c_attn" and part.step("resid_attn", 0).module == "h.0"
+
+
+def test_trace_rejects_what_it_cannot_trace():
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=1, block_size=16)).eval()
+    with pytest.raises(ValueError, match="one sequence"):
+        model.trace(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(UserError, match="exceeds the model's context of 16"):
+        model.trace(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows must be positions 0..3"):
+        model.trace(torch.zeros(1, 4, dtype=torch.long), rows=[4])
+
+
 # ------------------------------------------------------------------ caching
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt1", "tiny-gpt3"])
 def test_incremental_decoding_with_cache_equals_full_forward(preset):

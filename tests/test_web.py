@@ -1,21 +1,29 @@
-"""The web pages of `gptlab serve` (chat, explorer, labeler) end to end in headless Chromium, and their endpoints.
+"""The web pages of `gptlab serve` (chat, explorer, 3-D view, labeler) end to end in headless Chromium, and their
+endpoints.
 
 The browser tests need Chromium at /usr/bin/chromium and the playwright package (no browser download);
 without them they skip with the reason, while the endpoint tests still run. Screenshots for the docs:
-``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png.
+``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png;
+``GPTLAB_VIZ_SCREENSHOTS=RUN,RUN,RUN[,RUN] pytest tests/test_web.py -k visualize_screenshots`` writes
+docs/img/visualize-*.png.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import math
 import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,6 +36,8 @@ from gptlab.serve import create_app  # noqa: E402
 from gptlab.serve.web import WebData  # noqa: E402
 from gptlab.atomic import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
+from gptlab.serve.offline import standalone_page  # noqa: E402
+from gptlab.visualize import ModelView, ViewConfig  # noqa: E402
 from serving import RunningApp  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -256,6 +266,192 @@ def test_explorer_appends_a_clicked_token_and_shows_the_attention(served, page):
     assert page.locator("#heat-panel").is_hidden()
 
 
+# ------------------------------------------------------------------ 3-D view
+VIZ_TEXT = "the king is dead. long live the king!"  # 37 tokens: the view draws the last 32
+VIZ_MODELS = {  # a GPT-2-style block (pre-LN, dense), GPT-1's (post-LN) and GPT-3's (dense, then banded)
+    "gpt2": {}, "gpt1": {"norm_position": "post"}, "gpt3": {"attention_pattern": "DL", "attn_window": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def viz():
+    tok = CharTokenizer.from_text(LETTERS)
+    apps = {}
+    for kind, fields in VIZ_MODELS.items():
+        model = _model(tok, 5, **fields)
+        apps[kind] = (RunningApp(create_app(model, tok, {}, model_name=f"tiny-{kind}")), model)
+    yield tok, apps
+    for running, _ in apps.values():
+        running.stop()
+
+
+def _drawn(page, selector: str = "#scene") -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.locator(selector).screenshot())).convert("RGB"), dtype=float)
+
+
+def _open_view(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function("() => document.body.dataset.ready === 'true'")
+
+
+def _click_part(page, step: str, head: int = 0, yaw: float = 0) -> None:
+    """Turn the camera to face ``step`` (from behind with ``yaw`` π, where a stack's last head is in front) and
+    click its slab (head ``head`` of a stack) in the canvas."""
+    drawn = page.evaluate("() => gptlabView.frames")
+    page.evaluate("([id, yaw]) => gptlabView.lookAt(id, yaw)", [step, yaw])
+    page.wait_for_function("n => gptlabView.frames > n", arg=drawn)
+    x, y = page.evaluate("([id, head]) => gptlabView.screenPoint(id, head)", [step, head])
+    page.mouse.click(x, y)
+    page.wait_for_function("([id, head]) => document.querySelector('#info').dataset.part === id", arg=[step, head])
+
+
+def _table(page, attr: str) -> dict[str, float]:
+    rows = page.locator(f"#info-table tr[{attr}]")
+    return dict(zip(rows.evaluate_all(f"rs => rs.map(r => r.getAttribute('{attr}'))"),
+                    (float(t) for t in rows.locator("td").all_inner_texts())))
+
+
+def _fc_of_layer_1(model: GPT, ids: list[int]) -> torch.Tensor:
+    """Block 1's MLP hidden layer, run module by module from the embeddings (T, 4C)."""
+    idx, T = torch.tensor([ids]), len(ids)
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe(torch.arange(T))
+        masks = model._masks(T, None, None, idx.device)
+        x = model.h[0](x, None, masks)
+        block = model.h[1]
+        summed = x + block.attn(block.attn_input(x), None, masks)
+        mlp_in = block.ln_2(summed) if block.pre_norm else block.ln_1(summed)
+        return block.mlp.c_fc(mlp_in)[0]
+
+
+@pytest.mark.parametrize("kind", list(VIZ_MODELS))
+def test_visualize_draws_the_served_models_own_forward_pass(viz, page, kind):
+    tok, apps = viz
+    app, model = apps[kind]
+    ids = tok.encode(VIZ_TEXT)
+    T, rows = len(ids), list(range(len(ids) - 32, len(ids)))
+    _open_view(page, app.url + "/visualize?text=" + quote(VIZ_TEXT))
+    pixels = _drawn(page)  # the canvas holds a drawing, not a blank
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+
+    # Each kind of model looks like itself: its steps in its order, its blocks' kinds in the row labels.
+    trace = model.trace(torch.tensor([ids]), rows)
+    labels = page.locator("#steps .step").all_inner_texts()
+    assert len(labels) == len(trace.steps)
+    assert labels[3] == ("block 0 · queries" if kind == "gpt1" else "block 0 · LayerNorm 1")  # GPT-1: no norm first
+    row_labels = page.locator("#labels .row-label").evaluate_all("els => els.map(e => e.textContent)")
+    assert ("block 0 · attention · dense · post-LN" in row_labels) == (kind == "gpt1")
+    assert ("block 1 · attention · banded (w=4)" in row_labels) == (kind == "gpt3")
+    assert ("final LayerNorm" in labels) == (kind != "gpt1")
+
+    # A click on block 1's MLP hidden layer shows its real shape and the followed (last) token's values.
+    _click_part(page, "1.fc")
+    assert page.get_attribute("#info-shape", "data-shape") == f"{T},128"
+    assert page.locator("#info-shape").inner_text() == f"({T} tokens, 128 channels)"
+    fc = _fc_of_layer_1(model, ids)
+    shown = _table(page, "data-col")
+    assert list(shown) == [str(c) for c in range(0, 128, 2)]  # 64 strided columns
+    np.testing.assert_allclose(list(shown.values()), fc[-1, ::2].numpy(), rtol=3e-3, atol=1e-3)
+    stats = page.locator("#info-stats")
+    assert float(stats.get_attribute("data-mean")) == pytest.approx(float(fc[rows].mean()), rel=1e-4, abs=1e-6)
+    assert float(stats.get_attribute("data-max")) == pytest.approx(float(fc[rows].max()), rel=1e-6)
+
+    # Attention: head 1 of block 1, the followed token's row over the keys (masked keys show 0).
+    _click_part(page, "1.attn", head=1, yaw=math.pi)  # seen from behind, head 1 of 2 is the nearest
+    assert page.get_attribute("#info", "data-head") == "1"
+    weights = model.attention_weights(torch.tensor([ids]))[0, 1, 1, -1]
+    shown = _table(page, "data-key")
+    assert shown.pop("earlier") == pytest.approx(float(weights[:rows[0]].sum()), abs=1e-3)
+    np.testing.assert_allclose([shown[str(p)] for p in rows], weights[rows].numpy(), atol=1e-3)
+    if kind == "gpt3":
+        assert all(shown[str(p)] == 0 for p in rows if p <= T - 1 - 4) and shown[str(T - 1)] > 0
+
+    # The distribution at the end is /explore's.
+    explore = httpx.post(app.url + "/web/next", json={"text": VIZ_TEXT, "top": 10}).json()["top"]
+    cands = page.locator("#top .cand")
+    assert cands.evaluate_all("els => els.map(e => Number(e.dataset.id))") == [t["id"] for t in explore]
+    np.testing.assert_allclose(cands.evaluate_all("els => els.map(e => Number(e.dataset.prob))"),
+                               [t["prob"] for t in explore], atol=2e-6)
+
+
+def test_visualize_steps_through_the_layers_and_follows_a_token(viz, page):
+    tok, apps = viz
+    app, model = apps["gpt3"]
+    ids = tok.encode(VIZ_TEXT)
+    _open_view(page, app.url + "/visualize?text=" + quote(VIZ_TEXT))
+    before = _drawn(page)
+    page.uncheck("#follow-camera")  # the camera stays put: a software renderer draws its glides slowly
+    n = page.locator("#steps .step").count()
+    seen = []
+    for _ in range(n):
+        page.click("#next")
+        status = page.locator("#step-status")
+        seen.append((status.get_attribute("data-step"), status.get_attribute("data-layer")))
+    trace = model.trace(torch.tensor([ids]), [len(ids) - 1])
+    assert [s for s, _ in seen] == [s.name if s.layer is None else f"{s.layer}.{s.name}" for s in trace.steps]
+    layers = [int(layer) for _, layer in seen if layer]
+    assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == 1  # in order, through every block
+    assert page.locator("#step-status").inner_text() == f"Step {n} of {n}: logits" and page.is_disabled("#next")
+    page.click("#prev")
+    assert page.get_attribute("#step-status", "data-step") == ("ln_f" if model.ln_f is not None else "1.ln_2")
+    for _ in range(n - 3):
+        page.click("#prev")
+    assert page.get_attribute("#step-status", "data-step") == "wpe"  # the first steps light up, the rest are ghosts
+    page.wait_for_timeout(700)
+    assert np.abs(_drawn(page) - before).mean() > 1
+
+    page.click("#play")  # play mode advances by itself, token by token, step by step
+    page.wait_for_function("() => document.querySelector('#step-status').dataset.step === '0.ln_1'", timeout=15_000)
+    page.click("#play")
+    assert page.get_attribute("#play", "aria-pressed") == "false"
+
+    chip = page.locator("#tokens .tok").nth(4)  # follow another token: its next-token distribution
+    position = int(chip.get_attribute("data-pos"))
+    chip.click()
+    assert chip.get_attribute("aria-pressed") == "true"
+    assert page.locator("#next-title").inner_text() == f"Next token after position {position}"
+    probs = _next_probs(model, ids[:position + 1])
+    ids_shown = page.locator("#top .cand").evaluate_all("els => els.map(e => Number(e.dataset.id))")
+    assert ids_shown == torch.topk(probs, 10).indices.tolist()
+
+
+def test_visualize_file_opens_without_a_server(viz, browser, tmp_path):
+    tok, apps = viz
+    _, model = apps["gpt1"]
+    path = tmp_path / "view.html"
+    data = ModelView(model, tok, name="tiny-gpt1").view(tok.encode(VIZ_TEXT))
+    path.write_text(standalone_page("visualize.html", data))
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    requests: list[str] = []
+    try:
+        tab = context.new_page()
+        tab.on("request", lambda r: requests.append(r.url))
+        _open_view(tab, path.as_uri())
+        assert _drawn(tab).std() > 20 and tab.locator("#model").inner_text().startswith("tiny-gpt1: 2 blocks")
+        assert tab.is_hidden("#run") and tab.input_value("#text") == VIZ_TEXT
+        tab.click("#next")
+        assert tab.get_attribute("#step-status", "data-step") == "wte"
+    finally:
+        context.close()
+    assert requests == [path.as_uri()]  # nothing else is loaded, from anywhere
+
+
+def test_view_endpoint(viz):
+    tok, apps = viz
+    app, model = apps["gpt2"]
+    url = app.url + "/web/view"
+    out = httpx.post(url, json={"text": VIZ_TEXT})
+    assert out.status_code == 200 and len(out.content) < 200_000
+    data = out.json()
+    assert data["ids"] == tok.encode(VIZ_TEXT) and data["text"] == VIZ_TEXT and data["truncated"] == 0
+    assert data["model"]["name"] == "tiny-gpt2" and data["model"]["n_layer"] == 2 and len(data["rows"]) == 32
+    long = httpx.post(url, json={"text": "ab" * BLOCK}).json()
+    assert long["truncated"] == BLOCK and len(long["ids"]) == BLOCK
+    assert _error(httpx.post(url, json={"text": ""}), 400)["param"] == "text"
+    assert _error(httpx.post(url, json={"ids": [10_000]}), 400)["param"] == "ids"
+    assert _error(httpx.post(url, json={"text": "a", "top": 3}), 400)["param"] == "top"
+
+
 # ------------------------------------------------------------------ labeler
 def _order(page) -> list[int]:
     """The responses' indices (in the order they were sampled) as the page lists them."""
@@ -393,7 +589,7 @@ def test_prompt_endpoint_prefers_prompts_not_ranked_yet(served):
 
 
 def test_pages_and_static_files_are_served(served):
-    for path, title in (("/", "chat"), ("/explore", "explorer"), ("/rank", "labeler")):
+    for path, title in (("/", "chat"), ("/explore", "explorer"), ("/visualize", "3-D view"), ("/rank", "labeler")):
         r = httpx.get(served["url"] + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert f"gptlab · {title}" in r.text and "script-src 'self'" in r.headers["content-security-policy"]
@@ -404,9 +600,10 @@ def test_pages_and_static_files_are_served(served):
 
 def test_pages_load_without_the_key_and_the_api_asks_for_it(served, browser):
     url = served["keyed_url"]
-    for path in ("/", "/explore", "/rank", "/static/common.js"):
+    for path in ("/", "/explore", "/visualize", "/rank", "/static/common.js"):
         assert httpx.get(url + path).status_code == 200
     assert _error(httpx.get(url + "/web/info"), 401)["code"] == "invalid_api_key"
+    assert _error(httpx.post(url + "/web/view", json={"text": "a"}), 401)["code"] == "invalid_api_key"
     context = browser.new_context()
     try:
         tab = context.new_page()
@@ -495,3 +692,72 @@ def test_screenshots_for_the_docs(browser, tmp_path):
         chat.stop()
         if base is not chat:
             base.stop()
+
+
+VIZ_SHOT_TEXT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+                 "Arise, fair sun, and kill the envious moon.")
+
+
+@pytest.mark.skipif(not os.environ.get("GPTLAB_VIZ_SCREENSHOTS"),
+                    reason="opt-in: GPTLAB_VIZ_SCREENSHOTS=GPT2_RUN,GPT1_RUN,GPT3_RUN[,GPT2_SMALL_RUN] writes "
+                           "docs/img/visualize-*.png")
+def test_visualize_screenshots_for_the_docs(browser, tmp_path):
+    """The 3-D view of a GPT-2-style, a GPT-1-style and a banded GPT-3-style run (and GPT-2 small's shape), from
+    several angles and steps; PNGs cut to 256 colours to keep the repository small."""
+    from gptlab.runs import load_run
+
+    runs = os.environ["GPTLAB_VIZ_SCREENSHOTS"].split(",")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, device_scale_factor=1)
+    context.set_default_timeout(120_000)
+    tab = context.new_page()
+
+    def shot(name: str) -> None:
+        tab.wait_for_timeout(900)  # the camera's glide and the reveal are over
+        png = Image.open(io.BytesIO(tab.screenshot())).convert("RGB").quantize(256)
+        png.save(ROOT / "docs" / "img" / f"visualize-{name}.png", optimize=True)
+
+    def turn(yaw: float, pitch: float, farther: float = 1, right: float = 0) -> None:
+        tab.evaluate("([yaw, pitch, farther, right]) => { const c = gptlabView.camera; c.yaw = yaw; "
+                     "c.pitch = pitch; c.distance *= farther; c.target[0] += right; gptlabView.redraw(); }",
+                     [yaw, pitch, farther, right])
+
+    def open_run(run: str) -> RunningApp:
+        model, tok, config = load_run(run)
+        app = RunningApp(create_app(model, tok, config, model_name=Path(run).name))
+        tab.goto(app.url + "/visualize?text=" + quote(VIZ_SHOT_TEXT))
+        tab.wait_for_function("() => document.body.dataset.ready === 'true'")
+        return app
+
+    try:
+        app = open_run(runs[0])  # GPT-2-style: the overview, a step of attention, the MLP from another angle
+        shot("gpt2-overview")
+        tab.evaluate("() => gptlabView.goTo('1.attn')")
+        shot("gpt2-attention-step")
+        tab.evaluate("() => gptlabView.goTo(null)")
+        _click_part(tab, "2.act")
+        turn(yaw=0.7, pitch=0.55, farther=1.6)
+        shot("gpt2-mlp-angle")
+        app.stop()
+        app = open_run(runs[1])  # GPT-1: LayerNorm on the stream after each sum
+        tab.evaluate("() => gptlabView.goTo('1.ln_1')")
+        tab.wait_for_timeout(900)  # the camera's glide to the step is over
+        turn(yaw=-0.55, pitch=0.2, farther=4, right=60)
+        shot("gpt1-post-ln")
+        app.stop()
+        # GPT-3: a file from `gptlab visualize --positions 64`, so that a band of 32 shows inside the drawn keys
+        model, tok, _ = load_run(runs[2])
+        text = VIZ_SHOT_TEXT + " Be not her maid, since she is envious; her vestal livery is but sick and green."
+        page_file = tmp_path / "visualize-gpt3.html"
+        data = ModelView(model, tok, ViewConfig(positions=64), name=Path(runs[2]).name).view(tok.encode(text))
+        page_file.write_text(standalone_page("visualize.html", data))
+        tab.goto(page_file.as_uri())
+        tab.wait_for_function("() => document.body.dataset.ready === 'true'")
+        _click_part(tab, "1.attn", head=1, yaw=math.pi)
+        turn(yaw=-0.6, pitch=0.25)
+        shot("gpt3-band")
+        if len(runs) > 3:  # GPT-2 small's shape: twelve blocks, twelve heads, 768 wide
+            app = open_run(runs[3])
+            shot("gpt2-small-overview")
+            app.stop()
+    finally:
+        context.close()

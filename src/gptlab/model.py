@@ -12,12 +12,18 @@ itself stays stateless and training code never sees inference buffers.
 Attention masks: ``attention_mask`` is the single dense reference rule (causal,
 optionally banded, optionally with padded keys); every fast path (SDPA's
 ``is_causal``, FlexAttention block masks on CUDA) is tested against it.
+
+``GPT.trace`` runs the same forward and keeps every intermediate tensor (what the
+3-D view draws): ``model.trace(idx).steps`` in the order they are computed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -116,6 +122,68 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+
+# -------------------------------------------------------------------- trace
+Branch = Literal["input", "stream", "attn", "mlp", "output"]
+StepKind = Literal["vector", "heads", "attention"]
+
+
+@dataclass
+class TraceStep:
+    """One tensor of a traced forward pass, at the kept positions."""
+
+    name: str
+    """what it is: wte, wpe, embed, ln_1, q, k, v, attn, heads, attn_out, resid_attn, ln_2, fc, act, mlp_out,
+    resid_mlp, ln_f, logits"""
+    kind: StepKind
+    """its shape: vector (P, width), heads (n_head, P, head_dim), attention (n_head, P, T)"""
+    branch: Branch
+    """where it sits: the input embeddings, the residual stream, a block's attention or MLP branch, the output"""
+    module: str
+    """the sub-module that computed it (``h.0.attn.c_proj``): its weights are the step's weights"""
+    value: torch.Tensor
+    layer: int | None = None
+
+
+@dataclass
+class BlockKind:
+    """What a block is, for a reader of its steps: where its norms sit and what its attention sees."""
+
+    layer: int
+    norm: Literal["pre", "post"]
+    window: int | None
+    """the band of a locally banded layer; None for dense attention"""
+
+
+@dataclass
+class Trace:
+    rows: list[int]
+    """the positions whose rows the steps keep, in order"""
+    blocks: list[BlockKind]
+    steps: list[TraceStep]
+    """every intermediate tensor, in the order the forward pass computes them"""
+
+    def step(self, name: str, layer: int | None = None) -> TraceStep:
+        return next(s for s in self.steps if s.name == name and s.layer == layer)
+
+
+@contextmanager
+def _outputs(root: nn.Module, names: Sequence[str]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The (first input, output) of each named sub-module of ``root`` while it runs inside the block."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            seen[name] = (args[0], output)
+        return hook
+
+    handles = [root.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------- layers
@@ -358,6 +426,79 @@ class GPT(nn.Module):
             layers.append(block.attn.weights(block.attn_input(x), queries))
             x = block(x, None, masks)
         return torch.stack(layers, dim=1)
+
+    @torch.no_grad()
+    def trace(self, idx: torch.Tensor, rows: Sequence[int] | None = None) -> Trace:
+        """The forward pass of one sequence ``idx`` (1, T) with every intermediate tensor, at positions ``rows``
+        (all when None): embeddings, the residual stream, each norm's output, q/k/v, the attention
+        probabilities (rows over all T keys), the heads' outputs, the MLP's hidden layer and activation,
+        the logits.
+
+        Each block runs itself (its output is the model's) while hooks on its own sub-modules (norms,
+        attention, MLP) read what they compute; only q/k/v and the probabilities come from the attention
+        module's ``heads``/``weights``, which SDPA never materialises. For a model in eval mode: dropout
+        applies as in ``forward``.
+        """
+        B, T = idx.shape
+        if B != 1:
+            raise ValueError(f"trace takes one sequence (1, T), got a batch of {B}")
+        if T > self.config.block_size:
+            raise UserError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}")
+        keep = torch.arange(T, device=idx.device) if rows is None else torch.tensor(list(rows), device=idx.device)
+        if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= T:
+            raise ValueError(f"rows must be positions 0..{T - 1}, got {list(keep.tolist())}")
+        tok, pos = self.wte(idx), self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(tok + pos)
+        steps = [TraceStep("wte", "vector", "input", "wte", tok[0, keep]),
+                 TraceStep("wpe", "vector", "input", "wpe", pos[keep]),
+                 TraceStep("embed", "vector", "stream", "", x[0, keep])]
+        blocks = []
+        masks = self._masks(T, None, None, idx.device)
+        for layer, block in enumerate(self.h):
+            assert isinstance(block, Block)  # nn.ModuleList yields nn.Module
+            x, block_steps = self._trace_block(block, x, keep, masks)
+            steps += block_steps
+            blocks.append(BlockKind(layer, "pre" if block.pre_norm else "post", block.attn.window))
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+            steps.append(TraceStep("ln_f", "vector", "stream", "ln_f", x[0, keep]))
+        steps.append(TraceStep("logits", "vector", "output", "lm_head", self.lm_head(x[0, keep])))
+        return Trace([int(r) for r in keep.tolist()], blocks, steps)
+
+    @staticmethod
+    def _trace_block(block: "Block", x: torch.Tensor, keep: torch.Tensor,
+                     masks: dict[str, Any]) -> tuple[torch.Tensor, list[TraceStep]]:
+        """The block's output for the stream ``x`` and its steps in the order it computes them."""
+        layer, attn = block.attn.layer, block.attn
+        attn_in = block.attn_input(x)
+        q, k, v = attn.heads(attn_in)
+        first = int(keep.min())  # softmax rows from the first kept query on only: O(P * T), not O(T^2)
+        probs = F.pad(attn.weights(attn_in, queries=x.shape[1] - first), (0, 0, first, 0))
+        with _outputs(block, ("ln_1", "attn", "attn.c_proj", "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj")) as seen:
+            out = block(x, None, masks)
+
+        def step(name: str, branch: Branch, module: str, value: torch.Tensor) -> TraceStep:
+            heads = value.dim() == 4  # (1, H, T, d): the kept rows of every head
+            value = value[0][:, keep] if heads else value[0, keep]
+            kind: StepKind = ("attention" if name == "attn" else "heads") if heads else "vector"
+            return TraceStep(name, kind, branch, f"h.{layer}.{module}".rstrip("."), value, layer)
+
+        n_head = attn.n_head
+        concat = seen["attn.c_proj"][0]  # (1, T, C): the heads' outputs side by side
+        heads_out = concat.view(*concat.shape[:2], n_head, -1).transpose(1, 2)
+        attention = [step("q", "attn", "attn.c_attn", q), step("k", "attn", "attn.c_attn", k),
+                     step("v", "attn", "attn.c_attn", v), step("attn", "attn", "attn", probs),
+                     step("heads", "attn", "attn", heads_out), step("attn_out", "attn", "attn.c_proj", seen["attn"][1])]
+        mlp = [step("fc", "mlp", "mlp.c_fc", seen["mlp.c_fc"][1]), step("act", "mlp", "mlp", seen["mlp.c_proj"][0]),
+               step("mlp_out", "mlp", "mlp.c_proj", seen["mlp"][1])]
+        if block.pre_norm:  # GPT-2/3: each branch starts with its norm; the sums are the stream
+            return out, [step("ln_1", "attn", "ln_1", seen["ln_1"][1]), *attention,
+                         step("resid_attn", "stream", "", seen["ln_2"][0]),
+                         step("ln_2", "mlp", "ln_2", seen["ln_2"][1]), *mlp, step("resid_mlp", "stream", "", out)]
+        return out, [*attention, step("resid_attn", "stream", "", seen["ln_1"][0]),  # GPT-1: norms on the stream
+                     step("ln_1", "stream", "ln_1", seen["ln_1"][1]), *mlp,
+                     step("resid_mlp", "stream", "", seen["ln_2"][0]), step("ln_2", "stream", "ln_2", out)]
+
 
 def with_tokens(gpt: GPT, tokenizer: Tokenizer, tokens: list[str], dropout: float | None = None) -> GPT:
     """Add special ``tokens`` to ``tokenizer``; return ``gpt`` with embedding rows for every id (``rebuilt``).

@@ -188,6 +188,14 @@ class Tokenizer(abc.ABC):
     def token_bytes(self, id: int) -> bytes:
         """The raw bytes of one token (special tokens: their UTF-8 string), for streaming decode."""
 
+    def token_text(self, id: int) -> str:
+        """One token as a person reads it: its text, or ``bytes:\\x..`` for part of a multi-byte character."""
+        raw = self.token_bytes(id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int:

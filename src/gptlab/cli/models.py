@@ -1,16 +1,22 @@
-"""Commands about models themselves: ``gptlab presets``, ``gptlab generate``, ``gptlab convert``."""
+"""Commands about models themselves: ``gptlab presets``, ``gptlab generate``, ``gptlab convert``,
+``gptlab visualize``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..config import PRESETS, GPTConfig
 from ..engine import Engine, SamplingParams
+from ..errors import UserError
 from ..hf import export_hf, import_hf
 from ..model import GPT
 from ..runs import load_run, prepare_out_dir, save_model
-from .args import unescape
+from ..serve.offline import standalone_page
+from ..visualize import ModelView, ViewConfig
+from .args import add_fields, given, unescape
 
 __all__ = ["COMMANDS"]
 
@@ -92,4 +98,30 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-COMMANDS = [add_presets, add_generate, add_convert]
+def cmd_visualize(args: argparse.Namespace) -> None:
+    model, tok, _ = load_run(args.model)
+    if tok is None:
+        raise UserError(f"{args.model} has no tokenizer, so --text cannot be read: use a run directory saved with one")
+    config = ViewConfig.from_dict(given(args, ViewConfig), source="flags")
+    ids = tok.encode(args.text)
+    cut = max(0, len(ids) - model.config.block_size)
+    name = Path(str(args.model).removeprefix("hf:")).expanduser().resolve().name
+    data = ModelView(model.eval(), tok, config, name=name).view(ids[cut:], cut)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, standalone_page("visualize.html", data))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(ids) - cut} tokens"
+          f"{f', the first {cut} cut to fit the context' if cut else ''}): open it in a browser, no server needed")
+
+
+def add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("visualize", help="the model in 3-D on a text's forward pass, as one HTML file that opens "
+                                         "without a server (the /visualize page of gptlab serve)")
+    p.add_argument("--model", required=True, help="run directory or hf:DIR")
+    p.add_argument("--text", required=True, help="the text to run through the model")
+    p.add_argument("--out", required=True, help="the HTML file to write (data and scripts inline)")
+    add_fields(p, ViewConfig, title="what is drawn (ViewConfig)")
+    p.set_defaults(func=cmd_visualize)
+
+
+COMMANDS = [add_presets, add_generate, add_convert, add_visualize]

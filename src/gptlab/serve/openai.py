@@ -254,11 +254,7 @@ class OpenAIHandler:
 
     # ----------------------------------------------------------- shaping
     def token_str(self, i: int) -> str:
-        raw = self.tok.token_bytes(i)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self.tok.token_text(i)
 
     def legacy_logprobs(self, ids: Sequence[int], lps: Sequence[float | None],
                         tops: Sequence[Sequence[tuple[int, float]] | None], start: int = 0) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The web pages served beside the API: ``/`` (chat), ``/explore`` (next-token explorer), ``/rank`` (labeler).
+"""The web pages served beside the API: ``/`` (chat), ``/explore`` (next-token explorer), ``/visualize`` (the
+model in 3-D on a text's forward pass), ``/rank`` (labeler).
 
 The pages are static HTML/JS/CSS from ``static/`` (no build step, nothing fetched from elsewhere); they
 talk to the OpenAI routes (``/v1/chat/completions``, ``/v1/completions``) and to the JSON endpoints here:
@@ -6,6 +7,8 @@ talk to the OpenAI routes (``/v1/chat/completions``, ``/v1/completions``) and to
 * ``GET /web/info``: what the pages need to know about the model (chat format or not, context, sizes).
 * ``POST /web/next``: the explorer's step: the text's tokens, the top next tokens, optionally the last
   token's attention in every layer and head.
+* ``POST /web/view``: the 3-D view's data for a text (``visualize.ModelView``: every step of the forward
+  pass, sampled and capped; the model's weights are sampled once, on the first request).
 * ``POST /web/feedback``: a thumbs up/down on a chat answer, appended to ``data_dir/feedback.jsonl``.
 * ``GET /web/prompt``: a prompt to label from ``data_dir/prompts.jsonl`` (one not yet ranked first).
 * ``POST /web/rankings``: a labeler's ranking, appended to ``data_dir/rankings.jsonl`` in the form
@@ -36,6 +39,7 @@ from ..align_data import load_prompts, ranking_of
 from ..atomic import FileFull, append_jsonl
 from ..chat import ROLES
 from ..errors import DataError, UserError
+from ..visualize import ModelView
 from .openai import OpenAIHandler
 from .protocol import APIError
 from .state import ServeState
@@ -43,7 +47,7 @@ from .state import ServeState
 __all__ = ["add_web_routes", "WebData", "PAGES", "STATIC"]
 
 STATIC = Path(__file__).with_name("static")
-PAGES = {"/": "chat.html", "/explore": "explore.html", "/rank": "rank.html"}
+PAGES = {"/": "chat.html", "/explore": "explore.html", "/visualize": "visualize.html", "/rank": "rank.html"}
 FEEDBACK, RANKINGS, PROMPTS = "feedback.jsonl", "rankings.jsonl", "prompts.jsonl"
 MAX_TOP = 50
 # The pages load only their own files and talk only to this server.
@@ -58,6 +62,12 @@ class NextRequest(BaseModel):
     ids: list[int] | None = None
     top: int = 10
     attention: bool = False
+
+
+class ViewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str | None = None
+    ids: list[int] | None = None
 
 
 class Turn(BaseModel):
@@ -114,8 +124,9 @@ def _stamp() -> str:
 
 
 # ------------------------------------------------------------------ explorer
-def _context(api: OpenAIHandler, req: NextRequest) -> tuple[list[int], int]:
-    """The explorer's token ids (ids win over text) cut to the model's context, and how many were cut."""
+def _context(api: OpenAIHandler, req: NextRequest | ViewRequest) -> tuple[list[int], int]:
+    """The explorer's and the 3-D view's token ids (ids win over text) cut to the model's context, and how
+    many were cut."""
     if req.ids is not None:
         ids = list(req.ids)
         if any(not 0 <= i < api.tok.vocab_size for i in ids):
@@ -180,6 +191,12 @@ def add_web_routes(app: FastAPI, state: ServeState, data: WebData) -> None:
     for path, name in PAGES.items():
         app.add_api_route(path, _page(name), methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    views: dict[int, ModelView] = {}  # id(handler) -> the view of its model, built by the first request
+
+    def view_of(api: OpenAIHandler, ids: list[int], cut: int) -> dict[str, Any]:
+        if id(api) not in views:
+            views[id(api)] = ModelView(api.gpt, api.tok, name=api.model_name)
+        return views[id(api)].view(ids, cut)
 
     @app.get("/web/info")
     async def info() -> dict[str, Any]:
@@ -199,6 +216,12 @@ def add_web_routes(app: FastAPI, state: ServeState, data: WebData) -> None:
         result = await api.run(lambda: _explore(api, ids, req.top, req.attention))
         return {"ids": ids, "tokens": [api.token_str(i) for i in ids], "text": api.tok.decode(ids),
                 "truncated": cut, **result}
+
+    @app.post("/web/view")
+    async def visualize(req: ViewRequest) -> dict[str, Any]:
+        api = state.api
+        ids, cut = _context(api, req)
+        return await api.run(lambda: view_of(api, ids, cut))
 
     @app.post("/web/feedback")
     async def feedback(req: FeedbackRequest) -> dict[str, Any]:
