@@ -93,21 +93,24 @@ def test_generate_slides_past_the_context_like_nanogpt(run_dir, capsys):
                   "(--slide goes on)\n"
 
 
-@pytest.fixture(scope="module")
-def newline_run(run_dir, tmp_path_factory):
-    """A model whose greedy choice is always the newline token: it writes "\\n\\n" on demand."""
+def constant_run(run_dir: Path, out: Path, text: str) -> Path:
+    """A model whose greedy choice (even at temperature 0.8) is always the token spelt ``text``."""
     tok = load_tokenizer(run_dir / "tokenizer")
-    (nl,) = tok.encode("\n")
+    (token,) = tok.encode(text, allow_special=True)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=tok.vocab_size, block_size=64))
     with torch.no_grad():
         for p in model.h.parameters():
             p.zero_()
         model.ln_f.weight.zero_()
-        model.ln_f.bias.copy_(torch.nn.functional.normalize(model.wte.weight[nl], dim=0))
-        model.wte.weight[nl] *= 1000  # a logit of ~160 over ~0: newline even at temperature 0.8
-    out = tmp_path_factory.mktemp("nl") / "run"
+        model.ln_f.bias.copy_(torch.nn.functional.normalize(model.wte.weight[token], dim=0))
+        model.wte.weight[token] *= 1000  # a logit of ~160 over ~0
     save_model(out, model, tok)
     return out
+
+
+@pytest.fixture(scope="module")
+def newline_run(run_dir, tmp_path_factory):
+    return constant_run(run_dir, tmp_path_factory.mktemp("nl") / "run", "\n")
 
 
 def test_generate_stop_as_the_readme_writes_it(newline_run, capsys):
@@ -133,3 +136,16 @@ def test_ppo_help_says_one_thing_per_setting(capsys):
            "pretraining (ptx) rows per update)" in text
     assert "--lr FLOAT peak learning rate (default: 1e-05)" in text
     assert "--min-lr FLOAT floor of the cosine decay (default: 1e-05: the learning rate stays constant)" in text
+
+
+def test_special_tokens_are_not_text_unless_asked(run_dir, tmp_path, capsys):
+    run = constant_run(run_dir, tmp_path / "eot", "<|endoftext|>")
+    argv = ["generate", "--model", str(run), "--prompt", "x", "--max-new-tokens", "3", "--temperature", "0",
+            "--ignore-eos"]
+    assert main(argv) == 0
+    assert capsys.readouterr() == ("\n", "")
+    assert main([*argv, "--show-special-tokens"]) == 0
+    assert capsys.readouterr() == ("<|endoftext|>" * 3 + "\n", "")
+    assert main(argv[:-1]) == 0  # stopped at once by the end-of-text token, and says so
+    assert capsys.readouterr() == ("\n", "gptlab generate: stopped after 0 of 3 tokens at the end-of-text token "
+                                          "(--ignore-eos goes on)\n")

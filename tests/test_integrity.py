@@ -553,3 +553,21 @@ def test_fuzz_malformed_configs_and_json_lines(base, tmp_path, name, seed):
                         else content.replace("}\ntrain", ", activation: \"\\ud800\"}\ntrain"), encoding="utf-8")
     argv = [a.replace("{base}", str(base)).replace("{tmp}", str(tmp_path)).replace("{file}", str(path)) for a in argv]
     _check_outcome(tmp_path, files(tmp_path), False, argv)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["tokenizer", "train", "--input", "{base}/c.txt", "--vocab-size", "300", "--out", "{tmp}/a-file"],
+     "{tmp}/a-file: File exists"),
+    (["visualize", "--model", "{base}/run", "--text", "the king", "--out", "{tmp}/a-dir"], "{tmp}/a-dir: Is a directory"),
+    (["train", "--data", "{base}/data", "--out", "{tmp}/a-file", "--config", "{base}/tiny.yaml"], "{tmp}/a-file"),
+    (["eval", "icl", "--model", "{base}/run", "--task", "{tmp}/mc.jsonl", "--shots", "0", "--out",
+      "{tmp}/a-file/sub"], "{tmp}/a-file/sub: Not a directory"),
+])
+def test_outputs_the_system_refuses_are_one_line(base, tmp_path, argv, needle):
+    (tmp_path / "a-file").write_text("keep me")
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"context": "the", "choices": ["king", "sea"], "label": 0}) + "\n")
+    before = files(tmp_path)
+    fill = lambda a: a.replace("{base}", str(base)).replace("{tmp}", str(tmp_path))  # noqa: E731
+    fails(*map(fill, argv), needles=(fill(needle), "check the path"))
+    assert files(tmp_path) == before and (tmp_path / "a-file").read_text() == "keep me"

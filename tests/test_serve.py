@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -531,3 +532,29 @@ def test_serve_writes_web_data_only_where_the_user_asked():
 
     args = build_parser().parse_args(["serve", "--model", "run"])
     assert args.data_dir is None and args.host == "127.0.0.1"
+
+
+def test_special_tokens_are_left_out_of_replies_unless_asked():
+    """vLLM's skip_special_tokens: a model that writes <|end|> shows it only when the client asks."""
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .!?")
+    add_chat_tokens(tok)
+    end = tok.special_tokens["<|end|>"]
+    model = _model(tok, 3)
+    with torch.no_grad():
+        for p in model.h.parameters():
+            p.zero_()
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(torch.nn.functional.normalize(model.wte.weight[end], dim=0))
+        model.wte.weight[end] *= 1000
+    running = RunningApp(create_app(model, tok, {}, model_name="t"))
+    try:
+        url = running.url + "/v1/completions"
+        body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(url, json=body).json()["choices"][0]["text"] == ""
+        shown = httpx.post(url, json={**body, "skip_special_tokens": False}).json()["choices"][0]["text"]
+        assert shown == "<|end|>" * 3
+        streamed = httpx.post(url, json={**body, "skip_special_tokens": False, "stream": True}).text
+        assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in streamed.splitlines()
+                       if line.startswith("data: {")) == shown
+    finally:
+        running.stop()

@@ -199,7 +199,8 @@ class Batcher:
             generator = None
             if p.seed is not None:
                 generator = torch.Generator(device=self.engine.device).manual_seed(p.seed)
-            s = _Seq(t, _Row(prompt_len=len(t.prompt)), self.engine.stop_ids(p), t.stream or bool(p.stop),
+            row = _Row(prompt_len=len(t.prompt), skip_special=p.skip_special_tokens)
+            s = _Seq(t, row, self.engine.stop_ids(p), t.stream or bool(p.stop),
                      min(p.max_new_tokens, self.block - len(t.prompt)), generator)
             if s.max_new <= 0:
                 s.row.finish, s.row.text = "length", ""

@@ -39,6 +39,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # ... times how often it was generated
     slide: bool = False  # past the context, go on reading its last block_size tokens (nanoGPT's window)
+    skip_special_tokens: bool = True  # special tokens (<|end|>, ...) are not text: left out of decoded output
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -74,6 +75,10 @@ class _Row:
     finish: str | None = None
     stop_token: int | None = None
     shown: int = 0  # characters of ``text`` already handed out by ``fresh_text``
+    skip_special: bool = True  # ``SamplingParams.skip_special_tokens``
+
+    def decode(self, tokenizer: Tokenizer) -> str:
+        return tokenizer.decode_text(self.ids) if self.skip_special else tokenizer.decode(self.ids)
 
     def accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None, stop_ids: set[int],
                stops: Sequence[str], tokenizer: Tokenizer | None) -> None:
@@ -87,7 +92,7 @@ class _Row:
             if top is not None:
                 self.top.append(top)
         if tokenizer is not None:
-            self.text = tokenizer.decode_text(self.ids)
+            self.text = self.decode(tokenizer)
             cut = min((self.text.find(s) for s in stops if s in self.text), default=-1)
             if cut >= 0:
                 self.text, self.finish = self.text[:cut], "stop"
@@ -274,7 +279,7 @@ class Engine:
     def completion(self, row: _Row) -> Completion:
         text = row.text
         if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode_text(row.ids)
+            text = row.decode(self.tokenizer)
         return Completion(token_ids=row.ids, text=text, finish_reason=row.finish or "length",
                           logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len,
                           stop_token=row.stop_token)
@@ -337,7 +342,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
 
-        rows = [_Row(prompt_len=n) for n in lengths]
+        rows = [_Row(prompt_len=n, skip_special=params.skip_special_tokens) for n in lengths]
         if max_new == 0:
             for r in rows:
                 r.finish, r.text = "length", "" if track_text else None

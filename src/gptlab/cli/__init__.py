@@ -8,7 +8,7 @@
     demos.py       demo, rlhf-demo
     args.py        flags from dataclass fields, command groups
 
-A ``UserError`` or a usage error is printed as one line (no traceback) and exits with code 2.
+A ``UserError``, a usage error or a path the system refuses is printed as one line (no traceback) and exits with code 2.
 ``python -m gptlab.cli`` is the same program (what torchrun launches).
 """
 
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the system refused a path: a directory where a file goes, permissions, a full disk
+        where = exc.filename2 if exc.filename2 is not None else exc.filename
+        print(f"gptlab {args.command}: error: {where}: {exc.strerror or exc}; check the path, its permissions and "
+              f"the free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130

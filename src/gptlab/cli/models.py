@@ -36,7 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     engine = Engine.from_spec(args.model, precision=args.precision)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, stop=[unescape(s) for s in args.stop or []],
-                            seed=args.seed, stop_at_eos=not args.ignore_eos, slide=args.slide)
+                            seed=args.seed, stop_at_eos=not args.ignore_eos, slide=args.slide,
+                            skip_special_tokens=not args.show_special_tokens)
     completion = None
     for piece, done in engine.stream_pieces(engine.encode(args.prompt), params):
         if args.stream:
@@ -63,6 +64,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable; \\n, \\t, \\r and \\\\ are read as "
                                                    "the characters they name)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
+    p.add_argument("--show-special-tokens", action="store_true",
+                   help="print special tokens (<|endoftext|>, <|end|>, ...) in the text; they are left out by default")
     p.add_argument("--slide", action=argparse.BooleanOptionalAction, default=True,
                    help="past the model's context, go on reading its last block_size tokens, as nanoGPT "
                         "(default: on)")

@@ -171,7 +171,8 @@ class OpenAIHandler:
                               top_p=None if top_p is None or top_p >= 1 else top_p, stop=stop,
                               seed=None if seed is None else seed % 2 ** 63, logprobs=logprobs,
                               stop_token_ids=list(stop_token_ids), presence_penalty=req.presence_penalty or 0.0,
-                              frequency_penalty=req.frequency_penalty or 0.0)
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              skip_special_tokens=req.skip_special_tokens is not False)
 
     def n(self, n: int | None) -> int:
         n = 1 if n is None else n

@@ -51,6 +51,7 @@ class GenerationRequest(BaseModel):  # what completions and chat share
     frequency_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    skip_special_tokens: bool | None = True  # vLLM's extension: False shows <|end|> and the like in the text
 
 
 class CompletionRequest(GenerationRequest):
