@@ -521,7 +521,8 @@ def test_serve_cannot_listen_is_one_line_exit_2(tmp_path, capsys):
         port = taken.getsockname()[1]
         for argv, needle in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
                              (["--port", "99999"], "port must be 0-65535"),
-                             (["--host", "no-such-host.invalid", "--port", "0"], "no-such-host.invalid:0")):
+                             (["--host", "no-such-host.invalid", "--port", "0"], "no-such-host.invalid:0"),
+                             (["--api-key", " "], "--api-key is empty")):
             assert main(["serve", "--model", str(tmp_path / "run"), *argv]) == 2
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and needle in err, err

@@ -44,6 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("max_body_bytes", "max_queue", "max_batch", "max_record_bytes", "max_data_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key is empty: give a secret (e.g. from `openssl rand -hex 16`) or leave the flag out")
     directory = Path(str(args.model).removeprefix("hf:")).expanduser()
     name = args.model_name or directory.resolve().name
     data = WebData(Path(args.data_dir).expanduser() if args.data_dir else None, args.max_record_bytes,
