@@ -12,6 +12,7 @@ Conv1D weights, not a renaming table per architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .atomic import PathLike, atomic_write_json, atomic_write_text
+from .atomic import PathLike, atomic_write_json, atomic_write_text, sha256_file
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
 from .jsonsafe import parse_json
@@ -33,7 +34,7 @@ from .model import GPT
 from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
 
-__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "read_json_file"]
+__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "read_json_file", "hf_weights_sha256"]
 
 HF_CONFIG = "config.json"
 
@@ -126,8 +127,9 @@ def _config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
                      scale_residual_init=False, name="hf:openai-gpt")
 
 
-def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: model.safetensors (or its shards), else pytorch_model.bin (or shards)."""
+def _weight_files(hf_dir: Path) -> tuple[list[Path], str]:
+    """The weight files of an HF directory and their kind: model.safetensors (or its shards), else
+    pytorch_model.bin (or shards)."""
     def shards(index_name: str) -> list[Path]:
         index = read_json_file(hf_dir / index_name, "")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -146,6 +148,20 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     else:
         raise CheckpointError(f"{hf_dir}: no model.safetensors or pytorch_model.bin; save the model "
                               f"with save_pretrained() into this directory")
+    return files, kind
+
+
+def hf_weights_sha256(hf_dir: PathLike) -> str:
+    """The sha256 of an HF directory's weights: of its one weight file, or of its shards' digests in order."""
+    files, _ = _weight_files(Path(hf_dir))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode("ascii")).hexdigest()
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory (``_weight_files``)."""
+    files, kind = _weight_files(hf_dir)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():

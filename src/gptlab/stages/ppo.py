@@ -1,6 +1,6 @@
 """InstructGPT step 3: PPO against the reward model, with a per-token KL penalty and the pretraining mix.
 
-    gptlab ppo --policy runs/sft --reward runs/rm --prompts prompts.jsonl --out runs/ppo
+    gptlab ppo --model runs/sft --reward runs/rm --prompts prompts.jsonl --out runs/ppo
         [--ptx-data data/ --ptx-coef 1.0 --kl-coef 0.02 --kl-target 6 --iterations 100]
 
 One PPO iteration: sample one response per prompt for ``rollout_batch`` prompts
