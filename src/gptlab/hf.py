@@ -30,7 +30,7 @@ from .atomic import PathLike, atomic_write_json, atomic_write_text, sha256_file
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
 from .jsonsafe import parse_json
-from .model import GPT
+from .model import GPT, rebuilt
 from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
 
@@ -230,10 +230,24 @@ def import_hf(hf_dir: PathLike, dtype: torch.dtype | None = torch.float32,
     if with_tokenizer and any((hf_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "encoder.json")):
         try:
             tokenizer = load_tokenizer(hf_dir)
-        except TokenizerError as e:  # e.g. openai-gpt's non-byte-level BPE: keep the model, say why
+        except TokenizerError as e:  # a vocabulary gptlab cannot read: keep the model, say why
             warnings.warn(f"{hf_dir}: tokenizer not usable by gptlab ({e}); imported the model "
                           f"without a tokenizer", stacklevel=2)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        model = _grown(model, tokenizer.vocab_size)
     return model, tokenizer
+
+
+@torch.no_grad()
+def _grown(model: GPT, vocab_size: int) -> GPT:
+    """``model`` with zero embedding rows for the ids its tokenizer adds (GPT-1's ``<|endoftext|>``): zero,
+    not random, so that every import of a directory is the same model."""
+    old = model.config.vocab_size
+    grown = rebuilt(model, vocab_size=vocab_size).eval()
+    grown.wte.weight[old:] = 0
+    if not grown.config.tie_embeddings:
+        grown.lm_head.weight[old:] = 0
+    return grown
 
 
 def _hf_tensors(model: GPT, model_type: str) -> dict[str, torch.Tensor]:

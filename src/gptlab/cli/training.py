@@ -11,6 +11,7 @@ import argparse
 from typing import Any, Callable, Mapping
 
 from ..config import Config, GPTConfig
+from ..lora import LoRAConfig
 from ..stages.dpo import DPO_TRAIN, DPOConfig, run_dpo
 from ..stages.finetune import FINETUNE_TRAIN, FinetuneConfig, run_finetune
 from ..stages.ppo import PPO_ITERATIONS, PPO_TRAIN, PPOConfig, run_ppo
@@ -51,6 +52,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, inputs:
                    skip=("vocab_size", "block_size", "dropout"))  # the vocabulary is the data's
     else:
         add_fields(p, settings, title=f"{name} settings ({settings.__name__}; kept by a resumed run)", rename=rename)
+    add_fields(p, LoRAConfig, title="LoRA adapters (LoRAConfig; kept by a resumed run"
+                                     + ("; with --init-from" if name == "train" else "") + ")")
     add_fields(p, TrainConfig, title="training (TrainConfig)", defaults=train_defaults)
     return p
 
@@ -61,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.preset is not None:
         model["preset"] = args.preset
     return exit_code(run_pretrain(args.data, args.out, model, given(args, TrainConfig), init_from=args.init_from,
-                                  config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
+                                  lora=given(args, LoRAConfig), config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +83,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- finetune
 def cmd_finetune(args: argparse.Namespace) -> int:
     return exit_code(run_finetune(args.model, args.train, args.val, args.out, given(args, TrainConfig),
-                                  given(args, FinetuneConfig), config_file=args.config, resume=args.resume).signal)
+                                  given(args, FinetuneConfig), lora=given(args, LoRAConfig), config_file=args.config, resume=args.resume).signal)
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +102,7 @@ def _add_alignment(name: str, help: str, settings: type[Config], defaults: Train
     """The commands that take a chat model, a data file and an optional validation file (sft, rm, dpo)."""
     def command(args: argparse.Namespace) -> int:
         return exit_code(run(args.model, args.data, args.out, given(args, TrainConfig), given(args, settings),
-                             val_file=args.val, config_file=args.config, resume=args.resume).signal)
+                             lora=given(args, LoRAConfig), val_file=args.val, config_file=args.config, resume=args.resume).signal)
 
     def add(sub: argparse._SubParsersAction) -> None:
         p = _stage_parser(sub, name, help, [
@@ -125,6 +128,7 @@ add_dpo = _add_alignment("dpo", "direct preference optimisation of an SFT run on
 def cmd_ppo(args: argparse.Namespace) -> int:
     return exit_code(run_ppo(args.model, args.reward, args.prompts, args.out, given(args, TrainConfig),
                              given(args, PPOConfig), iterations=args.iterations, ptx_data=args.ptx_data,
+                             lora=given(args, LoRAConfig),
                              config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
 
 

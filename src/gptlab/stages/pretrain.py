@@ -42,6 +42,7 @@ from ..engine import Engine, SamplingParams
 from ..errors import ConfigError, TokenizerError, UserError
 from ..evaluate import lm_loss_sums
 from ..hf import hf_dir_from_spec, hf_weights_sha256
+from ..lora import add_lora
 from ..model import GPT, rebuilt
 from ..runs import CONFIG_FILE, TOKENIZER_DIR, load_run, save_model
 from ..tokenizer import Tokenizer, check_tokenizers_match, load_tokenizer
@@ -179,7 +180,7 @@ def _source_model(spec: str | os.PathLike[str], data: TokenData, data_dir: str |
 
 
 def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], model: ModelGiven = None,
-                 train: Given = None, *, init_from: str | os.PathLike[str] | None = None,
+                 train: Given = None, *, init_from: str | os.PathLike[str] | None = None, lora: Given = None,
                  config_file: str | os.PathLike[str] | None = None, resume: bool = False,
                  verify_data: bool = True, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
     """Pretrain a new GPT, continue ``init_from``'s, or resume ``out_dir``, on ``data_dir``; configs resolve
@@ -197,6 +198,9 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     if not isinstance(vocab, int) or vocab < 1:
         raise UserError(f"{data_dir}: meta.json has no valid vocab_size; re-run gptlab prepare")
     train_cfg = run.train(train)
+    lora_cfg = run.lora(lora, train_cfg)
+    if lora_cfg.enabled and init_from is None and not run.started:
+        raise ConfigError("--lora-rank adapts a trained model: pass --init-from RUN_DIR|hf:DIR")
     source: tuple[GPT, Tokenizer | None, dict[str, Any]] | None = None
     if init_from is not None and (model or run.file.get("model")):
         raise ConfigError(f"--init-from {os.fspath(init_from)} gives the model: drop --preset, the model flags and "
@@ -219,6 +223,7 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         extra: dict[str, Any] = {"train": train_cfg.to_dict(),
                                  "data": {"dir": os.path.abspath(os.fspath(data_dir)),
                                           "tokenizer": spec if isinstance(spec, (str, dict)) else None}}
+        extra.update(lora_cfg.record())
         if source is not None:
             extra["init_from"] = source[2]
         elif run.saved is not None and isinstance(run.saved.get("init_from"), dict):
@@ -228,5 +233,5 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
                               world_size=env.world_size, eval_batches=train_cfg.eval_batches, tokenizer=tokenizer,
                               sample_tokens=train_cfg.sample_tokens, sample_prompt=train_cfg.sample_prompt,
                               sample_temperature=train_cfg.sample_temperature, save_extra=extra)
-        return run.trainer(source[0] if source is not None else GPT(model_cfg), stage, train_cfg, env,
-                           progress).fit()
+        gpt = add_lora(source[0] if source is not None else GPT(model_cfg), lora_cfg)
+        return run.trainer(gpt, stage, train_cfg, env, progress).fit()
