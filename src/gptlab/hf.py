@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ from .model import GPT, rebuilt
 from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
 
-__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "read_json_file", "hf_weights_sha256"]
+__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "HFHead", "read_json_file", "hf_weights_sha256"]
 
 HF_CONFIG = "config.json"
 
@@ -302,10 +303,64 @@ def _export_tokenizer(tokenizer: Tokenizer, out_dir: Path, block_size: int) -> l
     return written + ["tokenizer_config.json"]
 
 
-def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None = None) -> Path:
+@dataclass(frozen=True)
+class HFHead:
+    """A stage's linear head on the final hidden states, to export with the transformers class that applies it.
+
+    ``kind`` "sequence": ``*ForSequenceClassification``, the head at each row's last token that is not
+    ``pad_id`` (transformers' pooling). Its ``score`` layer has no bias, so the head's bias (times
+    ``bias_share``) is folded into the last LayerNorm's bias through the pseudo-inverse of the head's weight:
+    W(β + W⁺b) = Wβ + b exactly for a weight of full row rank; that LayerNorm's output feeds only the head
+    there. ``bias_share`` 0.5 serves GPT-1's similarity head, which adds the two orders' hidden states: the
+    two orders' logits then add up to it. ``kind`` "choice": ``*DoubleHeadsModel``, the head (with its bias)
+    at ``mc_token_ids`` of each choice.
+    """
+
+    linear: nn.Linear
+    kind: Literal["sequence", "choice"]
+    pad_id: int | None = None
+    labels: tuple[str, ...] | None = None
+    regression: bool = False
+    bias_share: float = 1.0
+
+
+_HEAD_ARCH = {("gpt2", None): "GPT2LMHeadModel", ("openai-gpt", None): "OpenAIGPTLMHeadModel",
+              ("gpt2", "sequence"): "GPT2ForSequenceClassification",
+              ("openai-gpt", "sequence"): "OpenAIGPTForSequenceClassification",
+              ("gpt2", "choice"): "GPT2DoubleHeadsModel", ("openai-gpt", "choice"): "OpenAIGPTDoubleHeadsModel"}
+
+
+@torch.no_grad()
+def _with_head(tensors: dict[str, torch.Tensor], model: GPT, head: HFHead) -> dict[str, Any]:
+    """Add ``head``'s tensors to the exported ``tensors``; returns its config.json fields."""
+    weight, bias = head.linear.weight.detach().cpu(), head.linear.bias
+    b = bias.detach().cpu() if bias is not None else torch.zeros(weight.shape[0])
+    if head.kind == "choice":
+        tensors["multiple_choice_head.summary.weight"], tensors["multiple_choice_head.summary.bias"] = weight, b
+        return {"num_labels": 1, "summary_type": "cls_index", "summary_use_proj": True, "summary_activation": None,
+                "summary_proj_to_labels": True, "summary_first_dropout": 0.0}
+    tensors.pop("lm_head.weight", None)
+    tensors["score.weight"] = weight
+    norm = "ln_f" if model.ln_f is not None else f"h.{model.config.n_layer - 1}.ln_2"
+    key = f"transformer.{norm}.bias"
+    target = b.double() * head.bias_share
+    delta = torch.linalg.pinv(weight.double()) @ target
+    if not torch.allclose(weight.double() @ delta, target, atol=1e-6, rtol=1e-6):
+        raise UserError(f"cannot export the head: its weight has rank below its {weight.shape[0]} outputs, so "
+                        f"transformers' bias-free score layer cannot reproduce its bias")
+    tensors[key] = (tensors[key].double() + delta).to(tensors[key].dtype)
+    labels = list(head.labels) if head.labels else [f"LABEL_{i}" for i in range(weight.shape[0])]
+    return {"num_labels": weight.shape[0], "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": head.pad_id,
+            "problem_type": "regression" if head.regression else "single_label_classification"}
+
+
+def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None = None,
+              head: HFHead | None = None) -> Path:
     """Write a transformers directory that ``from_pretrained`` loads: GPT-2 for pre-LN models, OpenAI-GPT for post-LN.
 
-    With ``tokenizer``, its files go along when transformers can read them.
+    With ``tokenizer``, its files go along when transformers can read them; with ``head``, the class
+    that applies it (``HFHead``) instead of the LM head model.
     Banded-attention (GPT-3 style) models have no transformers equivalent and
     raise UserError, as does a post-LN model with exact GELU (transformers'
     openai-gpt only computes the tanh approximation). Models without biases are
@@ -317,7 +372,7 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
         raise UserError(f"cannot export attention_pattern={cfg.attention_pattern!r}: transformers has no "
                         f"GPT-2 with locally banded attention layers (only dense models export)")
     if cfg.norm_position == "pre":
-        model_type, arch = "gpt2", "GPT2LMHeadModel"
+        model_type = "gpt2"
         hf: dict[str, Any] = {
             "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
             "n_inner": None, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -328,25 +383,27 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
             raise UserError(f"cannot export a post-LN model with activation={cfg.activation!r}: "
                             f"transformers' openai-gpt computes GELU with the tanh approximation, so its "
                             f"outputs would differ; train with activation='gelu_tanh' to export")
-        model_type, arch = "openai-gpt", "OpenAIGPTLMHeadModel"
+        model_type = "openai-gpt"
         hf = {"afn": "gelu"}
+    tensors = _hf_tensors(model, model_type)
+    if head is not None:
+        hf.update(_with_head(tensors, model, head))
     eos_id = tokenizer.eos_id if tokenizer is not None else None
     dtype = str(model.wte.weight.dtype).removeprefix("torch.")
     hf = {
-        "architectures": [arch], "model_type": model_type,
+        "architectures": [_HEAD_ARCH[model_type, head.kind if head is not None else None]], "model_type": model_type,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
         "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,
         "layer_norm_epsilon": cfg.layer_norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None,
-        "dtype": dtype, **hf,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None, "dtype": dtype, **hf,
     }
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(_hf_tensors(model, model_type), out / "model.safetensors")
+    atomic_save_safetensors(tensors, out / "model.safetensors")
     if tokenizer is not None:
         _export_tokenizer(tokenizer, out, cfg.block_size)
     atomic_write_json(out / HF_CONFIG, hf)

@@ -11,10 +11,12 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..config import PRESETS, GPTConfig
 from ..engine import Engine, SamplingParams
 from ..errors import UserError
-from ..hf import export_hf, import_hf
+from ..hf import export_hf, hf_dir_from_spec, import_hf, read_json_file
 from ..model import GPT
 from ..lora import ADAPTER_CONFIG, LoRAConfig, has_lora
-from ..runs import copy_recorded, load_run, prepare_out_dir, save_merged, save_model
+from ..runs import copy_recorded, load_run, prepare_out_dir, read_run_config, save_merged, save_model
+from ..stages.finetune import hf_head as finetune_head
+from ..stages.reward import hf_head as reward_head
 from ..serve.offline import standalone_page
 from ..visualize import ModelView, ViewConfig
 from .args import add_fields, add_group, given, unescape
@@ -87,6 +89,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"wrote run directory {out} from {kind} {src} ({model.num_params():,} params, "
               f"tokenizer: {tok.spec if tok is not None else 'none'})")
     else:
+        heads = {"finetune": finetune_head, "reward": reward_head}
+        section = next((s for s in heads if isinstance(read_run_config(args.to_hf).get(s), dict)), None) \
+            if hf_dir_from_spec(args.to_hf) is None else None
+        if section is not None:
+            backbone, tokenizer, head = heads[section](args.to_hf)
+            export_hf(backbone, out, tokenizer, head)
+            print(f"wrote transformers directory {out}: {read_json_file(out / 'config.json', '')['architectures'][0]} "
+                  f"with the {section} head (docs/TASKS.md: how to feed it)")
+            return
         model, tok, config = load_run(args.to_hf, merge=False)
         export_hf(model, out, tok)
         if not has_lora(model):

@@ -52,6 +52,7 @@ from ..atomic import atomic_write_text
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError, naming
 from ..heads import CLF_DROPOUT, TaskModel, TaskModelConfig
+from ..hf import HFHead
 from ..lora import add_lora
 from ..model import GPT, with_tokens
 from ..runs import load_run, load_with_head, save_model
@@ -315,6 +316,25 @@ def load_finetuned(run_dir: str | os.PathLike[str],
                                               "fine-tune one with gptlab finetune", device)
     assert isinstance(model, TaskModel)
     return model, tokenizer, config["finetune"]
+
+
+def hf_head(run_dir: str | os.PathLike[str]) -> tuple[GPT, Tokenizer, HFHead]:
+    """A fine-tuned run's backbone, tokenizer and head as transformers applies it (``convert --to-hf``).
+
+    Classification and entailment: ``*ForSequenceClassification`` (one sequence, pooled at ``[extract]``,
+    its last token that is not ``[start]``: ``pad_token_id`` is ``[start]``'s id, which only begins a
+    sequence). Similarity: the same class, run on both orders and the two logits added (each carries half
+    the bias). Multiple choice: ``*DoubleHeadsModel``, one sequence per choice, ``mc_token_ids`` at each
+    ``[extract]``. docs/TASKS.md says why.
+    """
+    model, tokenizer, ft = load_finetuned(run_dir)
+    task_type = model.config.task_type
+    labels = ft.get("labels")
+    head = HFHead(model.head, "choice" if task_type == "multiple_choice" else "sequence",
+                  pad_id=special_ids(tokenizer)[0], regression=model.config.regression,
+                  labels=tuple(str(x) for x in labels) if labels and not model.config.regression else None,
+                  bias_share=0.5 if task_type == "similarity" else 1.0)
+    return model.gpt, tokenizer, head
 
 
 # ====================================================================== runs

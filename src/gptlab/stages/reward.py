@@ -37,6 +37,7 @@ from ..config import Config
 from ..data import rank_draw
 from ..errors import DataError, naming
 from ..heads import ScalarModel
+from ..hf import HFHead
 from ..lora import add_lora
 from ..model import GPT
 from ..rl import ranking_loss
@@ -173,6 +174,14 @@ def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, token
                       extra: dict[str, Any]) -> Path:
     """The head file, then the backbone run directory whose ``reward`` section records it."""
     return save_model(run_dir, model.gpt, tokenizer, RewardStage.name, extra, head=("reward", HEAD_FILE, model.head))
+
+
+def hf_head(spec: str | os.PathLike[str]) -> tuple[GPT, Tokenizer, HFHead]:
+    """A reward model as transformers' ``*ForSequenceClassification`` with one label (TRL's convention):
+    scored at each row's last token that is not ``<|pad|>``, as ``ScalarModel.score`` on right-padded rows."""
+    model, tokenizer, _ = load_reward_model(spec)
+    return model.gpt, tokenizer, HFHead(model.head, "sequence", pad_id=chat_pad_id(tokenizer), labels=("reward",),
+                                        regression=True)
 
 
 def load_reward_model(spec: str | os.PathLike[str],
