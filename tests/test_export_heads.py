@@ -134,3 +134,27 @@ def test_reward_model_exports_as_one_label_classifier(work, base, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=idx).logits.squeeze(-1), model.score(idx, lengths), atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_lora_finetuned_run_merges_and_exports_with_its_head(work, base):
+    kind, base_run = base
+    train = write_jsonl(work / f"lora-{kind}-train.jsonl", rows("classification", 24, 1))
+    test = write_jsonl(work / f"lora-{kind}-test.jsonl", rows("classification", 8, 2))
+    run, merged = work / f"ft-lora-{kind}", work / f"ft-lora-merged-{kind}"
+    assert main(["finetune", "--task", "classification", "--model", str(base_run), "--train", str(train), "--val",
+                 str(train), "--out", str(run), "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--device",
+                 "cpu", "--eval-every", "0", "--checkpoint-every", "0", "--lora-rank", "2"]) == 0
+    assert main(["lora", "merge", "--model", str(run), "--out", str(merged)]) == 0
+    for source in (run, merged):  # predict reads a run with adapters merged, and the merged run with its head
+        assert main(["predict", "--model", str(source), "--input", str(test), "--out", str(source / "p.jsonl")]) == 0
+    assert (run / "p.jsonl").read_text() == (merged / "p.jsonl").read_text()
+    assert main(["convert", "--to-hf", str(run), "--out", str(work / f"hf-lora-{kind}")]) == 0
+    hf = getattr(transformers, CLASSES[kind, "sequence"]).from_pretrained(work / f"hf-lora-{kind}").eval()
+    _, tokenizer, settings = ft.load_finetuned(run)
+    start = ft.special_ids(tokenizer)[0]
+    seqs = [ft.transform("classification", json.loads(line), tokenizer, settings["max_len"])[0]
+            for line in test.read_text().splitlines()]
+    preds = [json.loads(line) for line in (run / "p.jsonl").read_text().splitlines()]
+    for pred, out in zip(preds, hf_logits(hf, seqs, start)):
+        assert pred["probabilities"] == pytest.approx(dict(zip(settings["labels"], torch.softmax(out, -1).tolist())),
+                                                      abs=1e-5)

@@ -107,6 +107,19 @@ def test_other_tokenizer_and_model_flags_are_refused(work, source_run, capsys):
     assert "--init-from" in capsys.readouterr().err
 
 
+def test_lora_on_a_continued_run_starts_at_the_source_loss(work, char_data, source_run, capsys):
+    out = work / "lora"
+    assert main(["train", "--init-from", str(source_run), "--data", str(char_data), "--out", str(out), *STEP0,
+                 "--lora-rank", "2"]) == 0
+    first = read_metrics(out / "metrics.jsonl")[0]  # B starts at zero: the adapted model is the source
+    assert first["loss"] == pytest.approx(step0_loss(load_model(source_run), char_data, 32), abs=1e-5)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lora"]["lora_rank"] == 2 and (out / saved["lora"]["adapter"]["file"]).is_file()
+    assert main(["train", "--data", str(char_data), "--out", str(work / "lora-new"), "--n-layer", "1", "--n-head", "2",
+                 "--n-embd", "16", "--block-size", "16", *STEP0, "--lora-rank", "2"]) == 2
+    assert "--lora-rank adapts a trained model: pass --init-from" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------- hf: GPT-2 and OpenAI-GPT directories
 def hf_dir(kind: str, tokenizer_dir: Path, out: Path) -> Path:
     """A tiny random transformers model of ``kind`` saved with the BPE tokenizer of ``tokenizer_dir``."""
