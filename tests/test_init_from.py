@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gptlab.cli import main
 from gptlab.data import PretrainBatches, TokenData
@@ -105,6 +106,20 @@ def test_other_tokenizer_and_model_flags_are_refused(work, source_run, capsys):
     assert main(["train", "--init-from", str(source_run), "--data", str(other), "--out", str(work / "y"),
                  "--n-layer", "3", *STEP0]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_a_continued_run_resumes_exactly(work, char_data, source_run):
+    args = ["--batch-size", "4", "--eval-every", "0", "--sample-tokens", "0", "--dropout", "0", "--seed", "3",
+            "--warmup-steps", "1", "--lr-decay-steps", "4", "--checkpoint-every", "2"]  # 2 steps: those of 4
+    straight, resumed = work / "straight", work / "resumed"
+    assert main(["train", "--init-from", str(source_run), "--data", str(char_data), "--out", str(straight), *args,
+                 "--max-steps", "4"]) == 0
+    assert main(["train", "--init-from", str(source_run), "--data", str(char_data), "--out", str(resumed), *args,
+                 "--max-steps", "2"]) == 0
+    assert main(["train", "--data", str(char_data), "--out", str(resumed), "--resume", "--max-steps", "4"]) == 0
+    for name, tensor in load_file(str(straight / "model.safetensors")).items():
+        assert torch.equal(load_file(str(resumed / "model.safetensors"))[name], tensor), name
+    assert json.loads((resumed / "config.json").read_text())["init_from"]["path"] == str(source_run.resolve())
 
 
 def test_lora_on_a_continued_run_starts_at_the_source_loss(work, char_data, source_run, capsys):
