@@ -136,3 +136,11 @@ def test_imported_openai_gpt_generates(vocab_dir, tmp_path, capsys):
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip()
     assert load_run(tmp_path / "run")[1].encode(VARIED) == tok.encode(VARIED)
+    # and back: transformers reads the exported tokenizer (gptlab's <|endoftext|> included) with the same ids
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert type(theirs).__name__ == "OpenAIGPTTokenizer"
+    assert theirs(VARIED + EOS, add_special_tokens=False)["input_ids"] == tok.encode(VARIED + EOS, allow_special=True)
+    exported = transformers.OpenAIGPTLMHeadModel.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, model(idx), atol=1e-4, rtol=1e-4)

@@ -32,7 +32,7 @@ from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
 from .jsonsafe import parse_json
 from .model import GPT, rebuilt
-from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
+from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, is_gpt1, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
 
 __all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "HFHead", "read_json_file", "hf_weights_sha256"]
@@ -282,6 +282,15 @@ def _export_tokenizer(tokenizer: Tokenizer, out_dir: Path, block_size: int) -> l
     """Write transformers-readable tokenizer files when the tokenizer can produce them; returns their names."""
     eos: str | None = EOS if EOS in tokenizer.special_tokens else None
     written: list[str] = []
+    if isinstance(tokenizer, BPETokenizer) and is_gpt1(tokenizer):  # OpenAIGPTTokenizer reads tokenizer.json
+        atomic_write_text(out_dir / "tokenizer.json", tokenizer.hf_tokenizer.to_str())
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            for name in tokenizer.hf_tokenizer.model.save(tmp):  # vocab.json + merges.txt, for older readers
+                os.replace(name, out_dir / Path(name).name)
+        atomic_write_json(out_dir / "tokenizer_config.json", {
+            "tokenizer_class": "OpenAIGPTTokenizer", "model_max_length": block_size, "unk_token": "<unk>",
+            "eos_token": tokenizer.eos_token})
+        return ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
     if isinstance(tokenizer, BPETokenizer) and tokenizer.byte_level:
         atomic_write_text(out_dir / "tokenizer.json", tokenizer.hf_tokenizer.to_str())
         eos = tokenizer.eos_token

@@ -43,7 +43,7 @@ __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
     "CharTokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
-    "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair", "tokenizer_difference", "check_tokenizers_match",
+    "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair", "is_gpt1", "tokenizer_difference", "check_tokenizers_match",
     "tokenizer_digest", "load_checked_tokenizer",
 ]
 
@@ -705,6 +705,11 @@ def is_gpt1_pair(vocab_path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(vocab, dict) and any(isinstance(k, str) and k.endswith(GPT1_WORD_END) for k in vocab)
+
+
+def is_gpt1(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` is GPT-1's ``</w>`` BPE (``load_gpt1_pair``)."""
+    return isinstance(tokenizer, BPETokenizer) and isinstance(tokenizer.hf_tokenizer.decoder, decoders.BPEDecoder)
 
 
 def load_gpt1_pair(dir_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> BPETokenizer:
