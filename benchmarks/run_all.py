@@ -29,6 +29,7 @@ def main() -> int:
         ["bench_baby_shakespeare.py", *(["--max-steps", "300"] if args.quick else [])],
         ["bench_semisupervised.py", *(["--quick"] if args.quick else [])],
         ["bench_ppo_trl.py", *(["--quick"] if args.quick else [])],
+        ["bench_lora.py", *(["--quick"] if args.quick else [])],
         ["bench_rlhf.py", "--out", "runs/bench-rlhf-quick" if args.quick else "runs/bench-rlhf",
          *(["--quick"] if args.quick else [])],
         ["bench_serve.py", *(["--quick"] if args.quick else [])],

@@ -202,3 +202,14 @@ def test_ppo_on_two_processes_saves_and_resumes_on_one(stage_inputs):
     again = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [1, 2, 3, 4] and again[:2] == records[:2]
     assert (resumed / "model.safetensors").is_file()
+
+
+def test_lora_on_two_processes_matches_one(stage_inputs):
+    """DDP trains the adapters alone (the frozen weights have no gradients to reduce) as one process does."""
+    work, command = Path(stage_inputs["work"]), [*stage_command("sft", stage_inputs), "--lora-rank", "2"]
+    single, run = work / "sft-lora-single", work / "sft-lora-ddp"
+    assert main([*command, "--out", str(single), "--batch-size", "8"]) == 0
+    torchrun(*command, "--out", str(run), "--batch-size", "4")
+    assert_same_trajectory(single, run, 6)
+    assert (run / "adapter_model.safetensors").is_file()
+    assert_same_weights(single, run)  # the frozen base and the adapters

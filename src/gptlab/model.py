@@ -509,21 +509,28 @@ def with_tokens(gpt: GPT, tokenizer: Tokenizer, tokens: list[str], dropout: floa
     return rebuilt(gpt, vocab_size=vocab, dropout=dropout)
 
 
-def rebuilt(gpt: GPT, *, vocab_size: int | None = None, dropout: float | None = None) -> GPT:
-    """``gpt`` with a larger vocabulary and/or another dropout, holding the same weights.
+def rebuilt(gpt: GPT, *, vocab_size: int | None = None, dropout: float | None = None,
+            block_size: int | None = None) -> GPT:
+    """``gpt`` with a larger vocabulary, another dropout and/or a shorter context, holding the same weights.
 
     New ids grow ``wte`` (and the tied ``lm_head``) with N(0, 0.02) rows drawn
-    from torch's global generator, which train with everything else. Returns
+    from torch's global generator, which train with everything else. A shorter
+    ``block_size`` keeps the first rows of ``wpe`` (nanoGPT's ``crop_block_size``),
+    so the model computes exactly what it did on sequences that fit. Returns
     ``gpt`` itself when nothing changes, else a new GPT.
     """
     vocab = gpt.config.vocab_size if vocab_size is None else vocab_size
     dropout = gpt.config.dropout if dropout is None else dropout
-    if vocab == gpt.config.vocab_size and dropout == gpt.config.dropout:
+    block = gpt.config.block_size if block_size is None else block_size
+    if (vocab, dropout, block) == (gpt.config.vocab_size, gpt.config.dropout, gpt.config.block_size):
         return gpt
     if vocab < gpt.config.vocab_size:
         raise ValueError(f"vocab_size {vocab} < the model's {gpt.config.vocab_size}: a vocabulary only grows")
-    cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout})
+    if block > gpt.config.block_size:
+        raise ValueError(f"block_size {block} > the model's {gpt.config.block_size}: a context only shrinks")
+    cfg = GPTConfig.from_dict({**gpt.config.to_dict(), "vocab_size": vocab, "dropout": dropout, "block_size": block})
     state = {k: v.detach() for k, v in gpt.state_dict().items()}
+    state["wpe.weight"] = state["wpe.weight"][:block]
     for key in ("wte.weight",) if cfg.tie_embeddings else ("wte.weight", "lm_head.weight"):
         old = state[key]
         new_rows = torch.randn(vocab - old.shape[0], old.shape[1], dtype=old.dtype) * 0.02
