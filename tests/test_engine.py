@@ -13,10 +13,12 @@ from gptlab.tokenizer import CharTokenizer
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!\n"
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-gpt1", "tiny-gpt3"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-gpt1", "tiny-gpt3", "modern-tiny-moe"])
 def model(request):
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(request.param, vocab_size=64, block_size=96, attn_window=8)
+    # modern: random output projections, or every block would start as the identity
+    modern = {"zero_init_proj": False} if request.param.startswith("modern") else {}
+    cfg = GPTConfig.from_preset(request.param, vocab_size=64, block_size=96, attn_window=8, **modern)
     return GPT(cfg).eval()
 
 

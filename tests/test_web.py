@@ -316,7 +316,7 @@ def _fc_of_layer_1(model: GPT, ids: list[int]) -> torch.Tensor:
     idx, T = torch.tensor([ids]), len(ids)
     with torch.no_grad():
         x = model.wte(idx) + model.wpe(torch.arange(T))
-        masks = model._masks(T, None, None, idx.device)
+        masks = model._context(T, None, None, torch.arange(T))
         x = model.h[0](x, None, masks)
         block = model.h[1]
         summed = x + block.attn(block.attn_input(x), None, masks)
