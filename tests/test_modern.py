@@ -172,28 +172,34 @@ def test_cached_decoding_and_left_padding_equal_the_full_forward(option):
 
 # -------------------------------------------------------------------- MoE
 def test_router_with_capacity_equals_a_per_token_loop():
-    """Capacity: first choices before second ones, earlier tokens first; a full expert drops the assignment."""
+    """Capacity, per sequence and in training: first choices before second ones, earlier tokens first; a full
+    expert drops the assignment. Evaluation is dropless."""
     torch.manual_seed(0)
     cfg = GPTConfig(**BASE, ffn="moe", n_experts=3, top_k=2, capacity_factor=0.5)
     moe = MoE(cfg)
-    x = torch.randn(10, 32)
+    x = torch.randn(2, 10, 32)
     r = moe.route(x)
     capacity = math.ceil(0.5 * 2 * 10 / 3)
-    used, kept = [0] * 3, torch.zeros(10, 2, dtype=torch.bool)
-    for slot in range(2):
-        for t in range(10):
-            e = int(r.experts[t, slot])
-            used[e] += 1
-            kept[t, slot] = used[e] <= capacity
+    kept = torch.zeros(20, 2, dtype=torch.bool)
+    for b in range(2):
+        used = [0] * 3
+        for slot in range(2):
+            for t in range(b * 10, b * 10 + 10):
+                e = int(r.experts[t, slot])
+                used[e] += 1
+                kept[t, slot] = used[e] <= capacity
     assert torch.equal(r.kept, kept) and not kept.all()
     with torch.no_grad():
-        out = moe(x)
-        want = torch.zeros_like(x)
-        for t in range(10):
+        out = moe(x).view(20, 32)
+        flat = x.view(20, 32)
+        want = torch.zeros_like(flat)
+        for t in range(20):
             for slot in range(2):
                 if kept[t, slot]:
-                    want[t] += r.gates[t, slot] * ref_mlp(cfg, moe.experts[int(r.experts[t, slot])], x[t])
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+                    want[t] += r.gates[t, slot] * ref_mlp(cfg, moe.experts[int(r.experts[t, slot])], flat[t])
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(x[1:]), out.view(2, 10, 32)[1:])  # a row's routing is its own
+        assert moe.eval().route(x).kept.all()
 
 
 def test_moe_with_one_expert_equals_the_dense_model():
@@ -224,7 +230,7 @@ def test_gradients_reach_every_expert_that_received_tokens_and_router_losses_are
     loads = torch.stack([taken.metrics[f"moe_load_{e}"] for e in range(4)])
     assert float(loads.sum()) == pytest.approx(1 - float(taken.metrics["moe_dropped"]), abs=1e-6)
     for i, block in enumerate(model.h):
-        r = block.mlp.route(inputs[i].flatten(0, 1))
+        r = block.mlp.route(inputs[i])
         received = set(r.experts[r.kept].tolist())
         assert block.mlp.router.weight.grad.abs().sum() > 0  # the router learns from the loss and its losses
         for e, expert in enumerate(block.mlp.experts):

@@ -26,7 +26,7 @@ from .runs import load_run
 from .stages.pretrain import run_pretrain
 from .tokenizer import Tokenizer
 from .train.config import TrainConfig
-from .train.optim import make_optimizer
+from .train.optim import make_optimizers
 
 __all__ = ["shakespeare_files", "run_demo", "DEMO_MODEL"]
 
@@ -49,17 +49,18 @@ def shakespeare_files() -> list[str]:
 
 
 def _seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
-    """Time forward + backward + AdamW on a throwaway copy of the model (after one warm-up step)."""
+    """Time forward + backward + the update on a throwaway copy of the model (after one warm-up step)."""
     model = GPT(model_cfg)
-    opt = make_optimizer(model, train, torch.device("cpu"))
+    opts = make_optimizers(model, train, torch.device("cpu"))
     x = torch.randint(0, model_cfg.vocab_size, (train.batch_size, model_cfg.block_size))
     times = []
     for _ in range(4):
         t0 = time.perf_counter()
         _, loss = model(x, x)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return sorted(times[1:])[1]
 

@@ -336,9 +336,12 @@ class MoE(nn.Module):
 
     Gates are the router's softmax probabilities of the chosen experts: the probability itself for
     k = 1 (Switch Transformer, so the router learns from the loss), renormalised over the k chosen
-    otherwise (GShard). Dropless by default; with ``capacity_factor`` c an expert takes at most
-    ceil(c * k * N / E) of the N tokens' assignments, first choices before second ones and earlier
-    tokens first, and a dropped assignment contributes nothing (the residual stream carries the token).
+    otherwise (GShard). Dropless by default; with ``capacity_factor`` c, in training, an expert takes
+    at most ceil(c * k * T / E) of a sequence's T tokens' assignments, first choices before second ones
+    and earlier tokens first, and a dropped assignment contributes nothing (the residual stream carries
+    the token). Capacity and the load-balancing loss are per sequence (DeepSeek-V3's sequence-wise
+    balance), so a row's routing never depends on the rows beside it: N processes train as one, and
+    evaluation and decoding (dropless) give a row the same output alone or in a batch.
 
     Each expert runs on its tokens only, one after another: the plain loop that expert parallelism
     would spread over devices (see docs/ARCHITECTURE.md). An expert that receives no tokens still runs
@@ -357,41 +360,50 @@ class MoE(nn.Module):
         return len(self.experts)
 
     def route(self, x: torch.Tensor) -> Routing:
-        """The routing of ``x`` (N, C)."""
-        logits = self.router(x).float()
+        """The routing of the B sequences ``x`` (B, T, C), flattened to N = B * T tokens."""
+        B, T, _ = x.shape
+        logits = self.router(x.reshape(B * T, -1)).float()
         probs = logits.softmax(-1)
         top, experts = probs.topk(self.top_k, dim=-1)
         gates = top / top.sum(-1, keepdim=True) if self.top_k > 1 else top
         kept = torch.ones_like(experts, dtype=torch.bool)
-        if self.capacity_factor > 0:
-            capacity = math.ceil(self.capacity_factor * self.top_k * x.shape[0] / self.n_experts)
-            order = F.one_hot(experts.t().reshape(-1), self.n_experts)  # (k * N, E): first choices first
-            rank = (order.cumsum(0) * order).sum(-1)  # 1-based arrival at its expert
-            kept = (rank <= capacity).view(self.top_k, -1).t()
+        if self.capacity_factor > 0 and self.training:
+            capacity = math.ceil(self.capacity_factor * self.top_k * T / self.n_experts)
+            order = F.one_hot(experts.view(B, T, self.top_k).transpose(1, 2), self.n_experts)  # (B, k, T, E)
+            order = order.reshape(B, self.top_k * T, -1)  # a row's first choices, then its second ones
+            rank = (order.cumsum(1) * order).sum(-1)  # 1-based arrival at its expert
+            kept = (rank <= capacity).view(B, self.top_k, T).transpose(1, 2).reshape(B * T, self.top_k)
         return Routing(logits, probs, experts, gates, kept)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        r = self.route(flat)
+        r = self.route(flat.view(-1, shape[-2], shape[-1]))
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where((r.experts == e) & r.kept)
             y = expert(flat[token]) * r.gates[token, slot, None].to(flat.dtype)
             out = out.index_add(0, token, y.to(out.dtype))
         if self.training and torch.is_grad_enabled():
-            self.records.append(self._record(r))
+            self.records.append(self._record(r, shape[-2]))
         return out.view(shape)
 
-    def _record(self, r: Routing) -> RouterRecord:
-        """The Switch load-balancing loss E * sum_e f_e * P_e (f_e: fraction of assignments routed to e,
-        P_e: mean router probability of e; 1 when balanced) and the z-loss mean(logsumexp(logits)^2)."""
+    def _record(self, r: Routing, T: int) -> RouterRecord:
+        """The Switch load-balancing loss E * sum_e f_e * P_e of each sequence, averaged (f_e: the fraction of
+        its assignments routed to e, P_e: its mean router probability of e; 1 when balanced), and the z-loss
+        mean(logsumexp(logits)^2)."""
         n, E = r.probs.shape
-        routed = torch.bincount(r.experts.reshape(-1), minlength=E).float() / (n * self.top_k)
-        balance = E * (routed * r.probs.mean(0)).sum()
+        routed = F.one_hot(r.experts.view(-1, T * self.top_k), E).float().mean(1)  # (B, E)
+        balance = E * (routed * r.probs.view(-1, T, E).mean(1)).sum(-1).mean()
         z = torch.logsumexp(r.logits, dim=-1).square().mean()
         load = torch.bincount(r.experts[r.kept], minlength=E).float() / (n * self.top_k)
         return RouterRecord(balance, z, load, 1.0 - r.kept.float().mean())
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weights inside the transformer blocks of ``model`` (a GPT or any wrapper of GPTs): what Muon
+    orthogonalises. Embeddings, the LM head, task heads, norms, biases and routers are the rest (AdamW's)."""
+    return [p for m in model.modules() if isinstance(m, Block) for p in m.hidden_matrices()]
 
 
 @dataclass
@@ -477,28 +489,24 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
         if cfg.scale_residual_init or cfg.zero_init_proj:
             std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
             for proj in self._residual_projections():
                 nn.init.normal_(proj, mean=0.0, std=std)  # std 0: zeros
 
-    def _residual_projections(self) -> list[nn.Parameter]:
-        out = []
+    def _residual_projections(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
         for block in self.h:
             assert isinstance(block, Block)  # nn.ModuleList yields nn.Module
             mlps = list(block.mlp.experts) if isinstance(block.mlp, MoE) else [block.mlp]
             out += [block.attn.c_proj.weight, *(m.c_proj.weight for m in mlps if isinstance(m, MLP))]
         return out
-
-    def hidden_matrices(self) -> list[nn.Parameter]:
-        """The 2-D weights inside the blocks (what Muon takes); embeddings, head, norms, biases and
-        routers are the rest (AdamW's)."""
-        return [p for block in self.h if isinstance(block, Block) for p in block.hidden_matrices()]
 
     # ---------------------------------------------------------------- sizes
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
@@ -712,7 +720,7 @@ class GPT(nn.Module):
                      step("v", "attn", "attn.c_attn", v), step("attn", "attn", "attn", probs),
                      step("heads", "attn", "attn", heads_out), step("attn_out", "attn", "attn.c_proj", seen["attn"][1])]
         if moe is not None:  # the router's probabilities, then each token's gates (zero where it did not go)
-            r = moe.route(seen["mlp"][0].flatten(0, 1))
+            r = moe.route(seen["mlp"][0])
             gates = torch.zeros_like(r.probs).scatter(1, r.experts, r.gates * r.kept)
             mlp = [step("router", "mlp", "mlp.router", r.probs[None]), step("gates", "mlp", "mlp", gates[None])]
         else:
