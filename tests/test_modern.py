@@ -3,16 +3,23 @@ the router against a per-token loop, one expert against the dense model, gradien
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gptlab import GPT, GPTConfig, KVCache
+from gptlab.cli import main
 from gptlab.config import MODERN, PRESETS
+from gptlab.engine import Engine, SamplingParams
 from gptlab.errors import ConfigError
 from gptlab.model import MoE, apply_rotary, rotary_angles, router_losses
+from gptlab.runs import load_run, save_model
+from gptlab.tokenizer import EOS, CharTokenizer
+from gptlab.train.metrics import read_metrics
 
 BASE = dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=61)
 OPTIONS = {  # each modern option alone, then all of them, then MoE (dense-style and modern)
@@ -281,3 +288,49 @@ def test_trace_of_modern_and_moe_blocks_is_the_forward_pass(option):
         torch.testing.assert_close(gates.sum(-1), torch.ones(10))
     else:
         assert names[-4:] == ["fc", "act", "mlp_out", "resid_mlp"]
+
+
+# -------------------------------------------------------------- every stage
+def test_every_stage_trains_a_modern_moe_model_with_muon(tmp_path):
+    """finetune, sft, rm, dpo and ppo on a modern MoE backbone with Muon: each runs, its router losses join the
+    loss (the expert loads are logged) and its saved model generates through the engine."""
+    rng = random.Random(0)
+    tok = CharTokenizer.from_text("abcdefghij .", special_tokens=[EOS])
+
+    def words(n: int) -> str:
+        return " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 4))) for _ in range(n))
+
+    def jsonl(name: str, rows: list[dict]) -> str:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(tmp_path / name)
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size, **MODERN,
+                    ffn="moe", n_experts=3, top_k=2)
+    base = str(save_model(tmp_path / "base", GPT(cfg), tok))
+    task = jsonl("task.jsonl", [{"text": words(3), "label": rng.choice(["x", "y"])} for _ in range(16)])
+    sft = jsonl("sft.jsonl", [{"prompt": words(2), "response": words(3)} for _ in range(16)])
+    ranks = jsonl("rank.jsonl", [{"prompt": words(2), "responses": [words(2) + s for s in "abc"], "ranking": [0, 1, 2]}
+                                 for _ in range(16)])
+    prompts = jsonl("prompts.jsonl", [{"prompt": words(2)} for _ in range(8)])
+    common = ["--max-steps", "2", "--batch-size", "4", "--optimizer", "muon", "--seed", "3", "--device", "cpu",
+              "--sample-tokens", "0"]
+    commands = {
+        "finetune": ["finetune", "--task", "classification", "--model", base, "--train", task, "--val", task, *common],
+        "sft": ["sft", "--model", base, "--data", sft, *common],
+        "rm": ["rm", "--model", base, "--data", ranks, *common],
+        "dpo": ["dpo", "--model", base, "--data", ranks, *common],
+    }
+    for stage, command in commands.items():
+        assert main([*command, "--out", str(tmp_path / stage)]) == 0, stage
+    assert main(["ppo", "--policy", base, "--reward", str(tmp_path / "rm"), "--prompts", prompts, "--iterations", "1",
+                 "--rollout-batch", "4", "--minibatches", "2", "--ppo-epochs", "1", "--max-new-tokens", "4",
+                 "--optimizer", "muon", "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "ppo")]) == 0
+    for stage in (*commands, "ppo"):
+        last = read_metrics(tmp_path / stage / "metrics.jsonl")[-1]
+        assert "moe_load_0" in last and last["moe_balance"] >= 1.0 - 1e-6, stage
+    model, tokenizer = load_run(tmp_path / "sft")[:2]
+    assert model.config.ffn == "moe" and model.config.pos_embedding == "rotary"
+    out = Engine(model, tokenizer).generate_ids([tokenizer.encode("ab c")], SamplingParams(
+        max_new_tokens=5, temperature=0, stop_at_eos=False))[0]
+    assert len(out.token_ids) == 5
