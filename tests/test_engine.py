@@ -8,6 +8,7 @@ import torch
 from gptlab import GPT, GPTConfig
 from gptlab.engine import Engine, SamplingParams, sample_next
 from gptlab.errors import UserError
+from gptlab.model import MoE
 from gptlab.tokenizer import CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!\n"
@@ -173,6 +174,13 @@ def test_int8_engine_copies_the_model_and_tracks_fp32_logits():
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     with pytest.raises(UserError, match="precision"):
         Engine(model, precision="int4")
+
+
+def test_int8_keeps_moe_routers_in_float32():
+    model = GPT(GPTConfig.from_preset("tiny-moe", n_layer=2)).eval()
+    fast = Engine(model, precision="int8").model
+    assert all(type(block.mlp.router) is torch.nn.Linear and type(block.mlp.experts[0].c_fc) is not torch.nn.Linear
+               for block in fast.h)
 
 
 def test_sampling_draws_from_the_softmax_distribution():
