@@ -5,7 +5,7 @@
         result = Trainer(GPT(config), stage, TrainConfig(max_steps=2000), "runs/x", env=env).fit()
 
 A stage gives its data and its objective (``Stage``); the trainer owns the
-rest: device and dtype, DDP / FSDP2 under ``torchrun``, AdamW and the schedule,
+rest: device and dtype, DDP / FSDP2 under ``torchrun``, AdamW (or Muon + AdamW) and the schedule,
 gradient accumulation and clipping, evaluation, atomic checkpoints with exact
 resume, the progress bar, ``metrics.jsonl`` and ``loss.png``. One step of
 ``fit`` is visibly three phases: ``stage.prepare(step)`` (work outside the
