@@ -5,6 +5,7 @@ and a mixture of experts against a dense model, each pair side by side in one ru
     python benchmarks/bench_baby_fast.py --part budget     # both recipes (and modern + AdamW) in 60 s each
     python benchmarks/bench_baby_fast.py --part ablation   # the fast recipe less one option at a time, 2 seeds
     python benchmarks/bench_baby_fast.py --part moe        # demo data: dense vs MoE (equal active params), 60 s
+    python benchmarks/bench_baby_fast.py --part moe --moe-steps 150   # the same at equal steps, step costs in turns
     [--data-file ../shared/data/tinyshakespeare.txt] [--budget-s 60] [--seeds 1337 1338] [--ablation-steps 300]
 
 Every training runs in a child process of its own (its peak RSS is its memory; none warms another's caches)
@@ -73,6 +74,18 @@ def child(spec: dict[str, Any]) -> None:
                       / result.ms_per_iter if result.ms_per_iter else None,
                       "params": GPT.count_params(mcfg), "active": GPT.count_params(mcfg, active=True),
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def step_ms(spec: dict[str, Any]) -> float:
+    """One training step of ``spec``'s model and optimizer, in ms (``demo.seconds_per_step``, in this process)."""
+    from gptlab.data import TokenData
+    from gptlab.demo import seconds_per_step
+    from gptlab.stages.pretrain import build_model_config
+    from gptlab.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({**spec["train"], **QUIET})
+    return 1000 * seconds_per_step(build_model_config(spec["model"], int(TokenData(spec["data"]).meta["vocab_size"]),
+                                                      cfg), cfg)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +157,9 @@ def part_moe(tmp: Path, data_file: str, args: argparse.Namespace) -> None:
     """The demo's data (Shakespeare's plays, 4,096-token BPE) and model; dense vs MoE at equal active
     parameters (4 experts, top-1: each token runs one MLP as wide as the dense one) and equal wall time."""
     from gptlab.data import prepare as prepare_tokens
-    from gptlab.demo import DEMO_MODEL, shakespeare_files
+    from gptlab.demo import shakespeare_files
 
+    demo_model = {"n_layer": 4, "n_embd": 192, "n_head": 4, "block_size": 128, "dropout": 0.0}  # the demo's shape
     data = tmp / "demo-data"
     prepare_tokens(shakespeare_files(), "bpe", data, vocab_size=4096, seed=1337)
     demo_train = {"batch_size": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 50, "beta2": 0.99,
@@ -155,16 +169,25 @@ def part_moe(tmp: Path, data_file: str, args: argparse.Namespace) -> None:
               "scale_residual_init": False}
     muon = {"optimizer": "muon", "muon_lr": 0.03, "lr": 3e-3, "min_lr": 3e-4}
     moe = {"ffn": "moe", "n_experts": 4, "top_k": 1}
-    runs = {"demo today (dense, faithful, AdamW)": ({}, {}),
+    runs = {"dense, faithful, AdamW (the demo before #15)": ({}, {}),
             "dense, modern + Muon": (modern, muon),
             "MoE 4 experts top-1, faithful, AdamW": (moe, {}),
             "MoE 4 experts top-1, modern + Muon": ({**modern, **moe}, muon)}
-    print(f"demo data, equal budget: {args.budget_s:.0f} s of training each")
+    if args.moe_steps:  # equal steps (equal active FLOPs); the step costs timed in turns, under one load
+        runs = {k: v for k, v in runs.items() if "modern" in k}
+        print(f"demo data, {args.moe_steps} steps each; ms/step timed in turns (3 rounds, median):")
+        for name, (model, train) in runs.items():
+            spec = {"data": str(data), "model": {**demo_model, **model}, "train": {**demo_train, **train}}
+            print(f"  {name}: {statistics.median(step_ms(spec) for _ in range(3)):.0f} ms/step", flush=True)
+    else:
+        print(f"demo data, equal budget: {args.budget_s:.0f} s of training each")
     print("| run | params (active) | steps | val loss | wall s | ms/step | tokens/s | peak RSS MB |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")
     for i, (name, (model, train)) in enumerate(runs.items()):
-        r = run({"data": str(data), "out": str(tmp / f"moe{i}"), "budget_s": args.budget_s,
-                 "model": {**DEMO_MODEL, **model}, "train": {**demo_train, **train}})
+        size = ({"train": {**demo_train, **train, "max_steps": args.moe_steps, "lr_decay_steps": args.moe_steps,
+                           "warmup_steps": args.moe_steps // 10, "eval_every": 0}} if args.moe_steps
+                else {"budget_s": args.budget_s, "train": {**demo_train, **train}})
+        r = run({"data": str(data), "out": str(tmp / f"moe{i}"), "model": {**demo_model, **model}, **size})
         print(f"| {name} | {r['params'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['steps']} | {r['val']:.4f} | "
               f"{r['wall']:.1f} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:,.0f} | {r['maxrss_mb']:.0f} |",
               flush=True)
@@ -177,6 +200,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     ap.add_argument("--ablation-steps", type=int, default=300)
+    ap.add_argument("--moe-steps", type=int, default=0, help="moe part: equal steps instead of equal time")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
