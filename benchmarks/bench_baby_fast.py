@@ -5,7 +5,7 @@ and a mixture of experts against a dense model, each pair side by side in one ru
     python benchmarks/bench_baby_fast.py --part budget     # both recipes (and modern + AdamW) in 60 s each
     python benchmarks/bench_baby_fast.py --part ablation   # the fast recipe less one option at a time, 2 seeds
     python benchmarks/bench_baby_fast.py --part moe        # demo data: dense vs MoE (equal active params), 60 s
-    python benchmarks/bench_baby_fast.py --part moe --moe-steps 150   # the same at equal steps, step costs in turns
+    python benchmarks/bench_baby_fast.py --part moe --moe-steps 150   # modern dense vs MoE at equal steps
     [--data-file ../shared/data/tinyshakespeare.txt] [--budget-s 60] [--seeds 1337 1338] [--ablation-steps 300]
 
 Every training runs in a child process of its own (its peak RSS is its memory; none warms another's caches)
@@ -173,9 +173,9 @@ def part_moe(tmp: Path, data_file: str, args: argparse.Namespace) -> None:
             "dense, modern + Muon": (modern, muon),
             "MoE 4 experts top-1, faithful, AdamW": (moe, {}),
             "MoE 4 experts top-1, modern + Muon": ({**modern, **moe}, muon)}
-    if args.moe_steps:  # equal steps (equal active FLOPs); the step costs timed in turns, under one load
+    if args.moe_steps:  # equal steps (equal active FLOPs); the step costs timed here, minutes apart at most
         runs = {k: v for k, v in runs.items() if "modern" in k}
-        print(f"demo data, {args.moe_steps} steps each; ms/step timed in turns (3 rounds, median):")
+        print(f"demo data, {args.moe_steps} steps each; ms/step timed 3 times each (median), one after the other:")
         for name, (model, train) in runs.items():
             spec = {"data": str(data), "model": {**demo_model, **model}, "train": {**demo_train, **train}}
             print(f"  {name}: {statistics.median(step_ms(spec) for _ in range(3)):.0f} ms/step", flush=True)
