@@ -5,7 +5,8 @@ The browser tests need Chromium at /usr/bin/chromium and the playwright package 
 without them they skip with the reason, while the endpoint tests still run. Screenshots for the docs:
 ``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png;
 ``GPTLAB_VIZ_SCREENSHOTS=RUN,RUN,RUN[,RUN] pytest tests/test_web.py -k visualize_screenshots`` writes
-docs/img/visualize-*.png.
+docs/img/visualize-*.png; ``GPTLAB_VIZ_MOE_SCREENSHOT=FILE.png pytest tests/test_web.py -k modern_blocks`` the
+modern MoE view (docs/img/visualize-modern-moe.png, quantised to 256 colours).
 """
 
 from __future__ import annotations
