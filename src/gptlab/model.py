@@ -254,7 +254,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         return q, k, v
 
-    def weights(self, x: torch.Tensor, rope: Rope | None, queries: int | None = None) -> torch.Tensor:
+    def weights(self, x: torch.Tensor, queries: int | None = None, rope: Rope | None = None) -> torch.Tensor:
         """Attention probabilities (B, H, Tq, T) of the last ``queries`` positions (all when None) of ``x``
         at positions 0..T-1 (``rope``: their rotary angles, when the model has them).
 
@@ -649,7 +649,7 @@ class GPT(nn.Module):
         layers = []
         for block in self.h:
             assert isinstance(block, Block)  # nn.ModuleList yields nn.Module
-            layers.append(block.attn.weights(block.attn_input(x), ctx.rope, queries))
+            layers.append(block.attn.weights(block.attn_input(x), queries, ctx.rope))
             x = block(x, None, ctx)
         return torch.stack(layers, dim=1)
 
@@ -701,7 +701,7 @@ class GPT(nn.Module):
         attn_in = block.attn_input(x)
         q, k, v = attn.heads(attn_in, ctx.rope)
         first = int(keep.min())  # softmax rows from the first kept query on only: O(P * T), not O(T^2)
-        probs = F.pad(attn.weights(attn_in, ctx.rope, queries=x.shape[1] - first), (0, 0, first, 0))
+        probs = F.pad(attn.weights(attn_in, x.shape[1] - first, ctx.rope), (0, 0, first, 0))
         moe = block.mlp if isinstance(block.mlp, MoE) else None
         ffn = () if moe is not None else ("mlp.c_fc", "mlp.c_proj")
         with _outputs(block, ("ln_1", "attn", "attn.c_proj", "ln_2", "mlp", *ffn)) as seen:
