@@ -27,6 +27,7 @@ def main() -> int:
         ["bench_prepare.py", "--size-mb", "64" if args.quick else "1024"],
         ["bench_integrity.py", *(["--data-gb", "0.1", "--preset", "tiny"] if args.quick else [])],
         ["bench_baby_shakespeare.py", *(["--max-steps", "300"] if args.quick else [])],
+        ["bench_baby_fast.py", *(["--part", "ablation", "--ablation-steps", "30", "--seeds", "1"] if args.quick else [])],
         ["bench_semisupervised.py", *(["--quick"] if args.quick else [])],
         ["bench_ppo_trl.py", *(["--quick"] if args.quick else [])],
         ["bench_lora.py", *(["--quick"] if args.quick else [])],

@@ -370,9 +370,10 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
 
     With ``tokenizer``, its files go along when transformers can read them; with ``head``, the class
     that applies it (``HFHead``) instead of the LM head model.
-    Banded-attention (GPT-3 style) models have no transformers equivalent and
+    Banded-attention (GPT-3 style) models and the modern block family (rotary, RMSNorm,
+    QK-norm, ReLU², soft-capped logits, MoE) have no transformers equivalent here and
     raise UserError, as does a post-LN model with exact GELU (transformers'
-    openai-gpt only computes the tanh approximation). Models without biases are
+    openai-gpt only computes the tanh approximation). Untied heads export. Models without biases are
     written with zero biases. Returns ``out_dir``.
     """
     model = unwrap(model)
@@ -380,6 +381,13 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
     if any(cfg.is_local(i) for i in range(cfg.n_layer)):
         raise UserError(f"cannot export attention_pattern={cfg.attention_pattern!r}: transformers has no "
                         f"GPT-2 with locally banded attention layers (only dense models export)")
+    modern = {"pos_embedding": "rotary", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2", "ffn": "moe"}
+    unmatched = [f"{k}={getattr(cfg, k)!r}" for k, v in modern.items() if getattr(cfg, k) == v]
+    unmatched += [f"logit_softcap={cfg.logit_softcap}"] if cfg.logit_softcap else []
+    if unmatched:
+        raise UserError(f"cannot export a model with {', '.join(unmatched)}: transformers' GPT-2 and OpenAI-GPT "
+                        f"have learned positions, LayerNorm, GELU, plain logits and a dense MLP, so no class of "
+                        f"theirs computes this model; keep it as a gptlab run directory")
     if cfg.norm_position == "pre":
         model_type = "gpt2"
         hf: dict[str, Any] = {

@@ -27,11 +27,13 @@ __all__ = ["COMMANDS"]
 def cmd_presets(args: argparse.Namespace) -> None:
     for name in PRESETS:
         c = GPTConfig.from_preset(name)
-        print(f"{name} {c.n_layer} {c.n_embd} {c.n_head} {c.block_size} {c.vocab_size} {GPT.count_params(c)}")
+        print(f"{name} {c.n_layer} {c.n_embd} {c.n_head} {c.block_size} {c.vocab_size} {GPT.count_params(c)} "
+              f"{GPT.count_params(c, active=True)}")
 
 
 def add_presets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params")
+    p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params "
+                                       "active_params (per token: an MoE's top_k experts only)")
     p.set_defaults(func=cmd_presets)
 
 
