@@ -276,7 +276,8 @@ def test_trace_of_modern_and_moe_blocks_is_the_forward_pass(option):
     idx = torch.randint(0, 61, (1, 14))
     trace = model.trace(idx, rows=range(4, 14))
     with torch.no_grad():
-        torch.testing.assert_close(trace.step("logits").value, model(idx)[0, 4:], rtol=0, atol=0)
+        # rows 4.. only: matmuls of another shape may round the last bit differently
+        torch.testing.assert_close(trace.step("logits").value, model(idx)[0, 4:])
         weights = model.attention_weights(idx)
     torch.testing.assert_close(trace.step("attn", 1).value, weights[0, 1, :, 4:])
     assert [s.name for s in trace.steps if s.layer is None][:2] == ["wte", "embed"]  # rotary: no wpe
