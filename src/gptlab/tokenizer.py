@@ -46,7 +46,7 @@ __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
     "CharTokenizer", "WordTokenizer", "WordPieceTokenizer", "UNK", "UNK_SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS",
-    "TOKENIZER_MODES", "segment", "train_tokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
+    "TOKENIZER_MODES", "segment", "train_tokenizer", "readable_tokens", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
     "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "tokenizer_difference", "check_tokenizers_match",
     "tokenizer_digest", "load_checked_tokenizer",
 ]
@@ -255,6 +255,39 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
+
+
+def readable_tokens(tok: Tokenizer, ids: Sequence[int]) -> list[tuple[str, bool]]:
+    """Each token of ``ids`` as a person reads it in context, and whether it holds only part of a character.
+
+    A byte-level vocabulary splits many CJK characters and emoji across tokens; each such token shows the
+    whole character(s) its bytes belong to (so ``床`` cut in two shows as ``床`` twice, marked as parts),
+    where decoding it alone would show U+FFFD. Bytes that never complete a character show as ``\\xNN``.
+    """
+    raw = [tok.token_bytes(i) for i in ids]
+    text = b"".join(raw).decode("utf-8", errors="surrogateescape")  # a stray byte becomes one lone surrogate
+    spans: list[tuple[int, int, str, bool]] = []  # (first byte, end byte, readable character, a stray byte)
+    at = 0
+    for ch in text:
+        size = len(ch.encode("utf-8", errors="surrogateescape"))
+        stray = 0xDC80 <= ord(ch) <= 0xDCFF
+        spans.append((at, at + size, f"\\x{ord(ch) - 0xDC00:02x}" if stray else ch, stray))
+        at += size
+    out: list[tuple[str, bool]] = []
+    start, k = 0, 0
+    for token in raw:
+        end = start + len(token)
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        j, shown, partial = k, [], False
+        while j < len(spans) and spans[j][0] < end:
+            first, last, ch, stray = spans[j]
+            partial = partial or stray or first < start or last > end
+            shown.append(ch)
+            j += 1
+        out.append(("".join(shown), partial))
+        start = end
+    return out
 
 
 # --------------------------------------------------------------------------- tiktoken (GPT-2)

@@ -15,10 +15,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="tokenizer + data + pretraining on Shakespeare within a time budget")
+    p = sub.add_parser("demo", help="tokenizer + data + pretraining on Shakespeare (or Chinese poems) within a "
+                                    "time budget")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole demo (default 10)")
     p.add_argument("--corpus", nargs="+", default=None,
-                   help="text files to use instead of the shakespeare package's complete works")
+                   help="text files to use instead of the shakespeare package's complete works, or zh-poems: the "
+                        "Tang and Song poems of Debian's fortunes-zh, char-level, with a check of the poems' form")
     p.add_argument("--out", default=None, help="run directory (default runs/demo-YYYYmmdd-HHMMSS)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1337)
