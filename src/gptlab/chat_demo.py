@@ -134,9 +134,9 @@ def _replies(model: GPT, tokenizer: Tokenizer, contexts: Sequence[list[str]], se
 
 
 def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, progress: bool = True,
-                  max_conversations: int | None = None) -> dict[str, Any]:
-    """Run the demo into ``out`` (which becomes the chat run); returns the report. ``max_conversations``
-    (tests) reads fewer conversations."""
+                  conversations: Sequence[Conversation] | None = None) -> dict[str, Any]:
+    """Run the demo into ``out`` (which becomes the chat run); returns the report. ``conversations``
+    replaces chitchat-dataset's (tests use a few)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; pass another --out")
@@ -144,9 +144,8 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
         raise DataError(f"--minutes {minutes} must be > 0")
     start = time.perf_counter()
     budget = minutes * 60.0
-    conversations = read_chitchat()
+    conversations = list(read_chitchat() if conversations is None else conversations)
     random.Random(seed).shuffle(conversations)
-    conversations = conversations[:max_conversations]
     held = [c for c in conversations if held_out_conversation(c, VAL_FRACTION, seed)]
     train = [c for c in conversations if not held_out_conversation(c, VAL_FRACTION, seed)]
     print(f"[1/5] {len(conversations):,} conversations (chitchat-dataset): {len(train):,} to train on, "

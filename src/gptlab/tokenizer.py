@@ -1069,8 +1069,9 @@ class WordTokenizer(_ListVocabTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, *, min_count: int = 2) -> WordTokenizer:
-        """Characters first (so every seen word can be spelled), then words seen ``min_count`` times, by
-        frequency, up to ``vocab_size`` (special tokens included)."""
+        """Characters and the words seen ``min_count`` times ranked together by how often they occur (a
+        character counted wherever it appears, inside words too), the first ``vocab_size`` minus special
+        tokens kept; None keeps them all."""
         chars: Counter[str] = Counter()
         words: Counter[str] = Counter()
         for t in texts:
@@ -1082,10 +1083,8 @@ class WordTokenizer(_ListVocabTokenizer):
         if limit is not None and limit < 1:
             raise TokenizerError(f"vocab_size {vocab_size} is too small: a word vocabulary needs at least "
                                  f"{len(UNK_SPECIAL_TOKENS) + 1} (special tokens + one character)")
-        entries = _by_count(chars, limit)
-        frequent = Counter({w: n for w, n in words.items() if n >= min_count})
-        entries += _by_count(frequent, None if limit is None else limit - len(entries))
-        tok = cls(entries)
+        ranked = chars + Counter({w: n for w, n in words.items() if n >= min_count})
+        tok = cls(_by_count(ranked, limit))
         tok.spec = f"word:{tok.vocab_size}"
         return tok
 
