@@ -105,7 +105,7 @@ def _measures(contexts: Sequence[list[str]], replies: Sequence[str]) -> dict[str
 # ------------------------------------------------------------------ the demo
 def _eval_pairs(conversations: Sequence[Conversation]) -> list[tuple[list[str], str]]:
     """(context turns, the human reply) from the first piece of each held-out conversation."""
-    pairs = []
+    pairs: list[tuple[list[str], str]] = []
     for conv in conversations:
         pieces = sft_rows([conv], PIECE_CHARS)
         turns = [m["content"] for m in pieces[0]["messages"]] if pieces else []
@@ -193,9 +193,11 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
     print(f"[5/5] measuring on {min(len(held), EVAL_CONVERSATIONS)} held-out conversations", flush=True)
     pairs = _eval_pairs(held)
     contexts, human = [c for c, _ in pairs], [r for _, r in pairs]
-    sft, tokenizer, _ = load_run(out)
+    sft, chat_tokenizer, _ = load_run(out)
     base = load_chat_model(str(out / "pretrained"))[0]
-    assert tokenizer is not None
+    if chat_tokenizer is None:
+        raise DataError(f"{out}: the SFT run has no tokenizer directory")
+    tokenizer = chat_tokenizer
     scored = [(_messages(c), r) for c, r in pairs]
     written = {"base": _replies(base, tokenizer, contexts, seed), "sft": _replies(sft, tokenizer, contexts, seed)}
     shuffled = human[1:] + human[:1]
