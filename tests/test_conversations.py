@@ -81,6 +81,23 @@ def test_chatterbot_errors_name_the_file_and_line(tmp_path):
     assert read_chatterbot(paths=[f])[0].turns == ("hello", "hi", "1984")
 
 
+def test_conversations_command_writes_sft_rows_with_held_out_conversations(tmp_path, capsys):
+    from gptlab.cli import main
+
+    try:
+        read_chatterbot("chinese")
+    except DataError as e:
+        pytest.skip(str(e))
+    assert main(["conversations", "--source", "chatterbot:chinese", "--out", str(tmp_path), "--val-fraction", "0.2"]) == 0
+    train, val = (load_sft(tmp_path / f"{s}.jsonl") for s in ("train", "val"))
+    convs = read_chatterbot("chinese")
+    assert len(train) + len(val) == len(convs) and len(val) == sum(held_out_conversation(c, 0.2, 1337) for c in convs)
+    assert [m.content for m in train[0].messages] == list(next(
+        c for c in convs if not held_out_conversation(c, 0.2, 1337)).turns)
+    assert main(["conversations", "--source", "irc", "--out", str(tmp_path / "x")]) == 2
+    assert "choose chitchat or chatterbot" in capsys.readouterr().err
+
+
 def test_sft_rows_keep_whole_exchanges_in_order(tmp_path):
     turns = tuple(f"turn {k} " + "x" * (k * 7 % 50) for k in range(13))
     conv = Conversation("c", turns, "test")

@@ -1,10 +1,15 @@
-"""Commands that make data: ``gptlab tokenizer train``, ``gptlab prepare``, ``gptlab tasks check|make``."""
+"""Commands that make data: ``gptlab tokenizer train``, ``gptlab prepare``, ``gptlab tasks check|make``,
+``gptlab conversations``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
+from pathlib import Path
 
+from ..atomic import atomic_write_text
+from ..conversations import held_out_conversation, read_chatterbot, read_chitchat, sft_rows
 from ..data import prepare
 from ..errors import UserError
 from ..tasks import DERIVED_TASKS, TASK_TYPES, load_task, make_tasks
@@ -116,4 +121,31 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
               [add_tasks_check, add_tasks_make])
 
 
-COMMANDS = [add_tokenizer, add_prepare, add_tasks]
+def cmd_conversations(args: argparse.Namespace) -> None:
+    source, _, language = args.source.partition(":")
+    if source not in ("chitchat", "chatterbot"):
+        raise UserError(f"--source {args.source!r}: choose chitchat or chatterbot[:LANGUAGE] (e.g. chatterbot:chinese)")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    convs = read_chitchat() if source == "chitchat" else read_chatterbot(language or "english")
+    out = Path(args.out)
+    for split in ("train", "val"):
+        keep = [c for c in convs if held_out_conversation(c, args.val_fraction, args.seed) == (split == "val")]
+        rows = sft_rows(keep, args.max_chars)
+        atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"{out / (split + '.jsonl')}: {len(rows):,} rows from {len(keep):,} conversations")
+
+
+def add_conversations(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("conversations", help="real conversations (chitchat-dataset, chatterbot-corpus) as SFT rows, "
+                                             "held-out conversations in val.jsonl")
+    p.add_argument("--source", default="chitchat", help="chitchat, or chatterbot[:LANGUAGE] (default chitchat)")
+    p.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of conversations held out (default 0.05)")
+    p.add_argument("--max-chars", type=int, default=None,
+                   help="cut conversations into pieces of whole exchanges of at most this many characters")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the held-out split")
+    p.set_defaults(func=cmd_conversations)
+
+
+COMMANDS = [add_tokenizer, add_prepare, add_tasks, add_conversations]
