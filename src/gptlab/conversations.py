@@ -6,7 +6,7 @@ run time):
 * ``chitchat-dataset==0.9.0`` (MIT; BYU's Chit Chat Challenge): 7,168 open-domain conversations between two
   people, 40 MB of JSON: ``{id: {"messages": [[{"text", "sender", ...}, ...], ...]}}``, each inner list one
   speaker's consecutive messages.
-* ``chatterbot-corpus==1.3.3`` (BSD-3): short scripted dialogues in 20 languages, Chinese included, as
+* ``chatterbot-corpus==1.3.3`` (BSD): short scripted dialogues in 20 languages, Chinese included, as
   YAML ``conversations: [[turn, turn, ...], ...]``.
 
 A conversation's first speaker is the user and the other the assistant, so turns alternate; messages a
