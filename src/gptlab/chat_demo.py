@@ -159,8 +159,8 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
     _write_jsonl(out / "pretrain.jsonl", [{"text": plain_text(c)} for c in train])
     print(f"[2/5] a 4096-token byte-level BPE and token shards: the training conversations as text"
           f"{' + ' + str(len(books)) + ' Shakespeare plays' if books else ''}", flush=True)
-    prepare([out / "pretrain.jsonl", *books], "bpe", out / "data", vocab_size=4096, seed=seed, val_fraction=0.02,
-            progress=progress)
+    prepare([out / "pretrain.jsonl", *books], "bpe", out / "data", vocab_size=4096, seed=seed,
+            val_fraction=min(0.2, max(0.02, 20 / len(train))), progress=progress)  # ~20 conversations at least
     data = TokenData(out / "data")
     model_cfg = GPTConfig.from_dict({**MODEL, "vocab_size": data.vocab_size})
     tokenizer = data.tokenizer()
