@@ -39,7 +39,8 @@ def test_web_chat_with_the_chat_demo_model(browser):  # noqa: F811
         for k, text in enumerate(turns or ["hi, how are you doing today?"]):
             tab.fill("#input", text)
             tab.press("#input", "Enter")
-            tab.locator(".msg.assistant .regenerate").nth(k).wait_for()
+            tab.wait_for_function("n => document.querySelectorAll('.msg.assistant').length === n", arg=k + 1)
+            tab.locator(".msg.assistant .regenerate").last.wait_for()  # the reply has finished streaming
         replies = tab.locator(".msg.assistant .body").all_inner_texts()
         assert all(r.strip() for r in replies)
         tab.screenshot(path=str(ROOT / "docs/img/web-chat-demo.png"))
