@@ -8,7 +8,7 @@ printed too, in one process run. Bits per character = the mean loss per held-out
 tokens / held-out characters / ln 2, over the whole held-out split; the share of held-out characters a
 mode could not spell (<|unk|> / [UNK], each costing one token's loss) is printed beside it.
 
-    python benchmarks/bench_chinese.py [--vocab-size 4096] [--steps 200] [--out DIR]
+    python benchmarks/bench_chinese.py [--vocab-size 4096] [--steps 200] [--out DIR] [--modes char word bpe wordpiece]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--modes", nargs="+", default=["char", "word", "bpe", "wordpiece"])
     args = ap.parse_args()
 
     import torch
@@ -48,7 +49,7 @@ def main() -> int:
                         seed=1337, device="cpu")
     rows = []
     try:
-        for mode in ("char", "word", "bpe", "wordpiece"):
+        for mode in args.modes:
             t0 = time.perf_counter()
             prepare(files, mode, root / mode / "data", vocab_size=args.vocab_size, progress=False)
             data = TokenData(root / mode / "data")

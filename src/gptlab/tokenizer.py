@@ -1173,16 +1173,18 @@ class WordPieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> WordPieceTokenizer:
-        """A WordPiece vocabulary of ``vocab_size`` entries (gptlab's special tokens come after) learned by HF's trainer."""
-        minimum = len(BERT_SPECIAL_TOKENS) + 1
-        if not isinstance(vocab_size, int) or vocab_size < minimum:
-            raise TokenizerError(f"vocab_size {vocab_size!r} is too small: WordPiece needs at least {minimum}")
+        """A WordPiece vocabulary learned by HF's trainer: ``vocab_size`` ids with gptlab's special tokens, which
+        come after it. Characters beyond it (the rarest) are left to ``[UNK]``, as in a char vocabulary."""
+        size = vocab_size - len(SPECIAL_TOKENS) if isinstance(vocab_size, int) else 0
+        if size < len(BERT_SPECIAL_TOKENS) + 1:
+            raise TokenizerError(f"vocab_size {vocab_size!r} is too small: WordPiece needs at least "
+                                 f"{len(SPECIAL_TOKENS) + len(BERT_SPECIAL_TOKENS) + 1}")
         hf = HFTokenizer(models.WordPiece(unk_token=_BERT_UNK))
         hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
                                                    lowercase=False)
         hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS,
-                                            show_progress=show_progress)
+        trainer = trainers.WordPieceTrainer(vocab_size=size, special_tokens=BERT_SPECIAL_TOKENS,
+                                            limit_alphabet=size - len(BERT_SPECIAL_TOKENS), show_progress=show_progress)
         seen = [0]
 
         def counting(it: Iterable[str]) -> Iterator[str]:
@@ -1193,8 +1195,8 @@ class WordPieceTokenizer(Tokenizer):
         hf.train_from_iterator(counting(texts), trainer=trainer)
         if not seen[0]:
             raise TokenizerError("the training text is empty; pass files or texts that contain text")
-        vocab = hf.get_vocab()
-        return cls(sorted(vocab, key=vocab.__getitem__), lowercase=False)
+        vocab = hf.get_vocab()  # the alphabet's ##-forms may overshoot: the first ``size`` ids are kept
+        return cls(sorted(vocab, key=vocab.__getitem__)[:size], lowercase=False)
 
     @property
     def unk_id(self) -> int | None:
