@@ -2,7 +2,7 @@
 
 The corpus is all of Debian's fortunes-zh (the Tang 300, Song poems and 5,263 modern quotations, 2.2 MB;
 the last 10% of each file held out). Each mode's tokenizer is trained on the train split with the same
-vocabulary size (4096: below the corpus's 5,838 characters, so char and word modes leave the rarest as
+vocabulary size (4096: below the train split's 5,838 characters, so char, word and WordPiece leave the rarest as
 <|unk|>), and each model is the same GPT (equal parameters) trained for the same steps of the same batch, i.e. the same compute; the wall time of each is
 printed too, in one process run. Bits per character = the mean loss per held-out token (nats) x held-out
 tokens / held-out characters / ln 2, over the whole held-out split; the share of held-out characters a

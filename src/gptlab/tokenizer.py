@@ -4,7 +4,9 @@ Three back ends cover the GPT lineage: the real GPT-2 vocabulary through `tiktok
 (the fastest encoder, and the one the pretrained weights need), byte-level BPE
 trained on your own text through Hugging Face `tokenizers` (also wraps any HF
 `tokenizer.json` or GPT-2 style vocab/merges pair), and a character vocabulary
-for the nanoGPT-style Shakespeare demo.
+for the nanoGPT-style Shakespeare demo. GPT2-Chinese's modes come beside them: a
+word vocabulary on jieba's segmentation and BERT's WordPiece `vocab.txt`; the char
+and word vocabularies trained here encode what they cannot spell as `<|unk|>`.
 
 Every tokenizer saves to a self-contained directory (`tokenizer_config.json`
 plus its vocabulary files), so a run directory can always re-create the exact

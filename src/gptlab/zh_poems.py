@@ -1,7 +1,7 @@
 """The Chinese poetry corpus of `gptlab demo --corpus zh-poems`, and the check of a poem's classical form.
 
 The text is Debian's ``fortunes-zh`` package (GPL-3.0+; a 546 kB .deb, 2.2 MB unpacked): the Tang 300
-poems (唐诗三百首, 313 poems, 29k characters), 94 Song poems, and 5,263 modern Chinese quotations (2.1 MB).
+poems (唐诗三百首, 313 poems, 29k characters), 95 Song poems, and 5,263 modern Chinese quotations (2.1 MB).
 No larger Chinese corpus is on PyPI. ``make install`` fetches the package with ``apt-get download`` and
 unpacks it with ``dpkg-deb -x`` into ``.venv`` (no root needed); a system-wide ``apt install fortunes-zh``
 is found too. Nothing is downloaded at run time.
