@@ -889,7 +889,27 @@ def _encode_specials(text: str, specials: dict[str, int], plain: Callable[[str],
     return ids
 
 
-class _ListVocabTokenizer(Tokenizer):
+class _OwnSpecials(Tokenizer):
+    """A tokenizer that keeps its special tokens itself (``_special``) and encodes the text between them
+    with ``_encode_plain``."""
+
+    _special: dict[str, int]
+
+    @abc.abstractmethod
+    def _encode_plain(self, text: str) -> list[int]:
+        """Text without special tokens -> ids."""
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self._encode_plain(text)
+        return _encode_specials(text, self._special, self._encode_plain)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+
+class _ListVocabTokenizer(_OwnSpecials):
     """A vocabulary that is a list of strings (id = position), special tokens after it.
 
     With ``<|unk|>`` among the special tokens, text the vocabulary cannot spell encodes to it (and
@@ -915,10 +935,6 @@ class _ListVocabTokenizer(Tokenizer):
     def _check_entries(self, entries: list[str]) -> None:
         """Raise TokenizerError for an entry this kind cannot hold."""
 
-    @abc.abstractmethod
-    def _encode_plain(self, text: str) -> list[int]:
-        """Text without special tokens -> ids."""
-
     def _char_id(self, ch: str, text: str) -> int:
         i = self._stoi.get(ch, self._special.get(UNK))
         if i is None:
@@ -930,11 +946,6 @@ class _ListVocabTokenizer(Tokenizer):
     @property
     def unk_id(self) -> int | None:
         return self._special.get(UNK)
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if not allow_special:
-            return self._encode_plain(text)
-        return _encode_specials(text, self._special, self._encode_plain)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = _as_ids(ids)
@@ -954,10 +965,6 @@ class _ListVocabTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._itos)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         tokens = _check_special_names(tokens)
@@ -980,6 +987,19 @@ def _by_count(counts: Counter[str], limit: int | None) -> list[str]:
     """The most frequent keys first (ties in code-point order), at most ``limit`` of them."""
     ranked = sorted(counts, key=lambda k: (-counts[k], k))
     return ranked if limit is None else ranked[:max(limit, 0)]
+
+
+def _entry_budget(kind: str, vocab_size: int | None, seen: Counter[str]) -> int | None:
+    """How many entries a trained list vocabulary of ``vocab_size`` ids holds beside its special tokens (None:
+    all it saw); ``seen`` is what the training text held."""
+    if not seen:
+        raise TokenizerError("the training text is empty; pass files or texts that contain text")
+    if vocab_size is None:
+        return None
+    if vocab_size - len(UNK_SPECIAL_TOKENS) < 1:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: a {kind} vocabulary needs at least "
+                             f"{len(UNK_SPECIAL_TOKENS) + 1} (special tokens + one character)")
+    return vocab_size - len(UNK_SPECIAL_TOKENS)
 
 
 class CharTokenizer(_ListVocabTokenizer):
@@ -1013,13 +1033,7 @@ class CharTokenizer(_ListVocabTokenizer):
         counts: Counter[str] = Counter()
         for t in texts:
             counts.update(t)
-        if not counts:
-            raise TokenizerError("the training text is empty; pass files or texts that contain text")
-        limit = None if vocab_size is None else vocab_size - len(UNK_SPECIAL_TOKENS)
-        if limit is not None and limit < 1:
-            raise TokenizerError(f"vocab_size {vocab_size} is too small: a char vocabulary needs at least "
-                                 f"{len(UNK_SPECIAL_TOKENS) + 1} (special tokens + one character)")
-        tok = cls(sorted(_by_count(counts, limit)), UNK_SPECIAL_TOKENS)
+        tok = cls(sorted(_by_count(counts, _entry_budget(cls.kind, vocab_size, counts))), UNK_SPECIAL_TOKENS)
         if vocab_size is not None:
             tok.spec = f"char:{vocab_size}"
         return tok
@@ -1079,12 +1093,7 @@ class WordTokenizer(_ListVocabTokenizer):
         for t in texts:
             chars.update(t)
             words.update(w for w in segment(t) if len(w) > 1)
-        if not chars:
-            raise TokenizerError("the training text is empty; pass files or texts that contain text")
-        limit = None if vocab_size is None else vocab_size - len(UNK_SPECIAL_TOKENS)
-        if limit is not None and limit < 1:
-            raise TokenizerError(f"vocab_size {vocab_size} is too small: a word vocabulary needs at least "
-                                 f"{len(UNK_SPECIAL_TOKENS) + 1} (special tokens + one character)")
+        limit = _entry_budget(cls.kind, vocab_size, chars)
         ranked = chars + Counter({w: n for w, n in words.items() if n >= min_count})
         tok = cls(_by_count(ranked, limit))
         tok.spec = f"word:{tok.vocab_size}"
@@ -1115,7 +1124,7 @@ def _is_cjk(ch: str) -> bool:
             or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
-class WordPieceTokenizer(Tokenizer):
+class WordPieceTokenizer(_OwnSpecials):
     """BERT's WordPiece over a ``vocab.txt`` (one token per line, ``##`` marks a word's continuation), the
     vocabulary GPT2-Chinese trains with: each CJK character is a word of its own, other words are cut into
     the longest pieces the vocabulary holds, ``[UNK]`` stands for what it cannot spell, and a newline is
@@ -1212,11 +1221,6 @@ class WordPieceTokenizer(Tokenizer):
             ids.extend(self._hf.encode(line, add_special_tokens=False).ids)
         return ids
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if not allow_special:
-            return self._encode_plain(text)
-        return _encode_specials(text, self._special, self._encode_plain)
-
     def _piece(self, id: int) -> str:
         if isinstance(id, int) and 0 <= id < len(self._vocab):
             return self._text[id]
@@ -1244,10 +1248,6 @@ class WordPieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._vocab) + len(self._special)
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         tokens = _check_special_names(tokens)
