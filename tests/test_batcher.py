@@ -10,6 +10,7 @@ import torch
 
 from gptlab import GPT, GPTConfig
 from gptlab.batcher import Batcher, Piece
+from gptlab.config import MODERN
 from gptlab.engine import Engine, SamplingParams, penalize
 from gptlab.tokenizer import CharTokenizer
 
@@ -54,7 +55,8 @@ def _jobs(n: int, seed: int = 0, block: int = 48) -> list[tuple[list[int], Sampl
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_pattern": "DL", "attn_window": 8},
-                                       {"norm_position": "post", "activation": "gelu"}])
+                                       {"norm_position": "post", "activation": "gelu"},
+                                       {**MODERN, "zero_init_proj": False, "ffn": "moe", "n_experts": 3}])
 def test_joining_and_leaving_rows_decode_exactly_as_alone(overrides):
     """Twelve sequences of different lengths and settings, submitted while others run, four at a time."""
     engine = _engine(**overrides)

@@ -23,9 +23,11 @@ def test_presets_lists_every_preset_with_exact_counts(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(PRESETS)
     rows = {line.split()[0]: line.split()[1:] for line in lines}
-    assert rows["gpt2"] == ["12", "768", "12", "1024", "50257", "124439808"]
-    assert rows["gpt1"] == ["12", "768", "12", "512", "40478", "116534784"]
+    assert rows["gpt2"] == ["12", "768", "12", "1024", "50257", "124439808", "124439808"]
+    assert rows["gpt1"] == ["12", "768", "12", "512", "40478", "116534784", "116534784"]
     assert int(rows["gpt3-175b"][-1]) > 170e9
+    total, active = map(int, rows["tiny-moe"][-2:])  # 8 experts, 2 per token
+    assert active < total and total - active == 4 * 6 * (2 * 128 * 512 + 512 + 128)
 
 
 @pytest.fixture(scope="module")

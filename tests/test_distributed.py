@@ -112,6 +112,33 @@ def test_two_processes_match_one_and_resume_on_one(setup, mode):
     assert_same_trajectory(single, resumed, 20)
 
 
+# ------------------------------------------------- Muon and a mixture of experts
+MOE = ["--preset", "modern-tiny-moe", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-experts", "4",
+       "--top-k", "2", "--block-size", "32", "--no-zero-init-proj"]
+SHORT = [{"20": "10", "10": "5"}.get(a, a) for a in ARGS]  # 10 steps, checkpoints at 5 and 10
+
+
+@pytest.mark.parametrize("mode,optimizer,tol", [("ddp", "adamw", 1e-4), ("fsdp", "muon", 2e-3)])
+def test_moe_and_muon_in_two_processes_match_one(setup, mode, optimizer, tol):
+    """The router's per-sequence losses make the same gradient on two ranks as on one, and Muon
+    orthogonalises the whole matrix under FSDP2's shards. Muon's Newton-Schulz runs in bfloat16 (torch's,
+    as Keller Jordan's), so the last-bit differences of a gradient summed on two ranks become ~1e-4
+    differences of the update, and more in an expert with few tokens (a small gradient is scaled up): the
+    losses follow within 2e-3 and the weights are not compared (AdamW with the same model matches to 1e-6)."""
+    work, data, _, _ = setup
+    single, run = work / f"moe-single-{mode}", work / f"moe-{mode}"
+    flags = [*MOE, "--optimizer", optimizer, "--muon-lr", "0.03"]
+    assert main(["train", "--data", str(data), "--out", str(single), *flags, "--batch-size", "8", *SHORT]) == 0
+    torchrun("train", "--data", str(data), "--out", str(run), *flags, "--batch-size", "4", *SHORT,
+             *(["--fsdp"] if mode == "fsdp" else []))
+    assert_same_trajectory(single, run, 10, tol=tol)
+    if optimizer == "adamw":
+        assert_same_weights(single, run)
+    resumed = work / f"moe-{mode}-resumed-on-1"
+    resume_on_one(run, resumed, ["train", "--data", str(data), *SHORT], "--batch-size", "8")
+    assert_same_trajectory(single, resumed, 10, tol=tol)
+
+
 # ------------------------------------------------------------ the other stages
 def words(rng: random.Random, n: int) -> str:
     return " ".join("".join(rng.choice(ALPHABET[:10]) for _ in range(rng.randint(1, 4))) for _ in range(n))
@@ -202,3 +229,14 @@ def test_ppo_on_two_processes_saves_and_resumes_on_one(stage_inputs):
     again = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == [1, 2, 3, 4] and again[:2] == records[:2]
     assert (resumed / "model.safetensors").is_file()
+
+
+def test_lora_on_two_processes_matches_one(stage_inputs):
+    """DDP trains the adapters alone (the frozen weights have no gradients to reduce) as one process does."""
+    work, command = Path(stage_inputs["work"]), [*stage_command("sft", stage_inputs), "--lora-rank", "2"]
+    single, run = work / "sft-lora-single", work / "sft-lora-ddp"
+    assert main([*command, "--out", str(single), "--batch-size", "8"]) == 0
+    torchrun(*command, "--out", str(run), "--batch-size", "4")
+    assert_same_trajectory(single, run, 6)
+    assert (run / "adapter_model.safetensors").is_file()
+    assert_same_weights(single, run)  # the frozen base and the adapters

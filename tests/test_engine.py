@@ -8,15 +8,18 @@ import torch
 from gptlab import GPT, GPTConfig
 from gptlab.engine import Engine, SamplingParams, sample_next
 from gptlab.errors import UserError
+from gptlab.model import MoE
 from gptlab.tokenizer import CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!\n"
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-gpt1", "tiny-gpt3"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-gpt1", "tiny-gpt3", "modern-tiny-moe"])
 def model(request):
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(request.param, vocab_size=64, block_size=96, attn_window=8)
+    # modern: random output projections, or every block would start as the identity
+    modern = {"zero_init_proj": False} if request.param.startswith("modern") else {}
+    cfg = GPTConfig.from_preset(request.param, vocab_size=64, block_size=96, attn_window=8, **modern)
     return GPT(cfg).eval()
 
 
@@ -171,6 +174,13 @@ def test_int8_engine_copies_the_model_and_tracks_fp32_logits():
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     with pytest.raises(UserError, match="precision"):
         Engine(model, precision="int4")
+
+
+def test_int8_keeps_moe_routers_in_float32():
+    model = GPT(GPTConfig.from_preset("tiny-moe", n_layer=2)).eval()
+    fast = Engine(model, precision="int8").model
+    assert all(type(block.mlp.router) is torch.nn.Linear and type(block.mlp.experts[0].c_fc) is not torch.nn.Linear
+               for block in fast.h)
 
 
 def test_sampling_draws_from_the_softmax_distribution():

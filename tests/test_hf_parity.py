@@ -121,6 +121,7 @@ def _ours(seed: int = 0, **kw) -> GPT:
     ({}, "GPT2LMHeadModel"),
     ({"activation": "gelu"}, "GPT2LMHeadModel"),
     ({"tie_embeddings": False, "bias": False}, "GPT2LMHeadModel"),
+    ({"tie_embeddings": False, "bias": False, "zero_init_proj": True}, "GPT2LMHeadModel"),
     ({"norm_position": "post", "scale_residual_init": False}, "OpenAIGPTLMHeadModel"),
 ])
 def test_export_loads_in_transformers(tmp_path, kw, arch):
@@ -158,6 +159,11 @@ def test_export_rejects_what_transformers_cannot_run(tmp_path):
     exact_post = _ours(norm_position="post", activation="gelu")
     with pytest.raises(UserError, match="tanh"):
         export_hf(exact_post, tmp_path / "b")
+    for option in ({"pos_embedding": "rotary"}, {"norm": "rmsnorm"}, {"qk_norm": True}, {"activation": "relu2"},
+                   {"logit_softcap": 15.0}, {"ffn": "moe", "n_experts": 2, "top_k": 1}):
+        with pytest.raises(UserError, match=f"cannot export a model with {next(iter(option))}="):
+            export_hf(_ours(**option), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_export_and_import_tokenizer(tmp_path):

@@ -234,7 +234,7 @@ def test_trace_is_the_models_forward_pass(preset):
         torch.testing.assert_close(trace.step("logits").value, model(idx)[0], rtol=0, atol=0)
         x = model.wte(idx) + model.wpe(torch.arange(40))
         torch.testing.assert_close(trace.step("embed").value, x[0], rtol=0, atol=0)
-        masks = model._masks(40, None, None, idx.device)
+        masks = model._context(40, None, None, torch.arange(40))
         weights = model.attention_weights(idx)
         for layer, (block, ref) in enumerate(zip(model.h, _reference_steps(model, idx))):
             x = block(x, None, masks)

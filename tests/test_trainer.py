@@ -30,7 +30,7 @@ from gptlab.train.checkpoints import checkpoint_dirs, verify_checkpoint
 from gptlab.train.config import TrainConfig
 from gptlab.train.loop import Stage, Trainer
 from gptlab.train.metrics import peak_flops, read_metrics
-from gptlab.train.optim import lr_at, param_groups
+from gptlab.train.optim import lr_at, make_optimizers, param_groups, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_lr_schedule_hand_values():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(GPTConfig(vocab_size=50, **TINY_MODEL))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model.parameters(), 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -141,6 +141,23 @@ def test_weight_decay_only_on_matrices():
     assert all(not n.endswith(".bias") and "ln" not in n for n in decayed)
     # the tied LM head is the embedding: counted once, every parameter in exactly one group
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "modern-tiny-moe"])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(preset):
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=50, n_layer=2))
+    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    orthogonalised = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert not orthogonalised & rest and len(orthogonalised | rest) == len(names)
+    assert all(n.startswith("h.") and n.endswith("weight") and "router" not in n and "norm" not in n
+               and "ln_" not in n for n in orthogonalised)
+    assert {"wte.weight", "lm_head.weight"} & set(names) <= rest
+    assert "h.1.attn.c_attn.weight" in orthogonalised
+    set_lr([adamw, muon], 50, TrainConfig(lr=1e-3, muon_lr=0.05, warmup_steps=100))
+    assert adamw.param_groups[0]["lr"] == pytest.approx(5e-4) and muon.param_groups[0]["lr"] == pytest.approx(0.025)
 
 
 def test_peak_flops_table():
@@ -477,3 +494,33 @@ def test_compile_saves_plain_keys(work, data_dir, tiny_config):
     assert all("_orig_mod" not in k for k in ckpt)
     opt = torch.load(checkpoint_dirs(run)[0] / "optimizer.pt", weights_only=True)
     assert all("_orig_mod" not in k for k in opt["state"])
+
+
+# ------------------------------------------------------ modern blocks, MoE, Muon
+MOE_MUON_ARGS = ["--preset", "modern-tiny-moe", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+                 "--block-size", "32", "--n-experts", "4", "--top-k", "2", "--optimizer", "muon", "--max-steps", "24",
+                 "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--muon-lr", "0.03", "--warmup-steps", "2",
+                 "--eval-every", "12", "--eval-batches", "2", "--checkpoint-every", "12", "--keep-last", "5",
+                 "--sample-tokens", "8", "--seed", "5", "--device", "cpu"]
+
+
+def test_moe_with_muon_learns_logs_its_experts_and_resumes_exactly(work, data_dir):
+    """`gptlab train --preset ... --ffn moe --n-experts 4 --top-k 2 --optimizer muon`: the loss falls, each
+    expert's load is logged and plotted, and a run resumed from its middle checkpoint is the same run."""
+    run = work / "moe-muon"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *MOE_MUON_ARGS]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    loads = [records[-1][f"moe_load_{e}"] for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0) and min(loads) > 0.05  # dropless, and no expert starved
+    assert records[-1]["moe_balance"] >= 1.0 - 1e-6  # the Switch loss is 1 at perfect balance, more otherwise
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["ffn"] == "moe" and saved["train"]["optimizer"] == "muon"
+    resumed = work / "moe-muon-resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(checkpoint_dirs(resumed)[-1])
+    (resumed / "model.safetensors").unlink()
+    assert main(["train", "--data", str(data_dir), "--out", str(resumed), "--resume", "--device", "cpu"]) == 0
+    assert losses(resumed) == losses(run)
+    ref = weights(run)
+    assert all(torch.equal(v, ref[k]) for k, v in weights(resumed).items())

@@ -14,6 +14,7 @@ import torch
 
 from gptlab import GPT, GPTConfig
 from gptlab.cli import main
+from gptlab.config import MODERN
 from gptlab.errors import ConfigError
 from gptlab.runs import load_run, save_model
 from gptlab.serve.offline import DATA_ID
@@ -45,7 +46,11 @@ def _model(tok: CharTokenizer, **fields) -> GPT:
     return GPT(GPTConfig(**cfg)).eval()
 
 
-@pytest.mark.parametrize("fields", [{}, {"norm_position": "post"}, {"attention_pattern": "LD", "attn_window": 6}])
+MODERN_MOE = {**MODERN, "zero_init_proj": False, "ffn": "moe", "n_experts": 4, "top_k": 2, "moe_every": 2}
+
+
+@pytest.mark.parametrize("fields", [{}, {"norm_position": "post"}, {"attention_pattern": "LD", "attn_window": 6},
+                                    {**MODERN, "zero_init_proj": False}, MODERN_MOE])
 def test_every_drawn_value_is_the_traces(tok, fields):
     model = _model(tok, **fields)
     ids = tok.encode(TEXT)
@@ -58,6 +63,12 @@ def test_every_drawn_value_is_the_traces(tok, fields):
     assert [b["norm"] for b in data["blocks"]] == [model.config.norm_position] * 2
     assert [b["window"] for b in data["blocks"]] == [block.attn.window for block in model.h]
     assert [(s["name"], s["layer"]) for s in data["steps"]] == [(s.name, s.layer) for s in trace.steps]
+    assert [b["experts"] for b in data["blocks"]] == [4 * model.config.is_moe(i) for i in range(2)]
+    labels = {s["id"]: s["label"] for s in data["steps"]}
+    if model.config.norm == "rmsnorm":  # the model's own names: no wpe with rotary positions, RMSNorm, ReLU²
+        assert "wpe" not in labels and labels["0.ln_1"] == "block 0 · RMSNorm 1" and labels["0.act"].endswith("ReLU²")
+    if model.config.ffn == "moe":
+        assert labels["1.gates"] == "block 1 · expert gates" and data["model"]["active_params"] < data["model"]["params"]
     for step, traced in zip(data["steps"], trace.steps):
         value, drawn = traced.value, unpack(step["data"])
         if step["kind"] == "attention":  # keys at the drawn positions, the earlier ones summed in front
@@ -80,14 +91,15 @@ def test_every_drawn_value_is_the_traces(tok, fields):
         assert (step["min"], step["max"]) == (float(value.min()), float(value.max()))
         assert sum(step["hist"]["counts"]) == value.numel()
         assert step["explain"] and step["label"].startswith("block " if step["layer"] is not None else step["label"])
-    fc = next(s for s in data["steps"] if s["name"] == "fc" and s["layer"] == 1)
-    weight = data["weights"][fc["weight"]]
-    w = model.h[1].mlp.c_fc.weight.detach()
-    assert weight["shape"] == [64, 256] and weight["param"] == "h.1.mlp.c_fc.weight"
+    fc = [s for s in data["steps"] if s["name"] == "fc"][-1]  # the last dense MLP's
+    weight, layer = data["weights"][fc["weight"]], fc["layer"]
+    w = model.h[layer].mlp.c_fc.weight.detach()
+    assert weight["shape"] == [64, 256] and weight["param"] == f"h.{layer}.mlp.c_fc.weight"
     close(unpack(weight["data"]), w.T[weight["rows"]][:, weight["cols"]])
     assert weight["std"] == pytest.approx(float(w.std(unbiased=False)), rel=1e-5)
     lm_head = data["weights"][data["steps"][-1]["weight"]]
-    assert lm_head["id"] == "lm_head.weight" and lm_head["param"] == "wte.weight"  # tied
+    tied = model.config.tie_embeddings
+    assert lm_head["id"] == "lm_head.weight" and lm_head["param"] == ("wte.weight" if tied else "lm_head.weight")
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([ids]))[0, -1], -1)
     assert [t["id"] for t in data["next"][-1]] == torch.topk(probs, 5).indices.tolist()

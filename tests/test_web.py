@@ -5,7 +5,8 @@ The browser tests need Chromium at /usr/bin/chromium and the playwright package 
 without them they skip with the reason, while the endpoint tests still run. Screenshots for the docs:
 ``GPTLAB_WEB_SCREENSHOTS=CHAT_RUN[,BASE_RUN] pytest tests/test_web.py -k screenshots`` writes docs/img/web-*.png;
 ``GPTLAB_VIZ_SCREENSHOTS=RUN,RUN,RUN[,RUN] pytest tests/test_web.py -k visualize_screenshots`` writes
-docs/img/visualize-*.png.
+docs/img/visualize-*.png; ``GPTLAB_VIZ_MOE_SCREENSHOT=FILE.png pytest tests/test_web.py -k modern_blocks`` the
+modern MoE view (docs/img/visualize-modern-moe.png, quantised to 256 colours).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from gptlab import GPT, GPTConfig  # noqa: E402
 from gptlab.align_data import load_rankings  # noqa: E402
 from gptlab.chat import Message, add_chat_tokens, render, stop_ids  # noqa: E402
+from gptlab.config import MODERN  # noqa: E402
 from gptlab.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.serve import create_app  # noqa: E402
 from gptlab.serve.web import WebData  # noqa: E402
@@ -316,7 +318,7 @@ def _fc_of_layer_1(model: GPT, ids: list[int]) -> torch.Tensor:
     idx, T = torch.tensor([ids]), len(ids)
     with torch.no_grad():
         x = model.wte(idx) + model.wpe(torch.arange(T))
-        masks = model._masks(T, None, None, idx.device)
+        masks = model._context(T, None, None, torch.arange(T))
         x = model.h[0](x, None, masks)
         block = model.h[1]
         summed = x + block.attn(block.attn_input(x), None, masks)
@@ -372,6 +374,49 @@ def test_visualize_draws_the_served_models_own_forward_pass(viz, page, kind):
     assert cands.evaluate_all("els => els.map(e => Number(e.dataset.id))") == [t["id"] for t in explore]
     np.testing.assert_allclose(cands.evaluate_all("els => els.map(e => Number(e.dataset.prob))"),
                                [t["prob"] for t in explore], atol=2e-6)
+
+
+def test_visualize_draws_modern_blocks_and_experts(page):
+    """A modern block (rotary: no wpe, RMSNorm, QK-norm, ReLU², untied head, softcap) with an MoE block: the
+    page names them, draws the router and gates, and shows which experts the followed token went to."""
+    tok = CharTokenizer.from_text(LETTERS)
+    model = _model(tok, 6, **{**MODERN, "zero_init_proj": False}, ffn="moe", n_experts=4, top_k=2, moe_every=2)
+    app = RunningApp(create_app(model, tok, {}, model_name="tiny-modern-moe"))
+    try:
+        ids = tok.encode(VIZ_TEXT)
+        _open_view(page, app.url + "/visualize?text=" + quote(VIZ_TEXT))
+        pixels = _drawn(page)
+        assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+        labels = page.locator("#steps .step").all_inner_texts()
+        assert labels[:3] == ["token embedding", "embedding sum", "block 0 · RMSNorm 1"]
+        assert "block 1 · router probabilities" in labels and "block 0 · ReLU²" in labels
+        row_labels = page.locator("#labels .row-label").evaluate_all("els => els.map(e => e.textContent)")
+        assert "block 1 · MoE · 4 experts" in row_labels and "block 0 · MLP" in row_labels
+        line = page.locator("#model").inner_text()
+        assert "rotary · QK-norm · ReLU² · softcap 15" in line and "MoE 4 experts, top 2" in line
+        _click_part(page, "1.gates")
+        with torch.no_grad():
+            r = model.h[1].mlp.route(_mlp_input_of_layer_1(model, ids))
+        want = torch.zeros(4).scatter(0, r.experts[-1], r.gates[-1])  # the followed (last) token's gates
+        shown = _table(page, "data-col")
+        assert list(shown) == ["0", "1", "2", "3"]
+        np.testing.assert_allclose(list(shown.values()), want.numpy(), atol=2e-3)
+        assert sum(v > 0 for v in shown.values()) == 2
+        assert page.locator("#info-table tr[data-col] th, #info-table tr[data-col] td").first.inner_text() == "expert 0"
+        if os.environ.get("GPTLAB_VIZ_MOE_SCREENSHOT"):
+            page.screenshot(path=os.environ["GPTLAB_VIZ_MOE_SCREENSHOT"])
+    finally:
+        app.stop()
+
+
+def _mlp_input_of_layer_1(model: GPT, ids: list[int]) -> torch.Tensor:
+    """What block 1's feed-forward reads, run module by module from the embeddings (1, T, C)."""
+    idx, T = torch.tensor([ids]), len(ids)
+    with torch.no_grad():
+        ctx = model._context(T, None, None, torch.arange(T))
+        x = model.h[0](model.wte(idx), None, ctx)
+        block = model.h[1]
+        return block.ln_2(x + block.attn(block.ln_1(x), None, ctx))
 
 
 def test_visualize_steps_through_the_layers_and_follows_a_token(viz, page):

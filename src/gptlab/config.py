@@ -13,6 +13,20 @@ subclasses:
 - ``activation``: ``"gelu_tanh"`` (the tanh approximation that both OpenAI's
   GPT-1 and GPT-2 code use) or ``"gelu"`` (exact erf form).
 
+The modern block family (what the GPT-2 speedruns of modded-nanogpt and
+nanochat train with) is more values of the same fields, each independent and
+off by default, so the faithful presets stay bit for bit: ``pos_embedding``
+rotary (no learned positions), ``norm`` rmsnorm, ``qk_norm``, ``activation``
+relu2 (ReLU squared), ``tie_embeddings`` off, ``bias`` off, ``logit_softcap``
+and ``zero_init_proj``. The ``modern-*`` presets switch them all on.
+
+GPT-4's row of the lineage is the mixture of experts: ``ffn="moe"`` replaces
+the MLP of every ``moe_every``-th block by ``n_experts`` MLPs and a router that
+sends each token to ``top_k`` of them (Switch Transformer for k = 1, GShard for
+k >= 2), dropless unless ``capacity_factor`` caps an expert's tokens. The
+router's load-balancing loss and z-loss join the training loss with the
+weights ``router_aux_coef`` and ``router_z_coef``.
+
 GPT-3 (Table 2.1 of "Language Models are Few-Shot Learners") is internally
 inconsistent in two rows, where n_heads * d_head != d_model:
 
@@ -41,7 +55,7 @@ from .errors import ConfigError
 
 __all__ = ["Config", "GPTConfig", "PRESETS", "NOMINAL_PARAMS", "ACTIVATIONS"]
 
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 C = TypeVar("C", bound="Config")
 
 
@@ -166,7 +180,7 @@ class GPTConfig(Config):
     n_embd: int = 768
     """width of the residual stream"""
     block_size: int = 1024
-    """context length: learned positions"""
+    """context length (rows of the learned position table)"""
     vocab_size: int = 50257
     """rows of the token embedding"""
     norm_position: Literal["pre", "post"] = "pre"
@@ -175,8 +189,8 @@ class GPTConfig(Config):
     """layer kinds tiled over the blocks: D dense, L locally banded (GPT-3: DL)"""
     attn_window: int = 256
     """width of the band of an L layer, in tokens"""
-    activation: Literal["gelu", "gelu_tanh"] = "gelu_tanh"
-    """GELU variant: gelu_tanh (OpenAI's GPT-1/2 code) or exact gelu"""
+    activation: Literal["gelu", "gelu_tanh", "relu2"] = "gelu_tanh"
+    """MLP activation: gelu_tanh (OpenAI's GPT-1/2 code), exact gelu, or relu2 (ReLU squared)"""
     dropout: float = 0.0
     """dropout probability of embeddings, attention and residual branches"""
     bias: bool = True
@@ -187,6 +201,32 @@ class GPTConfig(Config):
     """LayerNorm epsilon"""
     scale_residual_init: bool = True
     """GPT-2 init: residual output projections get std 0.02 / sqrt(2 * n_layer)"""
+    pos_embedding: Literal["learned", "rotary"] = "learned"
+    """positions: a learned table added to the embeddings (GPT-1/2/3) or rotary (RoPE) on queries and keys"""
+    rope_base: float = 10000.0
+    """rotary base: pair i of a head turns by position * rope_base^(-2i/head_dim)"""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """normalisation layers: LayerNorm or RMSNorm (no mean subtraction, no bias)"""
+    qk_norm: bool = False
+    """RMSNorm each head's queries and keys before the scores (bounds the logits of attention)"""
+    logit_softcap: float = 0.0
+    """cap the LM logits smoothly: c * tanh(logits / c) (0: off)"""
+    zero_init_proj: bool = False
+    """start every residual output projection at zero, so each block begins as the identity"""
+    ffn: Literal["dense", "moe"] = "dense"
+    """feed-forward: one dense MLP, or a mixture of experts (moe)"""
+    n_experts: int = 8
+    """MLPs in an MoE layer"""
+    top_k: int = 2
+    """experts each token goes to (1: Switch Transformer, 2: GShard)"""
+    moe_every: int = 1
+    """blocks 0-based index i with (i + 1) % moe_every == 0 are MoE (1: all, 2: every second)"""
+    capacity_factor: float = 0.0
+    """tokens an expert takes: capacity_factor * top_k * tokens / n_experts, the rest dropped (0: dropless)"""
+    router_aux_coef: float = 0.01
+    """weight of the Switch load-balancing loss in the training loss"""
+    router_z_coef: float = 0.001
+    """weight of the router z-loss (mean squared logsumexp of the router logits)"""
     name: str = field(default="custom", compare=False)
     """the preset or a label of this shape"""
 
@@ -214,11 +254,34 @@ class GPTConfig(Config):
         self.need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                   f"dropout={self.dropout!r} must be in [0, 1)")
         self.need(0 < self.layer_norm_eps < 1, f"layer_norm_eps={self.layer_norm_eps!r} must be in (0, 1)")
+        self.need(self.pos_embedding in ("learned", "rotary"),
+                  f"pos_embedding={self.pos_embedding!r} must be 'learned' or 'rotary'")
+        self.need(self.pos_embedding != "rotary" or self.head_dim % 2 == 0,
+                  f"rotary positions turn pairs of channels: head_dim={self.head_dim} (n_embd / n_head) must be even")
+        self.need(self.rope_base > 1, f"rope_base={self.rope_base!r} must be > 1")
+        self.need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r} must be 'layernorm' or 'rmsnorm'")
+        self.need(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap!r} must be >= 0 (0: off)")
+        self.need(self.ffn in ("dense", "moe"), f"ffn={self.ffn!r} must be 'dense' or 'moe'")
+        for key in ("n_experts", "top_k", "moe_every"):
+            value = getattr(self, key)
+            self.need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                      f"config field {key}={value!r} must be a positive integer")
+        self.need(self.top_k <= self.n_experts,
+                  f"top_k={self.top_k} exceeds n_experts={self.n_experts}: lower --top-k or raise --n-experts")
+        self.need(self.ffn == "dense" or self.moe_every <= self.n_layer,
+                  f"moe_every={self.moe_every} leaves no MoE block among n_layer={self.n_layer}")
+        self.need(self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor!r} must be >= 0 (0: dropless)")
+        self.need(self.router_aux_coef >= 0 and self.router_z_coef >= 0,
+                  f"router_aux_coef={self.router_aux_coef!r} and router_z_coef={self.router_z_coef!r} must be >= 0")
 
     # ------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block ``layer`` has a mixture of experts as its feed-forward."""
+        return self.ffn == "moe" and (layer + 1) % self.moe_every == 0
 
     def is_local(self, layer: int) -> bool:
         """Whether layer ``layer`` uses the locally banded attention."""
@@ -248,6 +311,11 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> dict[str, Any]:
                 attention_pattern="DL", attn_window=256)
 
 
+# The modern block family: every option of the speedruns that transfers, on GPT-2's layout.
+MODERN: dict[str, Any] = dict(pos_embedding="rotary", norm="rmsnorm", qk_norm=True, activation="relu2",
+                              tie_embeddings=False, bias=False, logit_softcap=15.0, zero_init_proj=True,
+                              scale_residual_init=False)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt1": _gpt1(n_layer=12, n_embd=768, n_head=12),
     "gpt2": _gpt2(12, 768, 12),
@@ -269,6 +337,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-gpt3": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048,
                       attention_pattern="DL", attn_window=32),
     "small": dict(n_layer=6, n_embd=384, n_head=6, block_size=256, vocab_size=8192),
+    "modern-tiny": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048, **MODERN),
+    "modern-small": dict(n_layer=6, n_embd=384, n_head=6, block_size=256, vocab_size=8192, **MODERN),
+    "modern-gpt2": dict(_gpt2(12, 768, 12), **MODERN),
+    "modern-gpt2-medium": dict(_gpt2(24, 1024, 16), **MODERN),
+    # GPT-4's row: a mixture of experts (8 experts, 2 per token) on the tiny and modern-tiny shapes.
+    "tiny-moe": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048, ffn="moe",
+                     n_experts=8, top_k=2),
+    "modern-tiny-moe": dict(n_layer=4, n_embd=128, n_head=4, block_size=256, vocab_size=2048, **MODERN,
+                            ffn="moe", n_experts=8, top_k=2),
 }
 
 # Nominal sizes the presets must match within 2%.

@@ -238,7 +238,7 @@ class Engine:
             hidden = self.model.hidden_states(idx.to(self.device))
             for b, i in enumerate(chunk):
                 n, end = len(requests[i][1]), len(seqs[i]) - 1
-                logprobs = torch.log_softmax(self.model.lm_head(hidden[b, end - n:end]).float(), -1)
+                logprobs = torch.log_softmax(self.model.logits(hidden[b, end - n:end]).float(), -1)
                 target = torch.tensor(seqs[i][-n:], device=self.device)
                 total = logprobs.gather(-1, target[:, None]).sum().item()
                 out[i] = (total, n, bool((logprobs.argmax(-1) == target).all()))

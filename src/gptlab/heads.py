@@ -109,7 +109,7 @@ class TaskModel(GPTWrapper):
         lm_loss = None
         if lm:
             keep = torch.arange(idx.shape[1] - 1, device=idx.device)[None] < (lengths - 1)[:, None]
-            logits = self.gpt.lm_head(h[:, :-1][keep])
+            logits = self.gpt.logits(h[:, :-1][keep])
             lm_loss = F.cross_entropy(logits.float(), idx[:, 1:][keep])
         if self.config.task_type == "multiple_choice":
             scores = self.head(feats).squeeze(-1)
@@ -158,7 +158,7 @@ class PolicyModel(GPTWrapper):
         """(log-probs (N, W) of ``targets`` at ``temperature``, entropy (N, W) or None)."""
         h = self.gpt.hidden_states(idx)
         pos = response_positions(starts, targets.shape[1], idx.shape[1])
-        logits = self.gpt.lm_head(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
+        logits = self.gpt.logits(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
         logp = token_logprobs(logits, targets, temperature)
         return logp, entropy_from_logits(logits, temperature) if with_entropy else None
 

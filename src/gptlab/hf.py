@@ -12,11 +12,13 @@ Conv1D weights, not a renaming table per architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,15 +27,15 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .atomic import PathLike, atomic_write_json, atomic_write_text
+from .atomic import PathLike, atomic_write_json, atomic_write_text, sha256_file
 from .config import GPTConfig
 from .errors import CheckpointError, TokenizerError, UserError
 from .jsonsafe import parse_json
-from .model import GPT
-from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, save_gpt2_pair
+from .model import GPT, rebuilt
+from .tokenizer import EOS, BPETokenizer, TiktokenTokenizer, Tokenizer, is_gpt1, load_tokenizer, save_gpt2_pair
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, unwrap
 
-__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "read_json_file"]
+__all__ = ["hf_dir_from_spec", "import_hf", "export_hf", "HFHead", "read_json_file", "hf_weights_sha256"]
 
 HF_CONFIG = "config.json"
 
@@ -126,8 +128,9 @@ def _config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
                      scale_residual_init=False, name="hf:openai-gpt")
 
 
-def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: model.safetensors (or its shards), else pytorch_model.bin (or shards)."""
+def _weight_files(hf_dir: Path) -> tuple[list[Path], str]:
+    """The weight files of an HF directory and their kind: model.safetensors (or its shards), else
+    pytorch_model.bin (or shards)."""
     def shards(index_name: str) -> list[Path]:
         index = read_json_file(hf_dir / index_name, "")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -146,6 +149,20 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     else:
         raise CheckpointError(f"{hf_dir}: no model.safetensors or pytorch_model.bin; save the model "
                               f"with save_pretrained() into this directory")
+    return files, kind
+
+
+def hf_weights_sha256(hf_dir: PathLike) -> str:
+    """The sha256 of an HF directory's weights: of its one weight file, or of its shards' digests in order."""
+    files, _ = _weight_files(Path(hf_dir))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode("ascii")).hexdigest()
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory (``_weight_files``)."""
+    files, kind = _weight_files(hf_dir)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -214,10 +231,24 @@ def import_hf(hf_dir: PathLike, dtype: torch.dtype | None = torch.float32,
     if with_tokenizer and any((hf_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "encoder.json")):
         try:
             tokenizer = load_tokenizer(hf_dir)
-        except TokenizerError as e:  # e.g. openai-gpt's non-byte-level BPE: keep the model, say why
+        except TokenizerError as e:  # a vocabulary gptlab cannot read: keep the model, say why
             warnings.warn(f"{hf_dir}: tokenizer not usable by gptlab ({e}); imported the model "
                           f"without a tokenizer", stacklevel=2)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        model = _grown(model, tokenizer.vocab_size)
     return model, tokenizer
+
+
+@torch.no_grad()
+def _grown(model: GPT, vocab_size: int) -> GPT:
+    """``model`` with zero embedding rows for the ids its tokenizer adds (GPT-1's ``<|endoftext|>``): zero,
+    not random, so that every import of a directory is the same model."""
+    old = model.config.vocab_size
+    grown = rebuilt(model, vocab_size=vocab_size).eval()
+    grown.wte.weight[old:] = 0
+    if not grown.config.tie_embeddings:
+        grown.lm_head.weight[old:] = 0
+    return grown
 
 
 def _hf_tensors(model: GPT, model_type: str) -> dict[str, torch.Tensor]:
@@ -251,6 +282,15 @@ def _export_tokenizer(tokenizer: Tokenizer, out_dir: Path, block_size: int) -> l
     """Write transformers-readable tokenizer files when the tokenizer can produce them; returns their names."""
     eos: str | None = EOS if EOS in tokenizer.special_tokens else None
     written: list[str] = []
+    if isinstance(tokenizer, BPETokenizer) and is_gpt1(tokenizer):  # OpenAIGPTTokenizer reads tokenizer.json
+        atomic_write_text(out_dir / "tokenizer.json", tokenizer.hf_tokenizer.to_str())
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            for name in tokenizer.hf_tokenizer.model.save(tmp):  # vocab.json + merges.txt, for older readers
+                os.replace(name, out_dir / Path(name).name)
+        atomic_write_json(out_dir / "tokenizer_config.json", {
+            "tokenizer_class": "OpenAIGPTTokenizer", "model_max_length": block_size, "unk_token": "<unk>",
+            "eos_token": tokenizer.eos_token})
+        return ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
     if isinstance(tokenizer, BPETokenizer) and tokenizer.byte_level:
         atomic_write_text(out_dir / "tokenizer.json", tokenizer.hf_tokenizer.to_str())
         eos = tokenizer.eos_token
@@ -272,13 +312,68 @@ def _export_tokenizer(tokenizer: Tokenizer, out_dir: Path, block_size: int) -> l
     return written + ["tokenizer_config.json"]
 
 
-def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None = None) -> Path:
+@dataclass(frozen=True)
+class HFHead:
+    """A stage's linear head on the final hidden states, to export with the transformers class that applies it.
+
+    ``kind`` "sequence": ``*ForSequenceClassification``, the head at each row's last token that is not
+    ``pad_id`` (transformers' pooling). Its ``score`` layer has no bias, so the head's bias (times
+    ``bias_share``) is folded into the last LayerNorm's bias through the pseudo-inverse of the head's weight:
+    W(β + W⁺b) = Wβ + b exactly for a weight of full row rank; that LayerNorm's output feeds only the head
+    there. ``bias_share`` 0.5 serves GPT-1's similarity head, which adds the two orders' hidden states: the
+    two orders' logits then add up to it. ``kind`` "choice": ``*DoubleHeadsModel``, the head (with its bias)
+    at ``mc_token_ids`` of each choice.
+    """
+
+    linear: nn.Linear
+    kind: Literal["sequence", "choice"]
+    pad_id: int | None = None
+    labels: tuple[str, ...] | None = None
+    regression: bool = False
+    bias_share: float = 1.0
+
+
+_HEAD_ARCH = {("gpt2", None): "GPT2LMHeadModel", ("openai-gpt", None): "OpenAIGPTLMHeadModel",
+              ("gpt2", "sequence"): "GPT2ForSequenceClassification",
+              ("openai-gpt", "sequence"): "OpenAIGPTForSequenceClassification",
+              ("gpt2", "choice"): "GPT2DoubleHeadsModel", ("openai-gpt", "choice"): "OpenAIGPTDoubleHeadsModel"}
+
+
+@torch.no_grad()
+def _with_head(tensors: dict[str, torch.Tensor], model: GPT, head: HFHead) -> dict[str, Any]:
+    """Add ``head``'s tensors to the exported ``tensors``; returns its config.json fields."""
+    weight, bias = head.linear.weight.detach().cpu(), head.linear.bias
+    b = bias.detach().cpu() if bias is not None else torch.zeros(weight.shape[0])
+    if head.kind == "choice":
+        tensors["multiple_choice_head.summary.weight"], tensors["multiple_choice_head.summary.bias"] = weight, b
+        return {"num_labels": 1, "summary_type": "cls_index", "summary_use_proj": True, "summary_activation": None,
+                "summary_proj_to_labels": True, "summary_first_dropout": 0.0}
+    tensors.pop("lm_head.weight", None)
+    tensors["score.weight"] = weight
+    norm = "ln_f" if model.ln_f is not None else f"h.{model.config.n_layer - 1}.ln_2"
+    key = f"transformer.{norm}.bias"
+    target = b.double() * head.bias_share
+    delta = torch.linalg.pinv(weight.double()) @ target
+    if not torch.allclose(weight.double() @ delta, target, atol=1e-6, rtol=1e-6):
+        raise UserError(f"cannot export the head: its weight has rank below its {weight.shape[0]} outputs, so "
+                        f"transformers' bias-free score layer cannot reproduce its bias")
+    tensors[key] = (tensors[key].double() + delta).to(tensors[key].dtype)
+    labels = list(head.labels) if head.labels else [f"LABEL_{i}" for i in range(weight.shape[0])]
+    return {"num_labels": weight.shape[0], "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": head.pad_id,
+            "problem_type": "regression" if head.regression else "single_label_classification"}
+
+
+def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None = None,
+              head: HFHead | None = None) -> Path:
     """Write a transformers directory that ``from_pretrained`` loads: GPT-2 for pre-LN models, OpenAI-GPT for post-LN.
 
-    With ``tokenizer``, its files go along when transformers can read them.
-    Banded-attention (GPT-3 style) models have no transformers equivalent and
+    With ``tokenizer``, its files go along when transformers can read them; with ``head``, the class
+    that applies it (``HFHead``) instead of the LM head model.
+    Banded-attention (GPT-3 style) models and the modern block family (rotary, RMSNorm,
+    QK-norm, ReLU², soft-capped logits, MoE) have no transformers equivalent here and
     raise UserError, as does a post-LN model with exact GELU (transformers'
-    openai-gpt only computes the tanh approximation). Models without biases are
+    openai-gpt only computes the tanh approximation). Untied heads export. Models without biases are
     written with zero biases. Returns ``out_dir``.
     """
     model = unwrap(model)
@@ -286,8 +381,15 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
     if any(cfg.is_local(i) for i in range(cfg.n_layer)):
         raise UserError(f"cannot export attention_pattern={cfg.attention_pattern!r}: transformers has no "
                         f"GPT-2 with locally banded attention layers (only dense models export)")
+    modern = {"pos_embedding": "rotary", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2", "ffn": "moe"}
+    unmatched = [f"{k}={getattr(cfg, k)!r}" for k, v in modern.items() if getattr(cfg, k) == v]
+    unmatched += [f"logit_softcap={cfg.logit_softcap}"] if cfg.logit_softcap else []
+    if unmatched:
+        raise UserError(f"cannot export a model with {', '.join(unmatched)}: transformers' GPT-2 and OpenAI-GPT "
+                        f"have learned positions, LayerNorm, GELU, plain logits and a dense MLP, so no class of "
+                        f"theirs computes this model; keep it as a gptlab run directory")
     if cfg.norm_position == "pre":
-        model_type, arch = "gpt2", "GPT2LMHeadModel"
+        model_type = "gpt2"
         hf: dict[str, Any] = {
             "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
             "n_inner": None, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -298,25 +400,27 @@ def export_hf(model: nn.Module, out_dir: PathLike, tokenizer: Tokenizer | None =
             raise UserError(f"cannot export a post-LN model with activation={cfg.activation!r}: "
                             f"transformers' openai-gpt computes GELU with the tanh approximation, so its "
                             f"outputs would differ; train with activation='gelu_tanh' to export")
-        model_type, arch = "openai-gpt", "OpenAIGPTLMHeadModel"
+        model_type = "openai-gpt"
         hf = {"afn": "gelu"}
+    tensors = _hf_tensors(model, model_type)
+    if head is not None:
+        hf.update(_with_head(tensors, model, head))
     eos_id = tokenizer.eos_id if tokenizer is not None else None
     dtype = str(model.wte.weight.dtype).removeprefix("torch.")
     hf = {
-        "architectures": [arch], "model_type": model_type,
+        "architectures": [_HEAD_ARCH[model_type, head.kind if head is not None else None]], "model_type": model_type,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
         "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,
         "layer_norm_epsilon": cfg.layer_norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None,
-        "dtype": dtype, **hf,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None, "dtype": dtype, **hf,
     }
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(_hf_tensors(model, model_type), out / "model.safetensors")
+    atomic_save_safetensors(tensors, out / "model.safetensors")
     if tokenizer is not None:
         _export_tokenizer(tokenizer, out, cfg.block_size)
     atomic_write_json(out / HF_CONFIG, hf)

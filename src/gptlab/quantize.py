@@ -4,8 +4,10 @@ Decoding one token reads every weight once, so on a CPU its speed is bound by
 memory bandwidth, not arithmetic. Storing the matmul weights in 8 bits cuts the
 bytes read by 4x. ``quantize_int8`` swaps each ``nn.Linear`` (the LM head too)
 for FBGEMM's dynamically quantised linear: int8 weights with one scale per
-output channel, activations quantised per call. Embeddings and LayerNorms stay
-in float32. The swap works on a copy; the original model is untouched.
+output channel, activations quantised per call. Embeddings, norms and MoE routers
+stay in float32 (a router's choice between near-equal experts would flip on the
+rounding, and it is a tiny matrix). The swap works on a copy; the original model
+is untouched.
 
     fast = quantize_int8(model)     # inference only
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .model import GPT
+from .model import GPT, MoE
 
 PRECISIONS = ("fp32", "int8")
 
@@ -55,7 +57,7 @@ def quantize_int8(model: GPT) -> GPT:
     fast = copy.deepcopy(model).eval()
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not (isinstance(module, MoE) and name == "router"):
                 setattr(module, name, Int8DynamicLinear(child))
     return fast
 

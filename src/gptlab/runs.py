@@ -5,6 +5,7 @@
     run/model.safetensors  the backbone's weights; a tied lm_head is stored once (as wte)
     run/tokenizer/         Tokenizer.save()
     run/<head>.safetensors a stage's head (fine-tuning, reward model), named with its sha256 in config.json
+    run/adapter_model.safetensors, adapter_config.json   LoRA adapters as peft writes them (``lora`` section)
 
 ``config.json`` is written when a training run starts (``run_config``: model,
 train and stage settings, so any run can be reproduced and resumed) and again,
@@ -29,17 +30,19 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .atomic import PathLike, atomic_write_json, fsync_dir, remove_stale, sha256_file, temporary_name
+from .atomic import PathLike, atomic_write, atomic_write_json, fsync_dir, remove_stale, sha256_file, temporary_name
 from .config import GPTConfig
 from .errors import CheckpointError, UserError
 from .hf import hf_dir_from_spec, import_hf, read_json_file
+from .lora import (ADAPTER_CONFIG, ADAPTER_FILE, LoRAConfig, adapter_tensors, has_lora, load_adapter_tensors,
+                   merge_lora, peft_config)
 from .model import GPT
 from .tokenizer import Tokenizer, load_checked_tokenizer, tokenizer_digest
 from .weights import FIX_WEIGHTS, atomic_save_safetensors, build_model, model_tensors, unwrap
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_DIR", "CKPT_DIR", "run_config", "save_model",
            "read_run_config", "load_model", "load_run", "load_head", "load_with_head", "save_tokenizer",
-           "check_run_dir", "prepare_out_dir"]
+           "check_run_dir", "prepare_out_dir", "save_merged", "copy_recorded"]
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -99,8 +102,17 @@ def save_model(run_dir: PathLike, model: nn.Module, tokenizer: Tokenizer | None 
                                   f"vocab_size >= the tokenizer's")
         tok_sha = save_tokenizer(run_dir, tokenizer)
     files = {WEIGHTS_FILE: model_tensors(gpt)}
+    recorded: dict[str, tuple[str, str]] = {}  # file -> (config section, key of its record there)
     if head is not None:
         files[head[1]] = dict(head[2].state_dict())
+        recorded[head[1]] = (head[0], "head")
+    if has_lora(gpt):
+        if not isinstance(extra.get(LoRAConfig.section), dict):
+            raise ValueError(f"save_model: a model with LoRA adapters needs extra[{LoRAConfig.section!r}] (its LoRAConfig)")
+        lora = LoRAConfig.from_dict({k: v for k, v in extra[LoRAConfig.section].items() if k != "adapter"})
+        files[ADAPTER_FILE] = adapter_tensors(gpt)
+        recorded[ADAPTER_FILE] = (LoRAConfig.section, "adapter")
+        atomic_write_json(run_dir / ADAPTER_CONFIG, peft_config(lora, gpt))
     replacing = any((run_dir / name).exists() for name in files)
     staged = {name: run_dir / (name.removesuffix(".safetensors") + _NEXT if replacing else name) for name in files}
     digests = {name: atomic_save_safetensors(tensors, staged[name],
@@ -110,8 +122,8 @@ def save_model(run_dir: PathLike, model: nn.Module, tokenizer: Tokenizer | None 
     def config(on: dict[str, Path]) -> dict[str, Any]:
         records = {n: {"file": on[n].name, "sha256": digests[n], "bytes": on[n].stat().st_size} for n in files}
         out = {**run_config(stage, gpt.config, tok_sha, extra), "weights": records[WEIGHTS_FILE]}
-        if head is not None:
-            out[head[0]] = {**out.get(head[0], {}), "head": records[head[1]]}
+        for name, (section, key) in recorded.items():
+            out[section] = {**out.get(section, {}), key: records[name]}
         return out
 
     atomic_write_json(run_dir / CONFIG_FILE, config(staged))
@@ -157,7 +169,7 @@ def read_run_config(run_dir: PathLike) -> dict[str, Any]:
     return config
 
 
-def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.device) -> GPT:
+def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.device, merge: bool = True) -> GPT:
     model_cfg = GPTConfig.from_dict(config["model"], source=str(run_dir / CONFIG_FILE))
     weights = config.get("weights")
     info: dict[str, Any] = weights if isinstance(weights, dict) else {}
@@ -181,11 +193,19 @@ def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.dev
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:100]}): "
                               f"{FIX_WEIGHTS}") from None
-    return build_model(model_cfg, tensors, str(path), device)
+    gpt = build_model(model_cfg, tensors, str(path), device)
+    lora = config.get(LoRAConfig.section)
+    if not isinstance(lora, dict) or "adapter" not in lora:
+        return gpt
+    where = str(run_dir / CONFIG_FILE)
+    settings = LoRAConfig.from_dict({k: v for k, v in lora.items() if k != "adapter"}, source=f"{where}: lora")
+    load_adapter_tensors(gpt, settings, _recorded_tensors(run_dir, lora["adapter"], "LoRA adapter"),
+                         str(run_dir / ADAPTER_FILE))
+    return merge_lora(gpt) if merge else gpt
 
 
 def load_model(spec: PathLike, device: str | torch.device = "cpu") -> GPT:
-    """Load a model from a run directory or ``"hf:DIR"`` (eval mode, weights' stored dtype)."""
+    """Load a model from a run directory or ``"hf:DIR"`` (eval mode, weights' stored dtype, adapters merged)."""
     hf_dir = hf_dir_from_spec(spec)
     if hf_dir is not None:
         return import_hf(hf_dir, with_tokenizer=False)[0].to(device)
@@ -193,9 +213,12 @@ def load_model(spec: PathLike, device: str | torch.device = "cpu") -> GPT:
     return _load_weights(run_dir, read_run_config(run_dir), device)
 
 
-def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+def load_run(spec: PathLike, device: str | torch.device = "cpu",
+             merge: bool = True) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
     """(model, tokenizer or None, config dict) from a run directory or ``"hf:DIR"``.
 
+    A run trained with LoRA comes with its adapters merged into the weights (a plain GPT, for every
+    command that reads a model), or with ``merge=False`` attached and separate (``lora.adapters``).
     For an HF directory the config dict is synthesised in the run-config layout
     (``format_version``, ``model``, ``tokenizer`` None, ``stage``, ``source``).
     """
@@ -217,7 +240,7 @@ def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, T
             raise CheckpointError(f"{tok_dir}: tokenizer directory named by config.json is missing; "
                                   f"copy the whole run directory")
         tokenizer = load_checked_tokenizer(tok_dir, config.get("tokenizer_sha256"), str(run_dir / CONFIG_FILE))
-    model = _load_weights(run_dir, config, device)
+    model = _load_weights(run_dir, config, device, merge)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model's "
                               f"vocab_size is {model.config.vocab_size}; the tokenizer does not belong "
@@ -225,19 +248,30 @@ def load_run(spec: PathLike, device: str | torch.device = "cpu") -> tuple[GPT, T
     return model, tokenizer, config
 
 
-def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.Module:
-    """Load the head file ``record`` (written by ``save_model``'s ``head``) into ``head``, checking its sha256."""
-    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-        raise CheckpointError(f"{run_dir}: config.json does not name the {what} head file; "
+def _recorded_tensors(run_dir: PathLike, record: Any, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a file beside the weights (a head, an adapter) whose record ``save_model`` wrote,
+    checked against its sha256."""
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or \
+            Path(record["file"]).name != record["file"]:
+        raise CheckpointError(f"{run_dir}: config.json does not name the {what} file; "
                               f"train it again or copy the whole run directory")
     path = Path(run_dir) / record["file"]
     if not path.is_file() or sha256_file(path) != record.get("sha256"):
         raise CheckpointError(f"{path}: missing or does not match config.json (sha256); copy the whole run "
                               f"directory or train the model again")
     try:
-        head.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: unreadable or the wrong shape ({exc})") from None
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def load_head(run_dir: PathLike, record: Any, head: nn.Module, what: str) -> nn.Module:
+    """Load the head file ``record`` (written by ``save_model``'s ``head``) into ``head``, checking its sha256."""
+    tensors = _recorded_tensors(run_dir, record, f"{what} head")
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{Path(run_dir) / record['file']}: the wrong shape ({exc})") from None
     return head
 
 
@@ -254,6 +288,32 @@ def load_with_head(spec: PathLike, section: str, head: Callable[[GPT, dict[str, 
     model = head(gpt, record)
     load_head(spec, record["head"], model.get_submodule("head"), what)
     return model.to(device).eval(), tokenizer, config
+
+
+def copy_recorded(run_dir: PathLike, record: Any, out: PathLike, what: str) -> None:
+    """Copy a file a run's config.json records (a head, an adapter) into ``out`` after checking its sha256."""
+    _recorded_tensors(run_dir, record, what)
+    src = Path(run_dir) / record["file"]
+
+    def copy(tmp: str) -> None:
+        shutil.copyfile(src, tmp)
+
+    atomic_write(Path(out) / src.name, copy)
+
+
+def save_merged(run_dir: PathLike, out: PathLike) -> Path:
+    """The LoRA run ``run_dir`` as a plain run in ``out``: adapters merged into the weights, heads and
+    settings kept, ``lora_merged_from`` recorded."""
+    run_dir = Path(run_dir).expanduser()
+    gpt, tokenizer, config = load_run(run_dir)
+    if not isinstance(config.get(LoRAConfig.section), dict):
+        raise UserError(f"{run_dir}: has no LoRA adapters (config.json has no lora section); nothing to merge")
+    extra = {k: v for k, v in config.items() if k not in (*_RESERVED, LoRAConfig.section)}
+    for name, section in extra.items():
+        if isinstance(section, dict) and isinstance(section.get("head"), dict):
+            copy_recorded(run_dir, section["head"], out, f"{name} head")
+    extra["lora_merged_from"] = str(run_dir.resolve())
+    return save_model(out, gpt, tokenizer, stage=str(config.get("stage", "pretrain")), extra=extra)
 
 
 def check_run_dir(run_dir: PathLike, resume: bool) -> bool:

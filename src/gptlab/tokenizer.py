@@ -3,8 +3,9 @@
 Three back ends cover the GPT lineage: the real GPT-2 vocabulary through `tiktoken`
 (the fastest encoder, and the one the pretrained weights need), byte-level BPE
 trained on your own text through Hugging Face `tokenizers` (also wraps any HF
-`tokenizer.json` or GPT-2 style vocab/merges pair), and a character vocabulary
-for the nanoGPT-style Shakespeare demo. GPT2-Chinese's modes come beside them: a
+`tokenizer.json` or GPT-2 style vocab/merges pair, and GPT-1's lower-cased `</w>`
+BPE through `load_gpt1_pair`), and a character vocabulary for the nanoGPT-style
+Shakespeare demo. GPT2-Chinese's modes come beside them: a
 word vocabulary on jieba's segmentation and BERT's WordPiece `vocab.txt`; the char
 and word vocabularies trained here encode what they cannot spell as `<|unk|>`.
 
@@ -48,8 +49,9 @@ __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
     "CharTokenizer", "WordTokenizer", "WordPieceTokenizer", "UNK", "UNK_SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS",
-    "TOKENIZER_MODES", "segment", "train_tokenizer", "readable_tokens", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
-    "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "tokenizer_difference", "check_tokenizers_match",
+    "TOKENIZER_MODES", "segment", "train_tokenizer", "readable_tokens", "train_bpe", "train_tokenizer_files",
+    "load_tokenizer", "load_ranks", "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair",
+    "is_gpt1", "tokenizer_difference", "check_tokenizers_match",
     "tokenizer_digest", "load_checked_tokenizer",
 ]
 
@@ -642,6 +644,8 @@ class BPETokenizer(Tokenizer):
                 table[i] = _gpt2_str_to_bytes(token)
                 if table[i] is None:
                     table[i] = token.encode("utf-8")
+            elif isinstance(self._tok.decoder, decoders.BPEDecoder):  # GPT-1: a word's last piece ends in a space
+                table[i] = token.replace(self._tok.decoder.suffix, " ").encode("utf-8")
             else:
                 table[i] = self._tok.decode([i], skip_special_tokens=False).encode("utf-8")
         self._table = table
@@ -738,6 +742,48 @@ class BPETokenizer(Tokenizer):
     def _save_files(self, directory: Path) -> dict[str, Any]:
         atomic_write_bytes(directory / "tokenizer.json", self._tok.to_str().encode("utf-8"))
         return {"tokenizer_file": "tokenizer.json", "eos_token": self._eos_token}
+
+
+# --------------------------------------------------------------------------- GPT-1 (OpenAI-GPT)
+GPT1_WORD_END = "</w>"
+
+
+def is_gpt1_pair(vocab_path: Path) -> bool:
+    """Whether a vocab.json is GPT-1's kind (pieces ending in ``</w>``) rather than GPT-2's byte-level one."""
+    try:
+        vocab = parse_json(vocab_path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(vocab, dict) and any(isinstance(k, str) and k.endswith(GPT1_WORD_END) for k in vocab)
+
+
+def is_gpt1(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` is GPT-1's ``</w>`` BPE (``load_gpt1_pair``)."""
+    return isinstance(tokenizer, BPETokenizer) and isinstance(tokenizer.hf_tokenizer.decoder, decoders.BPEDecoder)
+
+
+def load_gpt1_pair(dir_or_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> BPETokenizer:
+    """GPT-1's vocabulary from vocab.json + merges.txt as transformers' ``OpenAIGPTTokenizer`` writes them.
+
+    Text is cleaned, lower-cased and stripped of accents, split into words and punctuation as BERT's
+    BasicTokenizer splits it (CJK characters one by one), and each word is BPE-merged with ``</w>`` on its
+    last piece: the pipeline transformers runs without ftfy/spaCy, from ``tokenizers``' own parts. An
+    unknown character becomes ``<unk>`` where the vocabulary has it. GPT-1 had no end-of-text token, so
+    ``<|endoftext|>`` is added after the vocabulary (``hf.import_hf`` gives it an embedding row).
+    """
+    vocab_path, merges_path = _pair_paths(dir_or_files)
+    try:
+        vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+    except Exception as e:  # the Rust side raises a plain Exception for malformed files
+        raise TokenizerError(f"{vocab_path}: not a readable vocab.json + merges.txt pair "
+                             f"({str(e).splitlines()[0][:120]}); re-save the tokenizer") from None
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
+                                 end_of_word_suffix=GPT1_WORD_END, fuse_unk=False, unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.BPEDecoder(suffix=GPT1_WORD_END)
+    tok.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+    return BPETokenizer(tok, spec=f"gpt1-bpe:{len(vocab)}", source=str(vocab_path))
 
 
 def _hf_config_eos(directory: Path) -> str | None:
@@ -1395,6 +1441,8 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
             if isinstance(config, dict) and "kind" in config:
                 return _load_saved(path, config)
             # else: a transformers tokenizer_config.json; fall through to the HF files beside it
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file() and is_gpt1_pair(path / "vocab.json"):
+            return load_gpt1_pair(path)  # before tokenizer.json, which transformers writes beside it
         if (path / "tokenizer.json").is_file():
             return BPETokenizer.from_file(path / "tokenizer.json")
         if (path / "vocab.txt").is_file():

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from .config import Config
+from .config import Config, GPTConfig
 from .errors import UserError
 from .model import GPT, BlockKind, Trace, TraceStep
 from .tokenizer import Tokenizer
@@ -36,8 +36,16 @@ LABELS = {
     "q": "queries", "k": "keys", "v": "values", "attn": "attention", "heads": "head outputs",
     "attn_out": "attention output", "resid_attn": "residual + attention", "ln_2": "LayerNorm 2", "fc": "MLP hidden",
     "act": "GELU", "mlp_out": "MLP output", "resid_mlp": "residual + MLP", "ln_f": "final LayerNorm",
-    "logits": "logits",
+    "logits": "logits", "router": "router probabilities", "gates": "expert gates",
 }
+
+
+def _label(name: str, config: GPTConfig) -> str:
+    """A step's short label in the terms of the model's own norm and activation."""
+    label = LABELS.get(name, name)
+    if config.norm == "rmsnorm":
+        label = label.replace("LayerNorm", "RMSNorm")
+    return label.replace("GELU", "ReLU²") if config.activation == "relu2" else label
 
 
 @dataclass
@@ -86,35 +94,50 @@ def _token(tok: Tokenizer, i: int) -> str:
     return tok.token_text(i) if i < tok.vocab_size else f"<unused id {i}>"
 
 
-def _explain(step: TraceStep, block: BlockKind | None, tied: bool) -> str:
-    """One line on what ``step`` computes, in the terms of its block's kind."""
+def _explain(step: TraceStep, block: BlockKind | None, tied: bool, config: GPTConfig) -> str:
+    """One line on what ``step`` computes, in the terms of its block's kind and the model's options."""
     post = block is not None and block.norm == "post"
+    rms = config.norm == "rmsnorm"
+    norm = "RMSNorm" if rms else "LayerNorm"
+    how = ("each token's vector over its root mean square, times a learned gain" if rms else
+           "each token's vector minus its mean, over its standard deviation, times a learned gain plus a bias")
+    qk = (" RMS-normalised per head (QK-norm)" if config.qk_norm else "") + (
+        " and turned by its position (rotary)" if config.pos_embedding == "rotary" else "")
+    top_k = f"{config.top_k} of {config.n_experts}"
+    cap = config.logit_softcap
     band = f"the last {block.window} tokens only (a locally banded layer, GPT-3's sparse pattern)" \
         if block is not None and block.window is not None else "every token so far (causal mask)"
     lines = {
         "wte": "Token embedding: the row of the embedding table wte for each token id.",
         "wpe": "Position embedding: a learned vector for each position 0..context-1 (wpe).",
-        "embed": "The residual stream begins: token embedding + position embedding.",
-        "ln_1": "LayerNorm after attention (GPT-1's post-LN): normalises stream + attention output into the new stream."
-        if post else "LayerNorm before attention: each token's vector minus its mean, over its standard deviation, "
-                     "times a learned gain plus a bias.",
-        "q": "Queries: what each token looks for; the first third of c_attn's output, split into heads.",
-        "k": "Keys: what each token offers to a query; the second third of c_attn's output, split into heads.",
+        "embed": "The residual stream begins: token embedding + position embedding." if config.pos_embedding ==
+        "learned" else "The residual stream begins: the token embedding (positions enter as rotations of q and k).",
+        "ln_1": f"{norm} after attention (GPT-1's post-LN): normalises stream + attention output into the new stream."
+        if post else f"{norm} before attention: {how}.",
+        "q": f"Queries: what each token looks for; the first third of c_attn's output, split into heads{qk}.",
+        "k": f"Keys: what each token offers to a query; the second third of c_attn's output, split into heads{qk}.",
         "v": "Values: what each token passes on when attended to; the last third of c_attn's output, in heads.",
         "attn": f"Attention probabilities softmax(q·kᵀ/√d) over {band}; each row sums to 1.",
         "heads": "Each head's output: its attention probabilities times the values, a weighted mean of values.",
         "attn_out": "Attention's output: the heads side by side times the projection c_proj.",
         "resid_attn": "The stream plus attention's output, before LayerNorm (GPT-1)." if post
         else "The residual stream after adding attention's output.",
-        "ln_2": "LayerNorm after the MLP (post-LN): the block's output." if post else "LayerNorm before the MLP.",
+        "ln_2": f"{norm} after the MLP (post-LN): the block's output." if post else f"{norm} before the MLP.",
         "fc": "MLP hidden layer: the normalised stream times c_fc, four times wider.",
-        "act": "GELU: the MLP's non-linearity; negative inputs go to nearly zero.",
-        "mlp_out": "MLP output: the activations projected back to the stream's width by c_proj.",
+        "act": "ReLU²: the MLP's non-linearity, max(0, x) squared." if config.activation == "relu2"
+        else "GELU: the MLP's non-linearity; negative inputs go to nearly zero.",
+        "router": f"Router: softmax over the {config.n_experts} experts of the normalised stream times the router "
+                  f"matrix; each token goes to its {config.top_k} most probable.",
+        "gates": f"Gates: the weight of each expert's output for each token, zero for the experts it skipped "
+                 f"({top_k} per token{', the probabilities renormalised' if config.top_k > 1 else ''}).",
+        "mlp_out": f"Mixture output: the gated sum of the {top_k} chosen experts' MLPs." if block is not None
+        and block.experts else "MLP output: the activations projected back to the stream's width by c_proj.",
         "resid_mlp": "The stream plus the MLP's output, before LayerNorm (GPT-1)." if post
         else "The residual stream after adding the MLP's output: the block's output.",
-        "ln_f": "Final LayerNorm (GPT-2/3) before the LM head.",
+        "ln_f": f"Final {norm} (GPT-2/3) before the LM head.",
         "logits": "Logits: the last stream vector times "
                   + ("the token embedding table (the LM head is tied to wte)" if tied else "the LM head")
+                  + (f", soft-capped to ±{cap:g} by {cap:g}·tanh(x/{cap:g})" if cap else "")
                   + "; softmax gives the next token.",
     }
     return lines.get(step.name, "")
@@ -199,10 +222,10 @@ class ModelView:
             if weight is not None:
                 weights[weight["id"]] = weight
             block = kinds.get(step.layer) if step.layer is not None else None
-            label = LABELS.get(step.name, step.name)
+            label = _label(step.name, model.config)
             steps.append({"id": step.name if block is None else f"{block.layer}.{step.name}",
                           "label": label if block is None else f"block {block.layer} · {label}",
-                          "explain": _explain(step, block, tied), "weight": weight and weight["id"],
+                          "explain": _explain(step, block, tied, model.config), "weight": weight and weight["id"],
                           **_step(step, trace, T, cfg, tok)})
         c = model.config
         channels = strided(c.n_embd, cfg.columns)
@@ -210,10 +233,14 @@ class ModelView:
             "model": {"name": self.name, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
                       "block_size": c.block_size, "vocab_size": c.vocab_size, "norm_position": c.norm_position,
                       "attention_pattern": c.attention_pattern, "attn_window": c.attn_window, "tied": tied,
-                      "params": model.num_params()},
+                      "pos_embedding": c.pos_embedding, "norm": c.norm, "qk_norm": c.qk_norm,
+                      "activation": c.activation, "logit_softcap": c.logit_softcap, "ffn": c.ffn,
+                      "n_experts": c.n_experts if c.ffn == "moe" else 0, "top_k": c.top_k if c.ffn == "moe" else 0,
+                      "params": model.num_params(), "active_params": model.num_params(active=True)},
             "text": tok.decode(ids), "truncated": truncated, "ids": ids, "tokens": [_token(tok, i) for i in ids],
             "rows": rows,
-            "blocks": [{"layer": b.layer, "norm": b.norm, "window": b.window} for b in trace.blocks],
+            "blocks": [{"layer": b.layer, "norm": b.norm, "window": b.window, "experts": b.experts}
+                       for b in trace.blocks],
             "steps": steps, "weights": weights,
             "next": _next_tokens(trace.step("logits").value, cfg.top, tok),
             "sampling": {"positions": len(rows), "tokens": T, "channels": len(channels), "width": c.n_embd,

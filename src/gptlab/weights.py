@@ -58,9 +58,10 @@ def unwrap(model: nn.Module) -> GPT:
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict ready for safetensors: detached, and a tied ``lm_head.weight`` dropped."""
+    """The model's state dict ready for safetensors: detached, a tied ``lm_head.weight`` dropped, and LoRA
+    adapters (``*.lora.*``, saved apart by ``runs.save_model``) left out."""
     gpt = unwrap(model)
-    state = {k: v.detach() for k, v in gpt.state_dict().items()}
+    state = {k: v.detach() for k, v in gpt.state_dict().items() if ".lora." not in k}
     if gpt.config.tie_embeddings or gpt.lm_head.weight is gpt.wte.weight:
         state.pop("lm_head.weight", None)
     return state

@@ -7,16 +7,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..config import PRESETS, GPTConfig
 from ..engine import Engine, SamplingParams
 from ..errors import UserError
-from ..hf import export_hf, import_hf
+from ..hf import export_hf, hf_dir_from_spec, import_hf, read_json_file
 from ..model import GPT
-from ..runs import load_run, prepare_out_dir, save_model
+from ..lora import ADAPTER_CONFIG, LoRAConfig, has_lora
+from ..runs import copy_recorded, load_run, prepare_out_dir, read_run_config, save_merged, save_model
+from ..stages.finetune import hf_head as finetune_head
+from ..stages.reward import hf_head as reward_head
 from ..serve.offline import standalone_page
 from ..visualize import ModelView, ViewConfig
-from .args import add_fields, given, unescape
+from .args import add_fields, add_group, given, unescape
 
 __all__ = ["COMMANDS"]
 
@@ -24,11 +27,13 @@ __all__ = ["COMMANDS"]
 def cmd_presets(args: argparse.Namespace) -> None:
     for name in PRESETS:
         c = GPTConfig.from_preset(name)
-        print(f"{name} {c.n_layer} {c.n_embd} {c.n_head} {c.block_size} {c.vocab_size} {GPT.count_params(c)}")
+        print(f"{name} {c.n_layer} {c.n_embd} {c.n_head} {c.block_size} {c.vocab_size} {GPT.count_params(c)} "
+              f"{GPT.count_params(c, active=True)}")
 
 
 def add_presets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params")
+    p = sub.add_parser("presets", help="list model presets: NAME n_layer n_embd n_head block_size vocab_size params "
+                                       "active_params (per token: an MoE's top_k experts only)")
     p.set_defaults(func=cmd_presets)
 
 
@@ -86,9 +91,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"wrote run directory {out} from {kind} {src} ({model.num_params():,} params, "
               f"tokenizer: {tok.spec if tok is not None else 'none'})")
     else:
-        model, tok, _ = load_run(args.to_hf)
+        heads = {"finetune": finetune_head, "reward": reward_head}
+        section = next((s for s in heads if isinstance(read_run_config(args.to_hf).get(s), dict)), None) \
+            if hf_dir_from_spec(args.to_hf) is None else None
+        if section is not None:
+            backbone, tokenizer, head = heads[section](args.to_hf)
+            export_hf(backbone, out, tokenizer, head)
+            print(f"wrote transformers directory {out}: {read_json_file(out / 'config.json', '')['architectures'][0]} "
+                  f"with the {section} head (docs/TASKS.md: how to feed it)")
+            return
+        model, tok, config = load_run(args.to_hf, merge=False)
         export_hf(model, out, tok)
-        print(f"wrote transformers directory {out} (load with from_pretrained({str(out)!r}))")
+        if not has_lora(model):
+            print(f"wrote transformers directory {out} (load with from_pretrained({str(out)!r}))")
+            return
+        copy_recorded(args.to_hf, config[LoRAConfig.section]["adapter"], out / "adapter", "LoRA adapter")
+        atomic_write_bytes(out / "adapter" / ADAPTER_CONFIG, (Path(args.to_hf) / ADAPTER_CONFIG).read_bytes())
+        print(f"wrote the base model {out} and its LoRA adapter {out / 'adapter'}: PeftModel.from_pretrained("
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}), {str(out / 'adapter')!r}); for one merged model "
+              f"run gptlab lora merge first")
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
@@ -127,4 +148,22 @@ def add_visualize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_visualize)
 
 
-COMMANDS = [add_presets, add_generate, add_convert, add_visualize]
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    out = prepare_out_dir(args.out, args.force)
+    save_merged(args.model, out)
+    print(f"wrote run directory {out}: {args.model} with its LoRA adapters merged into the weights")
+
+
+def add_lora_merge(lsub: argparse._SubParsersAction) -> None:
+    p = lsub.add_parser("merge", help="fold a run's LoRA adapters into its weights: a plain run (heads kept)")
+    p.add_argument("--model", required=True, help="run directory trained with --lora-rank")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files are replaced)")
+    p.set_defaults(func=cmd_lora_merge)
+
+
+def add_lora(sub: argparse._SubParsersAction) -> None:
+    add_group(sub, "lora", "LoRA adapters of a run", [add_lora_merge])
+
+
+COMMANDS = [add_presets, add_generate, add_convert, add_visualize, add_lora]

@@ -11,6 +11,7 @@ import argparse
 from typing import Any, Callable, Mapping
 
 from ..config import Config, GPTConfig
+from ..lora import LoRAConfig
 from ..stages.dpo import DPO_TRAIN, DPOConfig, run_dpo
 from ..stages.finetune import FINETUNE_TRAIN, FinetuneConfig, run_finetune
 from ..stages.ppo import PPO_ITERATIONS, PPO_TRAIN, PPOConfig, run_ppo
@@ -29,7 +30,8 @@ NO_VERIFY: dict[str, Any] = {"action": "store_true", "help": "skip checking the 
 RESUME_HELP = "continue the run in --out from its latest checkpoint (its saved configs; flags may extend training)"
 
 
-Inputs = list[tuple[str, dict[str, Any]]]
+# An input's flag names (the first is its name, the others aliases) and argparse options.
+Inputs = list[tuple[str | tuple[str, ...], dict[str, Any]]]
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, inputs: Inputs,
@@ -38,8 +40,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, inputs:
     """A stage command's parser: its inputs, --out, --config and --resume, then the flags of its settings
     (``settings``: the model's for pretraining) and of the trainer."""
     p = sub.add_parser(name, help=help)
-    for flag, options in inputs:
-        p.add_argument(flag, **options)
+    for flags, options in inputs:
+        p.add_argument(*((flags,) if isinstance(flags, str) else flags), **options)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png, final model)")
     p.add_argument("--config", default=None, help=f"YAML/JSON file with {settings.section}: and train: sections "
                                                    f"(flags override it; a resumed run keeps its saved configs)")
@@ -50,6 +52,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str, inputs:
                    skip=("vocab_size", "block_size", "dropout"))  # the vocabulary is the data's
     else:
         add_fields(p, settings, title=f"{name} settings ({settings.__name__}; kept by a resumed run)", rename=rename)
+    add_fields(p, LoRAConfig, title="LoRA adapters (LoRAConfig; kept by a resumed run"
+                                     + ("; with --init-from" if name == "train" else "") + ")")
     add_fields(p, TrainConfig, title="training (TrainConfig)", defaults=train_defaults)
     return p
 
@@ -59,15 +63,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     model: dict[str, Any] = given(args, GPTConfig)
     if args.preset is not None:
         model["preset"] = args.preset
-    return exit_code(run_pretrain(args.data, args.out, model, given(args, TrainConfig), config_file=args.config,
-                                  resume=args.resume, verify_data=not args.no_verify).signal)
+    return exit_code(run_pretrain(args.data, args.out, model, given(args, TrainConfig), init_from=args.init_from,
+                                  lora=given(args, LoRAConfig), config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = _stage_parser(sub, "train", "pretrain a GPT on a prepared data directory (resumable; torchrun for DDP/FSDP)",
                       [("--data", {"required": True, "help": "data directory from `gptlab prepare`"}),
                        ("--no-verify", NO_VERIFY),
-                       ("--preset", {"help": "model preset (see `gptlab presets`); the model flags change its fields"})],
+                       ("--preset", {"help": "model preset (see `gptlab presets`); the model flags change its fields"}),
+                       ("--init-from", {"metavar": "RUN_DIR|hf:DIR",
+                                        "help": "continue training this model (config and weights; a fresh optimizer): "
+                                                "--block-size may crop its context, --dropout change; the data must "
+                                                "use its tokenizer"})],
                       GPTConfig, {})
     p.set_defaults(func=cmd_train)
 
@@ -75,7 +83,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- finetune
 def cmd_finetune(args: argparse.Namespace) -> int:
     return exit_code(run_finetune(args.model, args.train, args.val, args.out, given(args, TrainConfig),
-                                  given(args, FinetuneConfig), config_file=args.config, resume=args.resume).signal)
+                                  given(args, FinetuneConfig), lora=given(args, LoRAConfig), config_file=args.config, resume=args.resume).signal)
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +102,7 @@ def _add_alignment(name: str, help: str, settings: type[Config], defaults: Train
     """The commands that take a chat model, a data file and an optional validation file (sft, rm, dpo)."""
     def command(args: argparse.Namespace) -> int:
         return exit_code(run(args.model, args.data, args.out, given(args, TrainConfig), given(args, settings),
-                             val_file=args.val, config_file=args.config, resume=args.resume).signal)
+                             lora=given(args, LoRAConfig), val_file=args.val, config_file=args.config, resume=args.resume).signal)
 
     def add(sub: argparse._SubParsersAction) -> None:
         p = _stage_parser(sub, name, help, [
@@ -118,8 +126,9 @@ add_dpo = _add_alignment("dpo", "direct preference optimisation of an SFT run on
 
 # --------------------------------------------------------------------- ppo
 def cmd_ppo(args: argparse.Namespace) -> int:
-    return exit_code(run_ppo(args.policy, args.reward, args.prompts, args.out, given(args, TrainConfig),
+    return exit_code(run_ppo(args.model, args.reward, args.prompts, args.out, given(args, TrainConfig),
                              given(args, PPOConfig), iterations=args.iterations, ptx_data=args.ptx_data,
+                             lora=given(args, LoRAConfig),
                              config_file=args.config, resume=args.resume, verify_data=not args.no_verify).signal)
 
 
@@ -132,7 +141,9 @@ PPO_TRAIN_HELP = {**{k: repr(v) for k, v in PPO_TRAIN.items()},
 
 def add_ppo(sub: argparse._SubParsersAction) -> None:
     p = _stage_parser(sub, "ppo", "InstructGPT step 3: PPO against a reward model, per-token KL, optional PPO-ptx", [
-        ("--policy", {"required": True, "help": "the SFT run directory (policy init and frozen reference)"}),
+        (("--model", "--policy"), {"required": True, "dest": "model",
+                                   "help": "the SFT run directory (policy init and frozen reference; --policy "
+                                           "is the same flag under its older name)"}),
         ("--reward", {"required": True, "help": "the reward-model run directory (also the value function's init)"}),
         ("--prompts", {"required": True, "help": 'JSONL with a "prompt" field per row'}),
         ("--ptx-data", {"help": "data directory from gptlab prepare for the pretraining mix"}),

@@ -242,7 +242,7 @@ class OpenAIHandler:
         """Log-prob of every prompt token given those before it (the first: None), one forward pass."""
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         hidden = self.gpt.hidden_states(idx)[0, :-1]
-        logprobs = torch.log_softmax(self.gpt.lm_head(hidden).float(), -1)
+        logprobs = torch.log_softmax(self.gpt.logits(hidden).float(), -1)
         target = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
         chosen = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
         tops: list[list[tuple[int, float]] | None] = [None]

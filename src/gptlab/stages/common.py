@@ -32,7 +32,8 @@ from ..chat import CHAT_TOKENS, stop_ids
 from ..config import Config, GPTConfig
 from ..data import rank_draw
 from ..engine import Completion, Engine, SamplingParams
-from ..errors import UserError
+from ..errors import ConfigError, UserError
+from ..lora import LoRAConfig
 from ..model import GPT, with_tokens
 from ..runs import CONFIG_FILE, check_run_dir, load_run, read_run_config, run_config, save_tokenizer
 from ..tokenizer import PAD, Tokenizer
@@ -98,7 +99,7 @@ class StageRun:
         self.started = check_run_dir(self.out_dir, resume)
         self.resume = resume
         self.saved = read_run_config(self.out_dir) if resume and (self.out_dir / CONFIG_FILE).is_file() else None
-        known = ("train", *sections)
+        known = ("train", LoRAConfig.section, *sections)
         self.file = load_config_file(config_file, known) if config_file is not None else {}
         self.config_file = os.fspath(config_file) if config_file is not None else None
 
@@ -122,6 +123,13 @@ class StageRun:
         """The stage's own settings: on a resumed run the saved ones, which ``given`` may not change."""
         return resolve(cls, given, file=self.file.get(cls.section), saved=self.saved_section(cls.section),
                        changeable=False, source=self._source(cls.section))
+
+    def lora(self, given: Given, train: TrainConfig) -> LoRAConfig:
+        """The run's LoRA settings (kept by a resumed run, like the stage's own)."""
+        lora = self.settings(LoRAConfig, given)
+        if lora.enabled and train.fsdp:
+            raise ConfigError("LoRA adapters are not sharded with FSDP: drop --fsdp (DDP trains them)")
+        return lora
 
     @contextlib.contextmanager
     def joined(self, env: DistEnv | None, train: TrainConfig) -> Iterator[DistEnv]:

@@ -31,6 +31,7 @@ from ..config import Config
 from ..data import rank_draw
 from ..errors import DataError, naming
 from ..heads import PolicyModel
+from ..lora import add_lora
 from ..rl import dpo_loss
 from ..runs import save_model
 from ..tokenizer import Tokenizer
@@ -157,7 +158,7 @@ class DPOStage(Stage[PolicyModel]):
 
 
 def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-            train: Given = None, dpo: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+            train: Given = None, dpo: Given = None, *, lora: Given = None, val_file: str | os.PathLike[str] | None = None,
             config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
             env: DistEnv | None = None) -> TrainResult:
     """DPO of the SFT run ``model_spec`` on the rankings in ``data_file`` (it is also the reference)."""
@@ -165,6 +166,7 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     settings = run.settings(DPOConfig, dpo)
     n_pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in load_rankings(data_file))
     train_cfg = run.train(train, DPO_TRAIN.values, DPO_TRAIN.derive(n_pairs))
+    lora_cfg = run.lora(lora, train_cfg)
     with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
         max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size)
@@ -175,13 +177,14 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
         else:
             train_pairs, val = split_held_out([prompt for prompt, _ in rows], pairs, settings.val_fraction,
                                               train_cfg.seed)
-        reference = PolicyModel(copy.deepcopy(gpt)).eval().to(env.device)
+        # the reference's log-probs are computed once, below: with LoRA from the model before its adapters
+        reference = PolicyModel(gpt if lora_cfg.enabled else copy.deepcopy(gpt)).eval().to(env.device)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "dpo": {**settings.to_dict(), "train_pairs": len(train_pairs), "val_pairs": len(val)},
-                 "data": data_record(model_spec, data_file, val_file)}
+                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = DPOStage(train_pairs, val, reference, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                          pad_id=chat_pad_id(tokenizer), beta=settings.beta, rank=env.rank, world_size=env.world_size,
                          tokenizer=tokenizer, save_extra=extra)
         del reference
-        return run.trainer(PolicyModel(gpt), stage, train_cfg, env, progress).fit()
+        return run.trainer(PolicyModel(add_lora(gpt, lora_cfg)), stage, train_cfg, env, progress).fit()

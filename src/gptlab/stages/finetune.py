@@ -52,6 +52,8 @@ from ..atomic import atomic_write_text
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, DataError, TokenizerError, UserError, naming
 from ..heads import CLF_DROPOUT, TaskModel, TaskModelConfig
+from ..hf import HFHead
+from ..lora import add_lora
 from ..model import GPT, with_tokens
 from ..runs import load_run, load_with_head, save_model
 from ..tasks import Task, load_task
@@ -316,10 +318,29 @@ def load_finetuned(run_dir: str | os.PathLike[str],
     return model, tokenizer, config["finetune"]
 
 
+def hf_head(run_dir: str | os.PathLike[str]) -> tuple[GPT, Tokenizer, HFHead]:
+    """A fine-tuned run's backbone, tokenizer and head as transformers applies it (``convert --to-hf``).
+
+    Classification and entailment: ``*ForSequenceClassification`` (one sequence, pooled at ``[extract]``,
+    its last token that is not ``[start]``: ``pad_token_id`` is ``[start]``'s id, which only begins a
+    sequence). Similarity: the same class, run on both orders and the two logits added (each carries half
+    the bias). Multiple choice: ``*DoubleHeadsModel``, one sequence per choice, ``mc_token_ids`` at each
+    ``[extract]``. docs/TASKS.md says why.
+    """
+    model, tokenizer, ft = load_finetuned(run_dir)
+    task_type = model.config.task_type
+    labels = ft.get("labels")
+    head = HFHead(model.head, "choice" if task_type == "multiple_choice" else "sequence",
+                  pad_id=special_ids(tokenizer)[0], regression=model.config.regression,
+                  labels=tuple(str(x) for x in labels) if labels and not model.config.regression else None,
+                  bias_share=0.5 if task_type == "similarity" else 1.0)
+    return model.gpt, tokenizer, head
+
+
 # ====================================================================== runs
 def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str], train: Given = None, finetune: Given = None, *,
-                 config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
+                 lora: Given = None, config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
                  env: DistEnv | None = None) -> TrainResult:
     """Fine-tune the run directory / ``hf:DIR`` ``model_spec`` on a task file with the shared trainer.
 
@@ -346,6 +367,7 @@ def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: 
             raise DataError(f"{train_file}: needs at least two distinct labels to train a classifier, "
                             f"found {n_classes}")
     train_cfg = run.train(train, FINETUNE_TRAIN.values, FINETUNE_TRAIN.derive(len(train_task.rows)))
+    lora_cfg = run.lora(lora, train_cfg)
     with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_run(model_spec)
         if tokenizer is None:
@@ -362,12 +384,12 @@ def run_finetune(model_spec: str, train_file: str | os.PathLike[str], val_file: 
                               "clf_dropout": clf_dropout, "max_len": max_len},
                  "train": train_cfg.to_dict(),
                  "data": {"train": os.path.abspath(train_file), "val": os.path.abspath(val_file),
-                          "base_model": os.fspath(model_spec)}}
+                          "base_model": os.fspath(model_spec)}, **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = FinetuneStage(train_examples, val_examples, config, batch_size=train_cfg.batch_size,
                               seed=train_cfg.seed, lm_coef=settings.lm_coef, rank=env.rank, world_size=env.world_size,
                               tokenizer=tokenizer, save_extra=extra)
-        return run.trainer(TaskModel(config, gpt), stage, train_cfg, env, progress).fit()
+        return run.trainer(TaskModel(config, add_lora(gpt, lora_cfg)), stage, train_cfg, env, progress).fit()
 
 
 def predict(ft_run_dir: str | os.PathLike[str], input_file: str | os.PathLike[str],

@@ -1,6 +1,6 @@
 """InstructGPT step 3: PPO against the reward model, with a per-token KL penalty and the pretraining mix.
 
-    gptlab ppo --policy runs/sft --reward runs/rm --prompts prompts.jsonl --out runs/ppo
+    gptlab ppo --model runs/sft --reward runs/rm --prompts prompts.jsonl --out runs/ppo
         [--ptx-data data/ --ptx-coef 1.0 --kl-coef 0.02 --kl-target 6 --iterations 100]
 
 One PPO iteration: sample one response per prompt for ``rollout_batch`` prompts
@@ -50,6 +50,7 @@ from ..data import PretrainBatches, TokenData
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError, DataError, TrainingDiverged, naming
 from ..heads import ActorCritic, PolicyModel, ScalarModel, response_positions
+from ..lora import add_lora, adapters_disabled
 from ..model import rebuilt
 from ..rl import (KL_KINDS, AdaptiveKLController, gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards,
                   ppo_policy_loss, value_loss)
@@ -203,6 +204,15 @@ def rollout_stats(buf: Mapping[str, torch.Tensor], kl_kind: str = "k1") -> dict[
             "response_length": float(mask.sum(1).mean()), "ended": float(buf["ended"].float().mean())}
 
 
+class BasePolicy(PolicyModel):
+    """A LoRA policy's reference: its own backbone with the adapters off, so no second copy is held."""
+
+    def forward(self, idx: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with adapters_disabled(self.gpt):
+            return super().forward(idx, starts, targets, temperature, with_entropy)
+
+
 class PPOStage(Stage[ActorCritic]):
     """PPO as a trainer stage: step ``s`` is minibatch update ``(s-1) % U`` of iteration ``(s-1) // U``.
 
@@ -351,7 +361,7 @@ def _derive(cfg: PPOConfig, iterations: int) -> Callable[[dict[str, Any]], dict[
 
 def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[str],
             out_dir: str | os.PathLike[str], train: Given = None, ppo: Given = None, *,
-            iterations: int | None = None, ptx_data: str | os.PathLike[str] | None = None,
+            iterations: int | None = None, ptx_data: str | os.PathLike[str] | None = None, lora: Given = None,
             config_file: str | os.PathLike[str] | None = None, resume: bool = False, verify_data: bool = True,
             progress: bool = True, env: DistEnv | None = None) -> TrainResult:
     """PPO of the SFT run ``policy_spec`` against the reward-model run ``reward_spec`` on ``prompts_file``.
@@ -366,6 +376,7 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
     if iterations is not None:
         given["max_steps"] = iterations * cfg.updates_per_iteration
     train_cfg = run.train(given, PPO_TRAIN, _derive(cfg, iterations or PPO_ITERATIONS))
+    lora_cfg = run.lora(lora, train_cfg)
     if train_cfg.grad_accum != 1:
         raise ConfigError("ppo takes one minibatch per optimizer step: drop --grad-accum (set --minibatches instead)")
     if cfg.ptx_coef > 0 and ptx_data is None:
@@ -396,7 +407,11 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
             ptx = PretrainBatches(td.split("train"), train_cfg.batch_size, block, train_cfg.seed,
                                   rank=env.rank, world_size=env.world_size)
         device = env.device
-        reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False).to(device)
+        if lora_cfg.enabled:
+            gpt = add_lora(gpt.to(device), lora_cfg)
+            reference: PolicyModel = BasePolicy(gpt)  # the policy's own backbone with its adapters off
+        else:
+            reference = PolicyModel(copy.deepcopy(gpt)).eval().requires_grad_(False).to(device)
         reward = reward.requires_grad_(False).to(device)
         value_gpt = rebuilt(copy.deepcopy(reward.gpt), dropout=0.0).requires_grad_(True)  # the reward is frozen
         value = ScalarModel(value_gpt)
@@ -405,7 +420,7 @@ def run_ppo(policy_spec: str, reward_spec: str, prompts_file: str | os.PathLike[
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(), "ppo": cfg.to_dict(), "data": {
             "prompts": os.path.abspath(prompts_file), "train_prompts": len(prompts), "val_prompts": len(val_prompts),
             "ptx_data": os.path.abspath(ptx_data) if ptx_data is not None else None,
-            "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)}}
+            "policy": os.fspath(policy_spec), "reward": os.fspath(reward_spec)}, **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = PPOStage(model, reference, reward, tokenizer, prompts, val_prompts, cfg, seed=train_cfg.seed,
                          rank=env.rank, world_size=env.world_size, ptx=ptx, save_extra=extra, run_dir=out_dir)

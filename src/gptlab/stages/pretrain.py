@@ -9,10 +9,16 @@ or from Python::
     run_pretrain("data/shakespeare", "runs/baby", "tiny", {"max_steps": 2000, "block_size": 64})
     run_pretrain("data/shakespeare", "runs/baby", config_file="configs/baby-shakespeare-char.yaml")
     run_pretrain("data/shakespeare", "runs/baby", resume=True)   # the run's own configs
+    run_pretrain("data/mytext", "runs/ft", init_from="hf:gpt2-dir", train={"block_size": 256})
 
 The model is a preset name, a mapping of GPTConfig fields (with an optional
 ``preset`` underneath them) or a GPTConfig; the vocabulary always comes from the
-data, and ``train.block_size`` / ``train.dropout`` shape a new model. Batches are
+data, and ``train.block_size`` / ``train.dropout`` shape a new model. With
+``init_from`` (a run directory or ``hf:DIR``) the model's config and weights are
+the source's instead (nanoGPT's ``init_from``): the data must have been tokenized
+with the source's tokenizer, ``train.block_size`` may only crop its context,
+``train.dropout`` may change, and config.json records the source's path and
+weights sha256; the optimizer starts fresh. Batches are
 random windows of the train split, drawn statelessly from ``(seed, step,
 micro_step)`` by ``data.PretrainBatches`` (each rank takes its slice of the same
 global batch); evaluation scores a fixed set of sequential val windows (loss and
@@ -35,9 +41,11 @@ from ..data import eval_batches as sequential_batches
 from ..engine import Engine, SamplingParams
 from ..errors import ConfigError, TokenizerError, UserError
 from ..evaluate import lm_loss_sums
-from ..model import GPT
-from ..runs import CONFIG_FILE, save_model
-from ..tokenizer import Tokenizer
+from ..hf import hf_dir_from_spec, hf_weights_sha256
+from ..lora import add_lora
+from ..model import GPT, rebuilt
+from ..runs import CONFIG_FILE, TOKENIZER_DIR, load_run, save_model
+from ..tokenizer import Tokenizer, check_tokenizers_match, load_tokenizer
 from ..train.config import Given, TrainConfig
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
@@ -148,10 +156,35 @@ def _model_config(run: StageRun, given: ModelGiven, vocab: int, train: TrainConf
     return build_model_config(section, vocab, train, source=f"{source}: model")
 
 
+def _source_model(spec: str | os.PathLike[str], data: TokenData, data_dir: str | os.PathLike[str],
+                  train: TrainConfig) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+    """The model a run continues from, cropped to ``train.block_size`` and with ``train.dropout``; its
+    tokenizer; and the record of where it came from (path and weights sha256)."""
+    gpt, tokenizer, config = load_run(spec)
+    spec_s = os.fspath(spec)
+    hf_dir = hf_dir_from_spec(spec_s)
+    data_spec = data.meta.get("tokenizer")
+    check_tokenizers_match(tokenizer, data.tokenizer(), model_vocab=gpt.config.vocab_size,
+                           data_vocab=int(data.meta["vocab_size"]), model_name=spec_s, data_name=os.fspath(data_dir),
+                           model_spec=hf_dir if hf_dir is not None else f"{spec_s}/tokenizer",
+                           data_spec=data_spec if isinstance(data_spec, str) else None)
+    source = gpt.config.block_size
+    if train.block_size is not None and train.block_size > source:
+        raise ConfigError(f"--block-size {train.block_size} exceeds the context of --init-from {spec_s} ({source}); "
+                          f"a pretrained model's positions stop there: use --block-size <= {source}")
+    if hf_dir is not None:
+        record = {"path": f"hf:{hf_dir.resolve()}", "weights_sha256": hf_weights_sha256(hf_dir)}
+    else:
+        record = {"path": str(Path(spec_s).expanduser().resolve()), "weights_sha256": config["weights"]["sha256"]}
+    return rebuilt(gpt, block_size=train.block_size, dropout=train.dropout).train(), tokenizer, record
+
+
 def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], model: ModelGiven = None,
-                 train: Given = None, *, config_file: str | os.PathLike[str] | None = None, resume: bool = False,
+                 train: Given = None, *, init_from: str | os.PathLike[str] | None = None, lora: Given = None,
+                 config_file: str | os.PathLike[str] | None = None, resume: bool = False,
                  verify_data: bool = True, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
-    """Pretrain a new GPT (or resume ``out_dir``) on ``data_dir``; configs resolve as in ``train.config``.
+    """Pretrain a new GPT, continue ``init_from``'s, or resume ``out_dir``, on ``data_dir``; configs resolve
+    as in ``train.config``.
 
     The data's shards are checked against meta.json first (``TokenData.verify``, once per change;
     ``verify_data=False`` skips it for corpora too large to read twice). Under torchrun this joins the
@@ -165,21 +198,40 @@ def run_pretrain(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     if not isinstance(vocab, int) or vocab < 1:
         raise UserError(f"{data_dir}: meta.json has no valid vocab_size; re-run gptlab prepare")
     train_cfg = run.train(train)
-    model_cfg = _model_config(run, model, vocab, train_cfg)
+    lora_cfg = run.lora(lora, train_cfg)
+    if lora_cfg.enabled and init_from is None and not run.started:
+        raise ConfigError("--lora-rank adapts a trained model: pass --init-from RUN_DIR|hf:DIR")
+    source: tuple[GPT, Tokenizer | None, dict[str, Any]] | None = None
+    if init_from is not None and (model or run.file.get("model")):
+        raise ConfigError(f"--init-from {os.fspath(init_from)} gives the model: drop --preset, the model flags and "
+                          f"the config file's model: section (--block-size and --dropout may still change it)")
+    if init_from is not None and not run.started:
+        source = _source_model(init_from, data, data_dir, train_cfg)
+        model_cfg = source[0].config
+    else:  # on resume the run's own model, whose weights the checkpoint restores
+        model_cfg = _model_config(run, model, vocab, train_cfg)
     block = train_cfg.block_size or model_cfg.block_size
     if block > model_cfg.block_size:
         raise ConfigError(f"block_size {block} exceeds the model's context {model_cfg.block_size}")
     if train_cfg.dropout is not None and train_cfg.dropout != model_cfg.dropout:
         model_cfg = model_cfg.replace(dropout=train_cfg.dropout)
     with run.joined(env, train_cfg) as env:
-        tokenizer = data.tokenizer()
+        tokenizer = data.tokenizer() if source is None or source[1] is None else source[1]
+        if run.started and run.saved is not None and "init_from" in run.saved and run.saved.get("tokenizer"):
+            tokenizer = load_tokenizer(run.out_dir / TOKENIZER_DIR)  # the source's, which may extend the data's
         spec = data.meta.get("tokenizer")
-        extra = {"train": train_cfg.to_dict(),
-                 "data": {"dir": os.path.abspath(os.fspath(data_dir)),
-                          "tokenizer": spec if isinstance(spec, (str, dict)) else None}}
+        extra: dict[str, Any] = {"train": train_cfg.to_dict(),
+                                 "data": {"dir": os.path.abspath(os.fspath(data_dir)),
+                                          "tokenizer": spec if isinstance(spec, (str, dict)) else None}}
+        extra.update(lora_cfg.record())
+        if source is not None:
+            extra["init_from"] = source[2]
+        elif run.saved is not None and isinstance(run.saved.get("init_from"), dict):
+            extra["init_from"] = run.saved["init_from"]
         run.begin(env, model_cfg, tokenizer, extra)
         stage = PretrainStage(data, train_cfg.batch_size, block, train_cfg.seed, rank=env.rank,
                               world_size=env.world_size, eval_batches=train_cfg.eval_batches, tokenizer=tokenizer,
                               sample_tokens=train_cfg.sample_tokens, sample_prompt=train_cfg.sample_prompt,
                               sample_temperature=train_cfg.sample_temperature, save_extra=extra)
-        return run.trainer(GPT(model_cfg), stage, train_cfg, env, progress).fit()
+        gpt = add_lora(source[0] if source is not None else GPT(model_cfg), lora_cfg)
+        return run.trainer(gpt, stage, train_cfg, env, progress).fit()

@@ -37,6 +37,8 @@ from ..config import Config
 from ..data import rank_draw
 from ..errors import DataError, naming
 from ..heads import ScalarModel
+from ..hf import HFHead
+from ..lora import add_lora
 from ..model import GPT
 from ..rl import ranking_loss
 from ..runs import load_with_head, save_model
@@ -174,6 +176,14 @@ def save_reward_model(run_dir: str | os.PathLike[str], model: ScalarModel, token
     return save_model(run_dir, model.gpt, tokenizer, RewardStage.name, extra, head=("reward", HEAD_FILE, model.head))
 
 
+def hf_head(spec: str | os.PathLike[str]) -> tuple[GPT, Tokenizer, HFHead]:
+    """A reward model as transformers' ``*ForSequenceClassification`` with one label (TRL's convention):
+    scored at each row's last token that is not ``<|pad|>``, as ``ScalarModel.score`` on right-padded rows."""
+    model, tokenizer, _ = load_reward_model(spec)
+    return model.gpt, tokenizer, HFHead(model.head, "sequence", pad_id=chat_pad_id(tokenizer), labels=("reward",),
+                                        regression=True)
+
+
 def load_reward_model(spec: str | os.PathLike[str],
                       device: str | torch.device = "cpu") -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
     """(reward model in eval mode, tokenizer, config.json) of a ``gptlab rm`` run."""
@@ -184,7 +194,7 @@ def load_reward_model(spec: str | os.PathLike[str],
 
 
 def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-           train: Given = None, reward: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+           train: Given = None, reward: Given = None, *, lora: Given = None, val_file: str | os.PathLike[str] | None = None,
            config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
            env: DistEnv | None = None) -> TrainResult:
     """Train a reward model from the SFT run ``model_spec`` on the rankings in ``data_file``.
@@ -194,6 +204,7 @@ def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os
     run = StageRun(RewardStage.name, out_dir, resume=resume, config_file=config_file, sections=(RMConfig.section,))
     settings = run.settings(RMConfig, reward)
     train_cfg = run.train(train, RM_TRAIN.values, RM_TRAIN.derive(len(load_rankings(data_file))))
+    lora_cfg = run.lora(lora, train_cfg)
     with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
         max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size)
@@ -211,9 +222,9 @@ def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os
                                      seed=train_cfg.seed)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "reward": {**settings.to_dict(), "train_rankings": len(train_groups), "val_rankings": len(val)},
-                 "data": data_record(model_spec, data_file, val_file)}
+                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = RewardStage(train_groups, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                             pad_id=chat_pad_id(tokenizer), rank=env.rank, world_size=env.world_size,
                             tokenizer=tokenizer, norm_seqs=norm_seqs, save_extra=extra)
-        return run.trainer(ScalarModel(gpt), stage, train_cfg, env, progress).fit()
+        return run.trainer(ScalarModel(add_lora(gpt, lora_cfg)), stage, train_cfg, env, progress).fit()

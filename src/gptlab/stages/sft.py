@@ -33,6 +33,7 @@ from ..chat import CHAT_FORMAT, render, render_prompt
 from ..config import Config
 from ..data import rank_draw
 from ..errors import DataError, naming
+from ..lora import add_lora
 from ..model import GPT
 from ..runs import save_model
 from ..tokenizer import Tokenizer
@@ -172,7 +173,7 @@ def sft_sample(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
 
 
 def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-            train: Given = None, sft: Given = None, *, val_file: str | os.PathLike[str] | None = None,
+            train: Given = None, sft: Given = None, *, lora: Given = None, val_file: str | os.PathLike[str] | None = None,
             config_file: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
             env: DistEnv | None = None) -> TrainResult:
     """Supervised fine-tuning of ``model_spec`` on the demonstrations in ``data_file``.
@@ -184,6 +185,7 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     settings = run.settings(SFTConfig, sft)
     n_rows = len(load_sft(data_file))
     train_cfg = run.train(train, SFT_TRAIN.values, SFT_TRAIN.derive(n_rows))
+    lora_cfg = run.lora(lora, train_cfg)
     with run.joined(env, train_cfg) as env:
         gpt, tokenizer, _ = load_chat_model(model_spec, train_cfg.dropout)
         max_len = min(train_cfg.block_size or gpt.config.block_size, gpt.config.block_size) + 1
@@ -197,10 +199,10 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
         sample_prompt = next((user for _, _, user, _ in rows), None)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "sft": {**settings.to_dict(), "train_rows": len(train_rows), "val_rows": len(val)},
-                 "data": data_record(model_spec, data_file, val_file)}
+                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = SFTStage(train_rows, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                          pad_id=chat_pad_id(tokenizer), pack=settings.pack, max_len=max_len, rank=env.rank,
                          world_size=env.world_size, tokenizer=tokenizer, sample_prompt=sample_prompt,
                          save_extra=extra)
-        return run.trainer(gpt, stage, train_cfg, env, progress).fit()
+        return run.trainer(add_lora(gpt, lora_cfg), stage, train_cfg, env, progress).fit()

@@ -2,7 +2,7 @@
 
     config.py       TrainConfig, run-config files, ``resolve`` (defaults < file < saved run < flags)
     loop.py         Trainer.fit and the Stage contract
-    optim.py        AdamW with decay on matrices only, warmup + cosine
+    optim.py        AdamW with decay on matrices only, or Muon for the blocks' matrices + AdamW; warmup + cosine
     dist.py         device, torchrun's process group, FSDP sharding
     checkpoints.py  atomic checkpoints, exact resume state
     metrics.py      metrics.jsonl, loss.png, peak FLOP/s for MFU

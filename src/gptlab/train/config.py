@@ -67,6 +67,14 @@ class TrainConfig(Config):
     """AdamW beta1"""
     beta2: float = 0.95
     """AdamW beta2"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw for every parameter, or muon: Muon for the blocks' 2-D matrices, AdamW (lr) for the rest"""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the warmup and cosine scale it as they scale lr)"""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum"""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay"""
     grad_clip: float = 1.0
     """max gradient norm (0: no clipping)"""
     dropout: float | None = None
@@ -115,6 +123,10 @@ class TrainConfig(Config):
         self.need(self.lr_decay_steps is None or self.lr_decay_steps >= 1,
                   f"lr_decay_steps={self.lr_decay_steps!r} must be >= 1")
         self.need(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.need(self.optimizer in ("adamw", "muon"), f"optimizer={self.optimizer!r} must be 'adamw' or 'muon'")
+        self.need(self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0,
+                  f"muon_lr={self.muon_lr!r} must be > 0, muon_momentum={self.muon_momentum!r} in [0, 1), "
+                  f"muon_weight_decay={self.muon_weight_decay!r} >= 0")
         self.need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1, beta2 = {self.beta1}, {self.beta2} must be in [0, 1)")
         self.need(self.grad_clip >= 0, f"grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
         self.need(self.dropout is None or 0 <= self.dropout < 1, f"dropout={self.dropout!r} must be in [0, 1)")

@@ -5,7 +5,7 @@
         result = Trainer(GPT(config), stage, TrainConfig(max_steps=2000), "runs/x", env=env).fit()
 
 A stage gives its data and its objective (``Stage``); the trainer owns the
-rest: device and dtype, DDP / FSDP2 under ``torchrun``, AdamW and the schedule,
+rest: device and dtype, DDP / FSDP2 under ``torchrun``, AdamW (or Muon + AdamW) and the schedule,
 gradient accumulation and clipping, evaluation, atomic checkpoints with exact
 resume, the progress bar, ``metrics.jsonl`` and ``loss.png``. One step of
 ``fit`` is visibly three phases: ``stage.prepare(step)`` (work outside the
@@ -43,13 +43,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, TrainingDiverged, first_line
+from ..model import MoE, router_losses
 from ..runs import CKPT_DIR
 from .checkpoints import (latest_checkpoint, read_checkpoint, remove_partial, rng_state, seed_everything,
                           set_rng_state, tied_aliases, write_checkpoint)
 from .config import TrainConfig
 from .dist import DistEnv, resolve_device, shard
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_flops, plot_losses
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizers, set_lr
 
 __all__ = ["Stage", "TrainableModel", "Trainer", "TrainResult"]
 
@@ -239,7 +240,7 @@ class Trainer(Generic[M]):
                        "--nproc_per_node N to shard); training unsharded")
         if self.fsdp:
             shard(self.raw_model, trainable.shard_units(), self.amp_dtype)
-        self.optimizer = make_optimizer(self.raw_model, config, dev)
+        self.optimizers = make_optimizers(self.raw_model, config, dev)
         self.step = 0
         self._updating = False
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=is_main)
@@ -274,7 +275,7 @@ class Trainer(Generic[M]):
         """Full (unsharded) model and optimizer state dicts on the CPU, complete on rank 0."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.raw_model, options=opts)
-        optim_sd = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        optim_sd = get_optimizer_state_dict(self.raw_model, self.optimizers, options=opts)
         # a full model state dict holds plain tensors (torch types it as any state-dict value)
         model_sd = {k: cast(torch.Tensor, v) for k, v in full.items() if k not in self.aliases}
         return model_sd, optim_sd
@@ -306,7 +307,7 @@ class Trainer(Generic[M]):
         opts = StateDictOptions(full_state_dict=True)
         try:
             set_model_state_dict(self.raw_model, model_sd, options=opts)
-            set_optimizer_state_dict(self.raw_model, self.optimizer, saved.optimizer, options=opts)
+            set_optimizer_state_dict(self.raw_model, self.optimizers, saved.optimizer, options=opts)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model/optimizer ({first_line(exc)}); "
                                   f"resume with the run's own config or start a new --out") from None
@@ -354,6 +355,7 @@ class Trainer(Generic[M]):
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        router_losses(self.raw_model)  # drop records of forwards outside this step's gradient
         for micro in range(accum):
             last = micro == accum - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -362,9 +364,13 @@ class Trainer(Generic[M]):
             with sync:
                 with self.autocast():
                     loss, metrics = self.stage.loss(self.model, batch)
+                router = router_losses(self.raw_model)  # MoE: load balancing and z-loss join the objective
+                objective = loss if router is None else loss + router.loss
+                if router is not None:
+                    metrics = {**metrics, **router.metrics}
                 tokens += self.stage.num_tokens(batch)
                 batch = self._fetch(*self._next_cursor(step, micro))  # overlaps the GPU's work
-                (loss / accum).backward()
+                (objective / accum).backward()
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
@@ -372,18 +378,21 @@ class Trainer(Generic[M]):
         return loss_sum / accum, {k: v / accum for k, v in metric_sums.items()}, batch, tokens
 
     def _optimizer_step(self, step: int) -> torch.Tensor:
-        lr = lr_at(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizers, step, self.cfg)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         if isinstance(norm, DTensor):  # under FSDP
             norm = norm.full_tensor()
         self._updating = True  # parameters are half-updated until step() returns
-        self.optimizer.step()
+        for opt in self.optimizers:
+            opt.step()
         self._updating = False
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return norm.detach().float()
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def _stop_requested(self, flag: _StopFlag) -> int | None:
         """The signal that asks to stop, agreed by all ranks (so they stop at the same step)."""
@@ -492,7 +501,7 @@ class Trainer(Generic[M]):
             # Raised without our handler (second Ctrl-C, or from inside a stage): save the last
             # completed step unless the user asked to abort, or ranks could disagree.
             if flag.signum is None and not env.is_distributed and self.step > 0 and not self._updating:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 try:
                     self._flush(pending)  # never checkpoint a diverged state
                 except TrainingDiverged:
@@ -523,8 +532,9 @@ class Trainer(Generic[M]):
         return result
 
     def _plot(self) -> None:
+        moe = any(isinstance(m, MoE) for m in self.raw_model.modules())
         plot_losses(self.metrics.records, self.run_dir / PLOT_FILE, title=f"{self.run_dir.name} ({self.stage.name})",
-                    extra_keys=self.stage.plot_keys)
+                    extra_keys=(*self.stage.plot_keys, *(("moe_load_*", "moe_balance") if moe else ())))
 
     def _flush(self, pending: list[Pending]) -> dict[str, Any] | None:
         """Reduce the pending steps' losses, metrics and tokens across ranks (one sync), check them, count the

@@ -77,7 +77,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike[str], tit
     """Write the train/val loss curve, and one panel per ``extra_keys`` metric, as a PNG (atomically).
 
     Agg backend, no pyplot global state. An extra key's ``val_`` twin, when
-    logged, is drawn in the same panel.
+    logged, is drawn in the same panel; a key ending in ``*`` draws every metric
+    it prefixes in one panel (``moe_load_*``: each expert's share of the tokens).
     """
     panels = 1 + len(extra_keys)
     fig = Figure(figsize=(7, 4.2 + 2.6 * (panels - 1)), dpi=110)
@@ -88,6 +89,17 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike[str], tit
         return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
 
     for ax, key in zip(axes, ["loss", *extra_keys]):
+        if key.endswith("*"):
+            prefix = key[:-1]
+            names = sorted({k for r in records for k in r if k.startswith(prefix)},
+                           key=lambda k: (len(k), k))  # moe_load_2 before moe_load_10
+            for name in names:
+                ax.plot(*zip(*series(name)), label=name[len(prefix):], linewidth=1.0)
+            ax.set_ylabel(prefix.rstrip("_"))
+            ax.grid(alpha=0.3)
+            if names:
+                ax.legend(ncol=min(len(names), 8), fontsize="small")
+            continue
         train, val = series(key), series(f"val_{key}")
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)

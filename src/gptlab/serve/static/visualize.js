@@ -228,7 +228,7 @@ function makeLabels() {
     if (r.branch === "input") return "input: embeddings";
     if (r.branch === "output") return "output: LM head";
     const block = view.data.blocks[r.layer];
-    if (r.branch === "mlp") return `block ${r.layer} · MLP`;
+    if (r.branch === "mlp") return block.experts ? `block ${r.layer} · MoE · ${block.experts} experts` : `block ${r.layer} · MLP`;
     return `block ${r.layer} · attention · ${block.window === null ? "dense" : `banded (w=${block.window})`}`
       + (block.norm === "post" ? " · post-LN" : "");
   };
@@ -332,7 +332,9 @@ function followedRows(step, head) {
       return [label, v[base + j], { "data-key": earlier ? "earlier" : pos }];
     });
   }
-  return step.cols.map((col, j) => [step.name === "logits" ? visibleToken(step.col_labels[j]) : `ch ${col}`, v[base + j], { "data-col": col }]);
+  const name = (col, j) => (step.name === "logits" ? visibleToken(step.col_labels[j])
+    : step.name === "router" || step.name === "gates" ? `expert ${col}` : `ch ${col}`);
+  return step.cols.map((col, j) => [name(col, j), v[base + j], { "data-col": col }]);
 }
 
 function showPart(part) {
@@ -500,8 +502,14 @@ function overview() {
 
 function modelLine(m) {
   const pattern = [...m.attention_pattern].map((k) => (k === "L" ? `banded (w=${m.attn_window})` : "dense")).join(" / ");
-  return `${m.name}: ${m.n_layer} blocks · ${m.n_head} heads · ${m.n_embd} wide · ${m.norm_position}-LN · ${pattern} · `
-    + `${(m.params / 1e6).toFixed(m.params < 1e7 ? 2 : 1)}M parameters`;
+  const millions = (n) => `${(n / 1e6).toFixed(n < 1e7 ? 2 : 1)}M`;
+  const norm = m.norm === "rmsnorm" ? "RMSNorm" : "LN";
+  const modern = [m.pos_embedding === "rotary" && "rotary", m.qk_norm && "QK-norm", m.activation === "relu2" && "ReLU²",
+    m.logit_softcap > 0 && `softcap ${m.logit_softcap}`].filter(Boolean);
+  return `${m.name}: ${m.n_layer} blocks · ${m.n_head} heads · ${m.n_embd} wide · ${m.norm_position}-${norm} · ${pattern} · `
+    + modern.map((x) => `${x} · `).join("")
+    + (m.n_experts ? `MoE ${m.n_experts} experts, top ${m.top_k} · ${millions(m.params)} parameters (${millions(m.active_params)} active)`
+      : `${millions(m.params)} parameters`);
 }
 
 function samplingText() {
