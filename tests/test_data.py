@@ -52,7 +52,7 @@ def test_single_text_file_round_trip_and_nanogpt_split(tmp_path, shakespeare_tex
     assert decode_split(d, "train") == head + EOT
     assert decode_split(d, "val") == tail + EOT
     assert abs(len(head) - int(len(text) * 0.9)) < 200  # nanoGPT: first 90% / last 10%
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(text)) + 9
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(text)) + 10  # specials and <|unk|>
     assert meta["splits"]["train"]["bytes"] == len(head.encode())
     assert d.bytes_per_token("val") == pytest.approx(len(tail.encode()) / (len(tail) + 1))
     assert meta["inputs"][0]["sha256"] == __import__("hashlib").sha256(text.encode()).hexdigest()

@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,7 +36,8 @@ from .atomic import atomic_write_json, remove_stale, temporary_name
 from .corpus import Piece, expand_inputs, iter_pieces
 from .jsonsafe import parse_json
 from .errors import DataError
-from .tokenizer import CharTokenizer, Tokenizer, load_checked_tokenizer, load_tokenizer, tokenizer_digest, train_bpe
+from .tokenizer import (TOKENIZER_MODES, Tokenizer, load_checked_tokenizer, load_tokenizer, tokenizer_digest,
+                        train_tokenizer)
 
 __all__ = ["META_FILE", "VERIFIED_FILE", "check_meta", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw", "eval_batches", "prepare"]
 
@@ -59,23 +60,34 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tok = load_tokenizer(tokenizer_dir)
 
 
-def _encode(items: list[tuple[str, str, bool]], dtype: str) -> list[tuple[str, np.ndarray, int, int]]:
-    """Encode pieces; consecutive pieces of a split become one array ``(split, ids, text bytes, documents)``."""
+class _Counts(NamedTuple):
+    """What a run of pieces of one split holds besides its ids."""
+    bytes: int
+    chars: int
+    documents: int
+    unk: int
+
+
+def _encode(items: list[tuple[str, str, bool]], dtype: str) -> list[tuple[str, np.ndarray, _Counts]]:
+    """Encode pieces; consecutive pieces of a split become one array ``(split, ids, counts)``."""
     tok = _worker_tok
     assert tok is not None
     ids = tok.encode_batch([text for _, text, _ in items])
-    out: list[tuple[str, np.ndarray, int, int]] = []
+    out: list[tuple[str, np.ndarray, _Counts]] = []
     run: list[int] = []
-    nbytes = docs = 0
+    nbytes = nchars = docs = 0
     for i, (split, text, doc_end) in enumerate(items):
         run += ids[i]
         nbytes += len(text.encode("utf-8"))
+        nchars += len(text)
         if doc_end:
             run.append(tok.eos_id)
             docs += 1
         if i + 1 == len(items) or items[i + 1][0] != split:
-            out.append((split, np.asarray(run, dtype=dtype), nbytes, docs))
-            run, nbytes, docs = [], 0, 0
+            arr = np.asarray(run, dtype=dtype)
+            unk = 0 if tok.unk_id is None else int(np.count_nonzero(arr == tok.unk_id))
+            out.append((split, arr, _Counts(nbytes, nchars, docs, unk)))
+            run, nbytes, nchars, docs = [], 0, 0, 0
     return out
 
 
@@ -98,7 +110,7 @@ class _SplitWriter:
     def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
-        self.tokens = self.bytes = self.documents = 0
+        self.tokens = self.bytes = self.chars = self.documents = self.unk = 0
         self._f: Any = None
         self._digest: Any = None
 
@@ -115,9 +127,11 @@ class _SplitWriter:
             self.shards[-1]["sha256"] = self._digest.hexdigest()
             self._f = None
 
-    def write(self, ids: np.ndarray, nbytes: int, documents: int) -> None:
-        self.bytes += nbytes
-        self.documents += documents
+    def write(self, ids: np.ndarray, counts: _Counts) -> None:
+        self.bytes += counts.bytes
+        self.chars += counts.chars
+        self.documents += counts.documents
+        self.unk += counts.unk
         while len(ids):
             if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._close()
@@ -132,23 +146,25 @@ class _SplitWriter:
 
     def finish(self) -> dict[str, Any]:
         self._close()
-        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
+        return {"tokens": self.tokens, "bytes": self.bytes, "characters": self.chars, "documents": self.documents,
+                "unk_tokens": self.unk, "shards": self.shards}
 
 
 def _build_tokenizer(spec: str, sources: Sequence[Any], *, vocab_size: int | None, val_fraction: float,
-                     seed: int, text_field: str) -> Tokenizer:
+                     seed: int, text_field: str, progress: bool) -> Tokenizer:
     def texts(train_only: bool) -> Iterator[str]:
         for p in iter_pieces(sources, val_fraction=val_fraction, seed=seed, text_field=text_field):
             if p.text and (p.split == "train" or not train_only):
                 yield p.text
 
-    if vocab_size is not None:  # --train-tokenizer: a byte-level BPE on the train split only
-        return train_bpe(texts(train_only=True), vocab_size, show_progress=True)
-    if spec == "char":
-        chars: set[str] = set()
-        for t in texts(train_only=False):  # every character must be encodable, val ones included
-            chars.update(t)
-        return CharTokenizer(sorted(chars))
+    if spec in TOKENIZER_MODES:
+        # The train split only, except a char vocabulary of unbounded size: it holds every character of the
+        # corpus, val ones included, as nanoGPT's does (a bounded one counts the rest as <|unk|>).
+        train_only = spec != "char" or vocab_size is not None
+        return train_tokenizer(spec, texts(train_only=train_only), vocab_size, show_progress=progress)
+    if vocab_size is not None:
+        raise DataError(f"--vocab-size applies to a tokenizer trained here ({', '.join(TOKENIZER_MODES)}), "
+                        f"not to {spec}")
     return load_tokenizer(spec)
 
 
@@ -164,9 +180,10 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
             progress: bool = True) -> dict[str, Any]:
     """Tokenize ``inputs`` into the data directory ``out``; returns its meta.
 
-    ``tokenizer`` is a spec (``gpt2``, ``char``, a directory, a ``.tiktoken`` file) or a
-    Tokenizer; with ``vocab_size`` a byte-level BPE of that size is trained on the
-    train split first. ``workers`` defaults to the number of cores (inputs under
+    ``tokenizer`` is a spec (``gpt2``, a directory, a ``.tiktoken`` file or ``vocab.txt``), a Tokenizer, or
+    a mode (``char``, ``word``, ``bpe``, ``wordpiece``): a tokenizer of that mode, of ``vocab_size`` entries
+    (needed by bpe and wordpiece), trained on the train split first. Each split's meta counts the
+    characters of its text and the ``<|unk|>`` tokens that stand for ones the vocabulary lacks. ``workers`` defaults to the number of cores (inputs under
     16 MB are tokenized in this process: starting workers would cost more).
     """
     out = Path(out)
@@ -177,8 +194,9 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
     sources = expand_inputs(inputs)
     spec = tokenizer if isinstance(tokenizer, str) else tokenizer.spec
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else _build_tokenizer(
-        tokenizer, sources, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed, text_field=text_field)
-    if vocab_size is not None:
+        tokenizer, sources, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed, text_field=text_field,
+        progress=progress)
+    if spec in TOKENIZER_MODES:
         spec = tok.spec
     if dtype == "auto":
         dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -202,10 +220,10 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
                    disable=not progress, dynamic_ncols=True)
 
-        def write(results: list[tuple[str, np.ndarray, int, int]]) -> None:
-            for split, ids, nbytes, docs in results:
-                writers[split].write(ids, nbytes, docs)
-                bar.update(nbytes)
+        def write(results: list[tuple[str, np.ndarray, _Counts]]) -> None:
+            for split, ids, counts in results:
+                writers[split].write(ids, counts)
+                bar.update(counts.bytes)
             bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}", refresh=False)
 
         if nproc == 1 or (total is not None and total < _PARALLEL_MIN_BYTES):

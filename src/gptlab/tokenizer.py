@@ -5,7 +5,9 @@ Three back ends cover the GPT lineage: the real GPT-2 vocabulary through `tiktok
 trained on your own text through Hugging Face `tokenizers` (also wraps any HF
 `tokenizer.json` or GPT-2 style vocab/merges pair, and GPT-1's lower-cased `</w>`
 BPE through `load_gpt1_pair`), and a character vocabulary for the nanoGPT-style
-Shakespeare demo.
+Shakespeare demo. GPT2-Chinese's modes come beside them: a
+word vocabulary on jieba's segmentation and BERT's WordPiece `vocab.txt`; the char
+and word vocabularies trained here encode what they cannot spell as `<|unk|>`.
 
 Every tokenizer saves to a self-contained directory (`tokenizer_config.json`
 plus its vocabulary files), so a run directory can always re-create the exact
@@ -24,13 +26,17 @@ import abc
 import base64
 import binascii
 import codecs
+import functools
 import json
+import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jieba
 import tiktoken
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -42,8 +48,10 @@ from .jsonsafe import parse_json
 __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
-    "CharTokenizer", "train_bpe", "train_tokenizer_files", "load_tokenizer", "load_ranks",
-    "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair", "is_gpt1", "tokenizer_difference", "check_tokenizers_match",
+    "CharTokenizer", "WordTokenizer", "WordPieceTokenizer", "UNK", "UNK_SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS",
+    "TOKENIZER_MODES", "segment", "train_tokenizer", "readable_tokens", "train_bpe", "train_tokenizer_files",
+    "load_tokenizer", "load_ranks", "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair",
+    "is_gpt1", "tokenizer_difference", "check_tokenizers_match",
     "tokenizer_digest", "load_checked_tokenizer",
 ]
 
@@ -57,6 +65,9 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS: list[str] = [EOS, PAD, START, DELIM, EXTRACT, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+UNK = "<|unk|>"  # what a char or word vocabulary encodes an unseen character as
+# The special tokens of the char and word vocabularies gptlab trains: the shared ones, then <|unk|>.
+UNK_SPECIAL_TOKENS: list[str] = [*SPECIAL_TOKENS, UNK]
 
 # GPT-2's pre-tokenization regex in the possessive form tiktoken uses: the same splits as OpenAI's
 # encoder.py / HF's ByteLevel `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
@@ -181,9 +192,15 @@ class Tokenizer(abc.ABC):
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def decode_text(self, ids: Sequence[int]) -> str:
-        """What people read of generated ids: ``decode`` without special tokens (``<|end|>`` is not text)."""
-        special = set(self.special_tokens.values())
+        """What people read of generated ids: ``decode`` without special tokens (``<|end|>`` is not text),
+        an unknown character's ``<|unk|>`` kept, since it stands for text."""
+        special = set(self.special_tokens.values()) - {self.unk_id}
         return self.decode([i for i in _as_ids(ids) if i not in special])
+
+    @property
+    def unk_id(self) -> int | None:
+        """The id text the vocabulary cannot spell becomes (byte-level vocabularies spell everything: None)."""
+        return None
 
     @abc.abstractmethod
     def token_bytes(self, id: int) -> bytes:
@@ -242,6 +259,39 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
+
+
+def readable_tokens(tok: Tokenizer, ids: Sequence[int]) -> list[tuple[str, bool]]:
+    """Each token of ``ids`` as a person reads it in context, and whether it holds only part of a character.
+
+    A byte-level vocabulary splits many CJK characters and emoji across tokens; each such token shows the
+    whole character(s) its bytes belong to (so ``床`` cut in two shows as ``床`` twice, marked as parts),
+    where decoding it alone would show U+FFFD. Bytes that never complete a character show as ``\\xNN``.
+    """
+    raw = [tok.token_bytes(i) for i in ids]
+    text = b"".join(raw).decode("utf-8", errors="surrogateescape")  # a stray byte becomes one lone surrogate
+    spans: list[tuple[int, int, str, bool]] = []  # (first byte, end byte, readable character, a stray byte)
+    at = 0
+    for ch in text:
+        size = len(ch.encode("utf-8", errors="surrogateescape"))
+        stray = 0xDC80 <= ord(ch) <= 0xDCFF
+        spans.append((at, at + size, f"\\x{ord(ch) - 0xDC00:02x}" if stray else ch, stray))
+        at += size
+    out: list[tuple[str, bool]] = []
+    start, k = 0, 0
+    for token in raw:
+        end = start + len(token)
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        j, shown, partial = k, [], False
+        while j < len(spans) and spans[j][0] < end:
+            first, last, ch, stray = spans[j]
+            partial = partial or stray or first < start or last > end
+            shown.append(ch)
+            j += 1
+        out.append(("".join(shown), partial))
+        start = end
+    return out
 
 
 # --------------------------------------------------------------------------- tiktoken (GPT-2)
@@ -849,81 +899,99 @@ def train_bpe(
 
 
 def train_tokenizer_files(
-    inputs: Sequence[str | os.PathLike[str]], vocab_size: int, out_dir: str | os.PathLike[str], *, show_progress: bool = False
-) -> BPETokenizer:
-    """`gptlab tokenizer train`: train a byte-level BPE on UTF-8 text files and save it to `out_dir`."""
+    inputs: Sequence[str | os.PathLike[str]], vocab_size: int | None, out_dir: str | os.PathLike[str], *,
+    mode: str = "bpe", show_progress: bool = False
+) -> Tokenizer:
+    """`gptlab tokenizer train`: train a tokenizer of ``mode`` on UTF-8 text files and save it to `out_dir`."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    tok = train_bpe(list(inputs), vocab_size, show_progress=show_progress)
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise TokenizerError("no input files given; pass at least one UTF-8 text file")
+    for p in paths:
+        _check_text_file(p)
+    tok = (train_bpe(paths, vocab_size, show_progress=show_progress) if mode == "bpe" and vocab_size is not None
+           else train_tokenizer(mode, _file_chunks(paths), vocab_size, show_progress=show_progress))
     tok.save(out_dir)
     return tok
 
 
-# --------------------------------------------------------------------------- characters
+# --------------------------------------------------------------------------- list vocabularies: characters, words
 
 
-class CharTokenizer(Tokenizer):
-    """One id per character of the training text (sorted), special tokens after them."""
+@functools.lru_cache(maxsize=32)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
 
-    kind = "char"
 
-    def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
-        chars = list(chars)
-        if not chars:
-            raise TokenizerError("a char vocabulary needs at least one character; build it with CharTokenizer.from_text(text)")
-        bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
-        if bad:
-            raise TokenizerError(f"char vocabulary entry {bad[0]!r} is not a single character; rebuild it with CharTokenizer.from_text")
-        if len(set(chars)) != len(chars):
-            raise TokenizerError("char vocabulary lists a character twice; rebuild it with CharTokenizer.from_text")
-        special_tokens = _check_special_names(list(special_tokens))
-        if EOS not in special_tokens:
-            raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
-        self._chars = chars
-        self._stoi = {c: i for i, c in enumerate(chars)}
-        self._itos: list[str] = chars + special_tokens
-        self._special = {t: len(chars) + i for i, t in enumerate(special_tokens)}
-        self._special_re: re.Pattern[str] | None = None
-        self.spec = "char"
+def _encode_specials(text: str, specials: dict[str, int], plain: Callable[[str], list[int]]) -> list[int]:
+    """Encode ``text`` with its special-token strings as their ids and the pieces between through ``plain``."""
+    ids: list[int] = []
+    for k, piece in enumerate(_special_pattern(tuple(specials)).split(text)):
+        if k % 2:
+            ids.append(specials[piece])
+        elif piece:
+            ids.extend(plain(piece))
+    return ids
 
-    @classmethod
-    def from_text(cls, text: str, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> CharTokenizer:
-        """Vocabulary = sorted set of the characters in `text` (nanoGPT's shakespeare_char order)."""
-        if not text:
-            raise TokenizerError("cannot build a char vocabulary from empty text; pass the training text")
-        return cls(sorted(set(text)), special_tokens)
 
-    @property
-    def chars(self) -> list[str]:
-        return list(self._chars)
+class _OwnSpecials(Tokenizer):
+    """A tokenizer that keeps its special tokens itself (``_special``) and encodes the text between them
+    with ``_encode_plain``."""
 
-    def _unknown(self, text: str) -> TokenizerError:
-        ch = next(c for c in text if c not in self._stoi)
-        return TokenizerError(
-            f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary of {len(self._chars)} characters; "
-            "rebuild it with CharTokenizer.from_text on text that contains it"
-        )
+    _special: dict[str, int]
 
+    @abc.abstractmethod
     def _encode_plain(self, text: str) -> list[int]:
-        stoi = self._stoi
-        try:
-            return [stoi[c] for c in text]
-        except KeyError:
-            raise self._unknown(text) from None
+        """Text without special tokens -> ids."""
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if not allow_special:
             return self._encode_plain(text)
-        if self._special_re is None:
-            alts = sorted(self._special, key=len, reverse=True)
-            self._special_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
-        ids: list[int] = []
-        for k, piece in enumerate(self._special_re.split(text)):
-            if k % 2:
-                ids.append(self._special[piece])
-            elif piece:
-                ids.extend(self._encode_plain(piece))
-        return ids
+        return _encode_specials(text, self._special, self._encode_plain)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+
+class _ListVocabTokenizer(_OwnSpecials):
+    """A vocabulary that is a list of strings (id = position), special tokens after it.
+
+    With ``<|unk|>`` among the special tokens, text the vocabulary cannot spell encodes to it (and
+    ``prepare`` counts it); without it, such text is an error naming the character.
+    """
+
+    _rebuild_hint = ""
+
+    def __init__(self, entries: Sequence[str], special_tokens: Sequence[str]) -> None:
+        entries = list(entries)
+        self._check_entries(entries)
+        if len(set(entries)) != len(entries):
+            raise TokenizerError(f"{self.kind} vocabulary lists an entry twice; rebuild it with `gptlab tokenizer train`")
+        special_tokens = _check_special_names(list(special_tokens))
+        if EOS not in special_tokens:
+            raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
+        self._entries = entries
+        self._stoi = {c: i for i, c in enumerate(entries)}
+        self._itos: list[str] = entries + special_tokens
+        self._special = {t: len(entries) + i for i, t in enumerate(special_tokens)}
+
+    @abc.abstractmethod
+    def _check_entries(self, entries: list[str]) -> None:
+        """Raise TokenizerError for an entry this kind cannot hold."""
+
+    def _char_id(self, ch: str, text: str) -> int:
+        i = self._stoi.get(ch, self._special.get(UNK))
+        if i is None:
+            raise TokenizerError(
+                f"character {ch!r} (U+{ord(ch):04X}) is not in the {self.kind} vocabulary of {len(self._entries)} "
+                f"entries and it has no {UNK}; {self._rebuild_hint}")
+        return i
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special.get(UNK)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = _as_ids(ids)
@@ -944,26 +1012,321 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self._itos)
 
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
-
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         tokens = _check_special_names(tokens)
         for t in tokens:
             if t in self._stoi:
-                raise TokenizerError(f"{t!r} is already an ordinary character of this vocabulary; choose a multi-character special token")
+                raise TokenizerError(f"{t!r} is already an ordinary entry of this vocabulary; choose a multi-character special token")
         for t in tokens:
             if t not in self._special:
                 self._special[t] = len(self._itos)
                 self._itos.append(t)
-                self._special_re = None
         return [self._special[t] for t in tokens]
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         # ensure_ascii keeps odd characters (lone surrogates, U+2028) loadable by any JSON reader.
-        atomic_write_bytes(directory / "vocab.json", json.dumps(self._chars, ensure_ascii=True).encode("ascii"))
+        atomic_write_bytes(directory / "vocab.json", json.dumps(self._entries, ensure_ascii=True).encode("ascii"))
         return {"vocab_file": "vocab.json"}
+
+
+def _by_count(counts: Counter[str], limit: int | None) -> list[str]:
+    """The most frequent keys first (ties in code-point order), at most ``limit`` of them."""
+    ranked = sorted(counts, key=lambda k: (-counts[k], k))
+    return ranked if limit is None else ranked[:max(limit, 0)]
+
+
+def _entry_budget(kind: str, vocab_size: int | None, seen: Counter[str]) -> int | None:
+    """How many entries a trained list vocabulary of ``vocab_size`` ids holds beside its special tokens (None:
+    all it saw); ``seen`` is what the training text held."""
+    if not seen:
+        raise TokenizerError("the training text is empty; pass files or texts that contain text")
+    if vocab_size is None:
+        return None
+    if vocab_size - len(UNK_SPECIAL_TOKENS) < 1:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: a {kind} vocabulary needs at least "
+                             f"{len(UNK_SPECIAL_TOKENS) + 1} (special tokens + one character)")
+    return vocab_size - len(UNK_SPECIAL_TOKENS)
+
+
+class CharTokenizer(_ListVocabTokenizer):
+    """One id per character of the training text (sorted), special tokens after them."""
+
+    kind = "char"
+    _rebuild_hint = "rebuild it with CharTokenizer.from_text or `gptlab tokenizer train --mode char` on text that contains it"
+
+    def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
+        if not list(chars):
+            raise TokenizerError("a char vocabulary needs at least one character; build it with CharTokenizer.from_text(text)")
+        super().__init__(chars, special_tokens)
+        self.spec = "char"
+
+    def _check_entries(self, entries: list[str]) -> None:
+        bad = [c for c in entries if not isinstance(c, str) or len(c) != 1]
+        if bad:
+            raise TokenizerError(f"char vocabulary entry {bad[0]!r} is not a single character; rebuild it with CharTokenizer.from_text")
+
+    @classmethod
+    def from_text(cls, text: str, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> CharTokenizer:
+        """Vocabulary = sorted set of the characters in `text` (nanoGPT's shakespeare_char order)."""
+        if not text:
+            raise TokenizerError("cannot build a char vocabulary from empty text; pass the training text")
+        return cls(sorted(set(text)), special_tokens)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> CharTokenizer:
+        """Every character of ``texts`` (sorted), or the ``vocab_size`` minus specials most frequent ones;
+        with ``<|unk|>`` for the others."""
+        counts: Counter[str] = Counter()
+        for t in texts:
+            counts.update(t)
+        tok = cls(sorted(_by_count(counts, _entry_budget(cls.kind, vocab_size, counts))), UNK_SPECIAL_TOKENS)
+        if vocab_size is not None:
+            tok.spec = f"char:{vocab_size}"
+        return tok
+
+    @property
+    def chars(self) -> list[str]:
+        return list(self._entries)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        stoi = self._stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            return [self._char_id(c, text) for c in text]
+
+
+# jieba builds its prefix dictionary on the first cut (about half a second, cached in the temp directory);
+# one segmenter serves every WordTokenizer. Its progress lines are debug noise.
+_SEGMENTER = jieba.Tokenizer()
+jieba.setLogLevel(logging.WARNING)
+
+
+def segment(text: str) -> list[str]:
+    """jieba's words of ``text`` (its default dictionary + HMM, as GPT2-Chinese cuts); they join back to ``text``."""
+    return _SEGMENTER.lcut(text, HMM=True)
+
+
+class WordTokenizer(_ListVocabTokenizer):
+    """Chinese words cut by jieba: a word in the vocabulary is one id, any other word is spelled by its
+    characters, and a character outside the vocabulary is ``<|unk|>``.
+
+    The segmenter's words join back to the text (whitespace is kept as its own pieces), so decoding adds
+    no spaces between Chinese words.
+    """
+
+    kind = "word"
+    _rebuild_hint = "rebuild it with `gptlab tokenizer train --mode word` on text that contains it"
+
+    def __init__(self, entries: Sequence[str], special_tokens: Sequence[str] = UNK_SPECIAL_TOKENS) -> None:
+        super().__init__(entries, special_tokens)
+        self.spec = "word"
+
+    def _check_entries(self, entries: list[str]) -> None:
+        if not entries:
+            raise TokenizerError("a word vocabulary needs at least one entry; build it with `gptlab tokenizer train --mode word`")
+        bad = [w for w in entries if not isinstance(w, str) or not w]
+        if bad:
+            raise TokenizerError(f"word vocabulary entry {bad[0]!r} is not a non-empty string; rebuild the vocabulary")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, *, min_count: int = 2) -> WordTokenizer:
+        """Characters and the words seen ``min_count`` times ranked together by how often they occur (a
+        character counted wherever it appears, inside words too), the first ``vocab_size`` minus special
+        tokens kept; None keeps them all."""
+        chars: Counter[str] = Counter()
+        words: Counter[str] = Counter()
+        for t in texts:
+            chars.update(t)
+            words.update(w for w in segment(t) if len(w) > 1)
+        limit = _entry_budget(cls.kind, vocab_size, chars)
+        ranked = chars + Counter({w: n for w, n in words.items() if n >= min_count})
+        tok = cls(_by_count(ranked, limit))
+        tok.spec = f"word:{tok.vocab_size}"
+        return tok
+
+    def _encode_plain(self, text: str) -> list[int]:
+        stoi = self._stoi
+        ids: list[int] = []
+        for w in segment(text):
+            i = stoi.get(w)
+            if i is not None:
+                ids.append(i)
+            else:
+                ids.extend(self._char_id(c, text) for c in w)
+        return ids
+
+
+# --------------------------------------------------------------------------- WordPiece (BERT's vocab.txt)
+
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_BERT_UNK, _BERT_SEP = "[UNK]", "[SEP]"
+
+
+def _is_cjk(ch: str) -> bool:
+    """The CJK blocks BERT's basic tokenizer cuts into single characters."""
+    cp = ord(ch)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+class WordPieceTokenizer(_OwnSpecials):
+    """BERT's WordPiece over a ``vocab.txt`` (one token per line, ``##`` marks a word's continuation), the
+    vocabulary GPT2-Chinese trains with: each CJK character is a word of its own, other words are cut into
+    the longest pieces the vocabulary holds, ``[UNK]`` stands for what it cannot spell, and a newline is
+    ``[SEP]`` (GPT2-Chinese's convention). gptlab's special tokens get the ids after the vocabulary.
+
+    BERT drops whitespace, so decoding puts it back by rule: a newline for ``[SEP]``, nothing between CJK
+    characters (Chinese text round-trips exactly), one space between two Latin words.
+    """
+
+    kind = "wordpiece"
+
+    def __init__(self, vocab: Sequence[str], *, lowercase: bool, special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                 source: str = "vocab.txt") -> None:
+        vocab = list(vocab)
+        for t in (_BERT_UNK, _BERT_SEP):
+            if t not in vocab:
+                raise TokenizerError(f"{source}: has no {t} line; a BERT vocab.txt lists {', '.join(BERT_SPECIAL_TOKENS)}")
+        bad = [t for t in vocab if not t or t != t.strip() or any(c.isspace() for c in t)]
+        if bad:
+            raise TokenizerError(f"{source}: entry {bad[0]!r} is empty or holds whitespace; one token per line, no spaces")
+        if len(set(vocab)) != len(vocab):
+            dup = next(t for t in vocab if vocab.count(t) > 1)
+            raise TokenizerError(f"{source}: {dup!r} is listed twice; a vocab.txt lists each token once")
+        specials = _check_special_names(list(special_tokens))
+        if EOS not in specials:
+            raise TokenizerError(f"special_tokens must include {EOS!r} (the end-of-text token)")
+        self._vocab = vocab
+        self.lowercase = lowercase
+        self._special = {t: len(vocab) + i for i, t in enumerate(specials)}
+        self._sep = vocab.index(_BERT_SEP)
+        self._unk = vocab.index(_BERT_UNK)
+        hf = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=_BERT_UNK,
+                                          max_input_chars_per_word=100))
+        hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                                   lowercase=lowercase)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._hf = hf
+        self._text = [t[2:] if t.startswith("##") else t for t in vocab]
+        self._text[self._sep] = "\n"
+        self.spec = f"wordpiece:{len(vocab)}"
+
+    @classmethod
+    def from_vocab_file(cls, path: str | os.PathLike[str], *, lowercase: bool = True,
+                        special_tokens: Sequence[str] = SPECIAL_TOKENS) -> WordPieceTokenizer:
+        """A BERT ``vocab.txt`` (bert-base-chinese's, GPT2-Chinese's); lower-cased as BERT's Chinese model is."""
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            raise TokenizerError(f"{path}: file not found; pass a BERT vocab.txt") from None
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: not UTF-8 text; a vocab.txt is one UTF-8 token per line") from None
+        if lines and lines[-1] == "":
+            lines.pop()
+        return cls([ln.rstrip("\r") for ln in lines], lowercase=lowercase, special_tokens=special_tokens,
+                   source=str(path))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> WordPieceTokenizer:
+        """A WordPiece vocabulary learned by HF's trainer: ``vocab_size`` ids with gptlab's special tokens, which
+        come after it. Characters beyond it (the rarest) are left to ``[UNK]``, as in a char vocabulary."""
+        size = vocab_size - len(SPECIAL_TOKENS) if isinstance(vocab_size, int) else 0
+        if size < len(BERT_SPECIAL_TOKENS) + 1:
+            raise TokenizerError(f"vocab_size {vocab_size!r} is too small: WordPiece needs at least "
+                                 f"{len(SPECIAL_TOKENS) + len(BERT_SPECIAL_TOKENS) + 1}")
+        hf = HFTokenizer(models.WordPiece(unk_token=_BERT_UNK))
+        hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                                   lowercase=False)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=size, special_tokens=BERT_SPECIAL_TOKENS,
+                                            limit_alphabet=size - len(BERT_SPECIAL_TOKENS), show_progress=show_progress)
+        seen = [0]
+
+        def counting(it: Iterable[str]) -> Iterator[str]:
+            for t in it:
+                seen[0] += bool(t.strip())
+                yield t
+
+        hf.train_from_iterator(counting(texts), trainer=trainer)
+        if not seen[0]:
+            raise TokenizerError("the training text is empty; pass files or texts that contain text")
+        vocab = hf.get_vocab()  # the alphabet's ##-forms may overshoot: the first ``size`` ids are kept
+        return cls(sorted(vocab, key=vocab.__getitem__)[:size], lowercase=False)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for k, line in enumerate(text.split("\n")):
+            if k:
+                ids.append(self._sep)
+            ids.extend(self._hf.encode(line, add_special_tokens=False).ids)
+        return ids
+
+    def _piece(self, id: int) -> str:
+        if isinstance(id, int) and 0 <= id < len(self._vocab):
+            return self._text[id]
+        for t, i in self._special.items():
+            if i == id:
+                return t
+        raise _bad_id([id], self.vocab_size)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out: list[str] = []
+        prev = ""
+        for i in _as_ids(ids):
+            piece = self._piece(i)
+            word_start = not (0 <= i < len(self._vocab) and self._vocab[i].startswith("##"))
+            if (word_start and prev and piece and prev[-1].isalnum() and piece[0].isalnum()
+                    and not _is_cjk(prev[-1]) and not _is_cjk(piece[0])):
+                out.append(" ")
+            out.append(piece)
+            prev = piece
+        return "".join(out)
+
+    def token_bytes(self, id: int) -> bytes:
+        return self._piece(id).encode("utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab) + len(self._special)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        tokens = _check_special_names(tokens)
+        for t in tokens:
+            if t not in self._special:
+                self._special[t] = self.vocab_size
+        return [self._special[t] for t in tokens]
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        atomic_write_bytes(directory / "vocab.txt", ("\n".join(self._vocab) + "\n").encode("utf-8"))
+        return {"vocab_file": "vocab.txt", "lowercase": self.lowercase}
+
+
+# --------------------------------------------------------------------------- training by mode
+
+TOKENIZER_MODES = ("char", "word", "bpe", "wordpiece")
+
+
+def train_tokenizer(mode: str, texts: Iterable[str], vocab_size: int | None = None, *,
+                    show_progress: bool = False) -> Tokenizer:
+    """A tokenizer of ``mode`` (char, word, bpe, wordpiece) learned from ``texts``; char and word need no
+    ``vocab_size`` (then: every character, every word seen twice)."""
+    if mode not in TOKENIZER_MODES:
+        raise TokenizerError(f"unknown tokenizer mode {mode!r}; choose one of {', '.join(TOKENIZER_MODES)}")
+    if mode == "char":
+        return CharTokenizer.train(texts, vocab_size)
+    if mode == "word":
+        return WordTokenizer.train(texts, vocab_size)
+    if vocab_size is None:
+        raise TokenizerError(f"a {mode} tokenizer needs a vocabulary size: pass --vocab-size N (for example 4096)")
+    if mode == "bpe":
+        return train_bpe(iter(texts), vocab_size, show_progress=show_progress)  # an iterator: texts, not paths
+    return WordPieceTokenizer.train(texts, vocab_size, show_progress=show_progress)
 
 
 # --------------------------------------------------------------------------- loading
@@ -994,14 +1357,23 @@ def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
         tok = BPETokenizer.from_file(file_field("tokenizer_file", "tokenizer.json"), eos_token=config.get("eos_token", EOS))
         if isinstance(config.get("spec"), str):
             tok.spec = config["spec"]
-    elif kind == "char":
-        chars = _read_json(file_field("vocab_file", "vocab.json"))
-        if not isinstance(chars, list):
-            raise TokenizerError(f"{directory / 'vocab.json'}: expected a JSON list of characters")
+    elif kind in ("char", "word"):
+        entries = _read_json(file_field("vocab_file", "vocab.json"))
+        if not isinstance(entries, list):
+            raise TokenizerError(f"{directory / 'vocab.json'}: expected a JSON list of vocabulary entries")
         order = sorted(specials, key=specials.__getitem__)
-        tok = CharTokenizer(chars, order)
+        tok = CharTokenizer(entries, order) if kind == "char" else WordTokenizer(entries, order)
+    elif kind == "wordpiece":
+        lowercase = config.get("lowercase", True)
+        if not isinstance(lowercase, bool):
+            raise TokenizerError(f"{where}: field 'lowercase' must be true or false")
+        order = sorted(specials, key=specials.__getitem__)
+        tok = WordPieceTokenizer.from_vocab_file(file_field("vocab_file", "vocab.txt"), lowercase=lowercase,
+                                                 special_tokens=order)
     else:
-        raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe' or 'char'")
+        raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe', 'char', 'word' or 'wordpiece'")
+    if isinstance(config.get("spec"), str) and kind != "bpe":
+        tok.spec = config["spec"]
     if tok.special_tokens != specials:
         raise TokenizerError(f"{where}: field 'special_tokens' disagrees with the vocabulary files; re-save the tokenizer")
     return tok
@@ -1045,19 +1417,21 @@ def load_checked_tokenizer(directory: str | os.PathLike[str], digest: Any, where
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
-    """A tokenizer from a spec: "gpt2", a saved/HF tokenizer directory, a tokenizer.json, or a .tiktoken file.
+    """A tokenizer from a spec: "gpt2", a saved/HF tokenizer directory, a tokenizer.json, a .tiktoken file, or
+    a BERT WordPiece vocab.txt (or a directory holding one).
 
-    The words "gpt2" and "char" are keywords even if a directory of that name exists
-    (write ./gpt2 for the directory). "gpt2" reads the file named by $GPTLAB_GPT2_TIKTOKEN
-    when set, else asks tiktoken (its cache, or the network).
+    The word "gpt2" and the trained modes (char, word, bpe, wordpiece) are keywords even if a directory
+    of that name exists (write ./gpt2 for the directory). "gpt2" reads the file named by
+    $GPTLAB_GPT2_TIKTOKEN when set, else asks tiktoken (its cache, or the network).
     """
     if isinstance(spec, str):
         if spec == "gpt2":
             return _load_gpt2()
-        if spec == "char":
+        if spec in TOKENIZER_MODES:
             raise TokenizerError(
-                "a char vocabulary is built from the training data, not loaded by name: use "
-                "CharTokenizer.from_text(text), or pass the directory a char tokenizer was saved to"
+                f"a {spec} vocabulary is built from the training data, not loaded by name: use `gptlab tokenizer "
+                f"train --mode {spec}` (or `gptlab prepare --tokenizer {spec}`, CharTokenizer.from_text(text)), "
+                f"or pass the directory a {spec} tokenizer was saved to"
             )
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -1071,17 +1445,21 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
             return load_gpt1_pair(path)  # before tokenizer.json, which transformers writes beside it
         if (path / "tokenizer.json").is_file():
             return BPETokenizer.from_file(path / "tokenizer.json")
+        if (path / "vocab.txt").is_file():
+            return WordPieceTokenizer.from_vocab_file(path / "vocab.txt")
         for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if (path / vocab).is_file() and (path / merges).is_file():
                 return BPETokenizer.from_gpt2_pair((path / vocab, path / merges))
         raise TokenizerError(
-            f"{path}: no {TOKENIZER_CONFIG}, tokenizer.json, vocab.json+merges.txt or encoder.json+vocab.bpe; "
+            f"{path}: no {TOKENIZER_CONFIG}, tokenizer.json, vocab.txt, vocab.json+merges.txt or encoder.json+vocab.bpe; "
             "point at a saved tokenizer directory"
         )
     if path.suffix == ".tiktoken":
         return TiktokenTokenizer.from_file(path)
     if path.name.endswith("tokenizer.json") and path.is_file():
         return BPETokenizer.from_file(path)
+    if path.suffix == ".txt" and path.is_file():
+        return WordPieceTokenizer.from_vocab_file(path)
     s = str(spec)
     hint = ""
     if s.startswith("bpe"):

@@ -1,9 +1,11 @@
-"""The demos: ``gptlab demo`` (pretraining on Shakespeare) and ``gptlab rlhf-demo`` (the InstructGPT chain)."""
+"""The demos: ``gptlab demo`` (pretraining on Shakespeare or Chinese poems), ``gptlab rlhf-demo`` (the InstructGPT
+chain) and ``gptlab chat-demo`` (a chat model from real conversations)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..chat_demo import run_chat_demo
 from ..demo import run_demo
 from ..rlhf_demo import run_rlhf_demo
 
@@ -15,10 +17,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="tokenizer + data + pretraining on Shakespeare within a time budget")
+    p = sub.add_parser("demo", help="tokenizer + data + pretraining on Shakespeare (or Chinese poems) within a "
+                                    "time budget")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole demo (default 10)")
     p.add_argument("--corpus", nargs="+", default=None,
-                   help="text files to use instead of the shakespeare package's complete works")
+                   help="text files to use instead of the shakespeare package's complete works, or zh-poems: the "
+                        "Tang and Song poems of Debian's fortunes-zh, char-level, with a check of the poems' form")
     p.add_argument("--out", default=None, help="run directory (default runs/demo-YYYYmmdd-HHMMSS)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1337)
@@ -39,4 +43,17 @@ def add_rlhf_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rlhf_demo)
 
 
-COMMANDS = [add_demo, add_rlhf_demo]
+def cmd_chat_demo(args: argparse.Namespace) -> None:
+    run_chat_demo(args.out, minutes=args.minutes, seed=args.seed)
+
+
+def add_chat_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat-demo", help="a chat model from real conversations (chitchat-dataset): pretrain, SFT, "
+                                         "measured on held-out conversations; the run --out serves as is")
+    p.add_argument("--out", required=True, help="the chat run to create (data, base model and report inside)")
+    p.add_argument("--minutes", type=float, default=15.0, help="time budget (default 15)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_chat_demo)
+
+
+COMMANDS = [add_demo, add_rlhf_demo, add_chat_demo]

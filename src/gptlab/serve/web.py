@@ -5,7 +5,8 @@ The pages are static HTML/JS/CSS from ``static/`` (no build step, nothing fetche
 talk to the OpenAI routes (``/v1/chat/completions``, ``/v1/completions``) and to the JSON endpoints here:
 
 * ``GET /web/info``: what the pages need to know about the model (chat format or not, context, sizes).
-* ``POST /web/next``: the explorer's step: the text's tokens, the top next tokens, optionally the last
+* ``POST /web/next``: the explorer's step: the text's tokens (``readable_tokens``: a token holding part of
+  a character shows that character, marked ``partial``), the top next tokens, optionally the last
   token's attention in every layer and head.
 * ``POST /web/view``: the 3-D view's data for a text (``visualize.ModelView``: every step of the forward
   pass, sampled and capped; the model's weights are sampled once, on the first request).
@@ -39,6 +40,7 @@ from ..align_data import load_prompts, ranking_of
 from ..atomic import FileFull, append_jsonl
 from ..chat import ROLES
 from ..errors import DataError, UserError
+from ..tokenizer import readable_tokens
 from ..visualize import ModelView
 from .openai import OpenAIHandler
 from .protocol import APIError
@@ -150,8 +152,10 @@ def _explore(api: OpenAIHandler, ids: list[int], top: int, attention: bool) -> d
         probs = torch.softmax(model(idx)[0, -1].float(), -1)
         best = torch.topk(probs, min(top, probs.numel()))
         weights = model.attention_weights(idx, queries=1)[0, :, :, 0] if attention else None
-    tops = [{"id": i, "token": api.token_str(i), "prob": round(p, 6)}
-            for i, p in zip(best.indices.tolist(), best.values.tolist())]
+    tail = ids[-3:]  # a character is at most 4 bytes: the tokens a candidate may complete one with
+    tops = [{"id": i, "token": token, "partial": partial, "prob": round(p, 6)}
+            for i, p in zip(best.indices.tolist(), best.values.tolist())
+            for token, partial in [readable_tokens(api.tok, [*tail, i])[-1]]]
     rows = None if weights is None else [[[round(w, 5) for w in head] for head in layer]
                                          for layer in weights.float().cpu().tolist()]
     return {"top": tops, "attention": rows}
@@ -214,8 +218,9 @@ def add_web_routes(app: FastAPI, state: ServeState, data: WebData) -> None:
         api = state.api
         ids, cut = _context(api, req)
         result = await api.run(lambda: _explore(api, ids, req.top, req.attention))
-        return {"ids": ids, "tokens": [api.token_str(i) for i in ids], "text": api.tok.decode(ids),
-                "truncated": cut, **result}
+        shown = readable_tokens(api.tok, ids)
+        return {"ids": ids, "tokens": [t for t, _ in shown], "partial": [p for _, p in shown],
+                "text": api.tok.decode(ids), "truncated": cut, **result}
 
     @app.post("/web/view")
     async def visualize(req: ViewRequest) -> dict[str, Any]:

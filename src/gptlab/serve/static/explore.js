@@ -10,6 +10,11 @@ function heatColour(x) {
   return x > 0 ? `rgba(245, 124, 0, ${(0.06 + 0.8 * x).toFixed(3)})` : "transparent";
 }
 
+/** The tooltip's note for a token that holds only some of a character's bytes (byte-level BPE on Chinese). */
+function partNote(partial) {
+  return partial ? " · part of a character split across tokens: it shows the whole character" : "";
+}
+
 /** A token's text with its whitespace made visible and muted. */
 function tokenNodes(text) {
   return text.split(/([ \n\t])/).filter(Boolean)
@@ -53,8 +58,9 @@ function renderTokens() {
   const weights = $("heat").checked && r.attention ? selectedWeights() : null;
   const max = weights ? Math.max(...weights) || 1 : 1;
   $("tokens").replaceChildren(...r.tokens.map((token, i) => {
-    const title = weights ? `attention ${weights[i].toFixed(3)}` : `token id ${r.ids[i]}`;
-    const chip = el("span", { className: i === r.tokens.length - 1 ? "tok query" : "tok", title }, tokenNodes(token));
+    const title = (weights ? `attention ${weights[i].toFixed(3)}` : `token id ${r.ids[i]}`) + partNote(r.partial[i]);
+    const className = `tok${i === r.tokens.length - 1 ? " query" : ""}${r.partial[i] ? " part" : ""}`;
+    const chip = el("span", { className, title }, tokenNodes(token));
     if (weights) chip.style.backgroundColor = heatColour(weights[i] / max);
     return chip;
   }));
@@ -67,9 +73,9 @@ function renderTop() {
     const fill = el("span");
     fill.style.width = `${Math.max(0.5, 100 * c.prob)}%`;
     return el("li", {}, el("button", {
-      type: "button", className: "cand", "data-id": c.id, onclick: () => append(c.id),
-      "aria-label": `Append ${JSON.stringify(c.token)}, probability ${percent}`,
-    }, el("span", { className: "t" }, tokenNodes(c.token)), el("span", { className: "bar" }, fill), el("span", { className: "p" }, percent)));
+      type: "button", className: "cand", "data-id": c.id, onclick: () => append(c.id), title: `token id ${c.id}${partNote(c.partial)}`,
+      "aria-label": `Append ${JSON.stringify(c.token)}${c.partial ? " (part of a character)" : ""}, probability ${percent}`,
+    }, el("span", { className: c.partial ? "t part" : "t" }, tokenNodes(c.token)), el("span", { className: "bar" }, fill), el("span", { className: "p" }, percent)));
   }));
 }
 
