@@ -374,12 +374,14 @@ class GPT(nn.Module):
         return masks
 
     def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                      valid: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
+                      valid: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd), after ``ln_f`` for pre-LN models; heads read these.
 
         ``valid`` (B, T) marks real tokens when rows are left-padded (without a
-        cache); ``positions`` (B, T) overrides the default 0..T-1 positions.
+        cache); ``positions`` (B, T) overrides the default 0..T-1 positions;
+        ``token_embeds`` (B, T, n_embd) replaces ``wte(idx)`` (an image's encoded
+        patches stand where its ``<|image|>`` tokens are: vision.py).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -388,7 +390,7 @@ class GPT(nn.Module):
                             f"{self.config.block_size}: shorten the prompt or lower max tokens")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.drop((self.wte(idx) if token_embeds is None else token_embeds) + self.wpe(positions))
         masks = self._masks(T, cache, valid, idx.device)
         for block in self.h:
             x = block(x, cache, masks)
@@ -398,9 +400,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (ignore_index=-100)."""
-        logits = self.lm_head(self.hidden_states(idx, cache=cache, valid=valid, positions=positions))
+        logits = self.lm_head(self.hidden_states(idx, cache=cache, valid=valid, positions=positions,
+                                                 token_embeds=token_embeds))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -16,6 +16,7 @@ from ..errors import DataError, UserError
 from ..igpt import complete_images, palette_of, probe, write_probe
 from ..images import BUILTIN_SETS, image_split, prepare_images, save_grid
 from ..runs import load_run
+from ..stages.vision_chat import run_vision_chat
 from ..tokenizer import PaletteTokenizer, check_tokenizers_match
 from ..train.dist import resolve_device
 from ..train.metrics import read_metrics
@@ -163,9 +164,29 @@ def add_probe(isub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_probe)
 
 
+def cmd_chat_train(args: argparse.Namespace) -> None:
+    train = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed)) if v is not None}
+    result = run_vision_chat(args.data, args.out, train, {"images": args.images}, resume=args.resume)
+    records = [r for r in read_metrics(Path(args.out) / "metrics.jsonl") if any(k.startswith("acc_") for k in r)]
+    scores = ", ".join(f"{k[4:]} {v:.3f}" for k, v in records[-1].items() if k.startswith("acc_")) if records else ""
+    print(f"saved {result.run_dir}; held-out answer accuracy: {scores}")
+
+
+def add_chat_train(isub: argparse._SubParsersAction) -> None:
+    p = isub.add_parser("chat-train", help="train an image-input chat model on labelled images (questions and answers)")
+    p.add_argument("--data", required=True, help="a labelled image data directory (`gptlab images prepare`)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default 600)")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the images (--no-images: the text-only baseline on the same questions)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_chat_train)
+
+
 def add_images(sub: argparse._SubParsersAction) -> None:
-    add_group(sub, "images", "Image GPT: pixels as tokens (prepare, complete, probe)",
-              [add_prepare, add_complete, add_probe])
+    add_group(sub, "images", "Image GPT: pixels as tokens (prepare, complete, probe); image-input chat (chat-train)",
+              [add_prepare, add_complete, add_probe, add_chat_train])
 
 
 COMMANDS = [add_images]

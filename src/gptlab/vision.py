@@ -1,0 +1,127 @@
+"""GPT-4-style image input: a small vision encoder whose outputs stand where ``<|image|>`` tokens are.
+
+An image in a conversation is rendered as ``patches`` copies of the ``<|image|>`` token right after the
+user's role token; the GPT's token embeddings at those positions are replaced, in order, by the
+encoder's outputs (ViT's patch embedding: a strided convolution, learned patch positions, one
+bidirectional transformer layer, a projection into the GPT's embedding width). The GPT itself only
+gains an optional ``token_embeds`` input (``GPT.forward``); text-only models are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .chat import Message, render
+from .config import Config
+from .errors import UserError
+from .heads import GPTWrapper
+from .model import GPT
+from .tokenizer import Tokenizer
+
+__all__ = ["IMAGE", "VisionConfig", "VisionEncoder", "VisionGPT", "image_tensor", "token_embeds", "render_images"]
+
+IMAGE = "<|image|>"
+
+
+@dataclass
+class VisionConfig(Config):
+    """The vision encoder of an image-input chat model (saved in its run's config.json)."""
+
+    section: ClassVar[str] = "vision"
+
+    image_size: int = 8
+    """side of the square images the encoder reads"""
+    channels: int = 1
+    """1 for greyscale, 3 for RGB"""
+    patch: int = 2
+    """side of a patch: (image_size / patch)^2 image tokens per image"""
+    width: int = 64
+    """the encoder's own width"""
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+class VisionEncoder(nn.Module):
+    """Images (N, C, S, S) in [0, 1] -> patch embeddings (N, patches, n_embd) in the GPT's embedding space."""
+
+    def __init__(self, cfg: VisionConfig, n_embd: int) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch:
+            raise UserError(f"image_size {cfg.image_size} is not a multiple of patch {cfg.patch}")
+        self.cfg = cfg
+        self.patchify = nn.Conv2d(cfg.channels, cfg.width, cfg.patch, stride=cfg.patch)
+        self.pos = nn.Parameter(torch.randn(cfg.patches, cfg.width) * 0.02)
+        self.mix = nn.TransformerEncoderLayer(cfg.width, nhead=4, dim_feedforward=4 * cfg.width, dropout=0.0,
+                                              batch_first=True, norm_first=True)
+        self.proj = nn.Linear(cfg.width, n_embd)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patchify(images).flatten(2).transpose(1, 2) + self.pos  # (N, patches, width)
+        return self.proj(self.mix(x))
+
+
+def image_tensor(pixels: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
+    """RGB pixels (S, S, 3) uint8 as the encoder's input (C, S, S) in [0, 1]."""
+    if pixels.shape != (cfg.image_size, cfg.image_size, 3):
+        raise UserError(f"an image of shape {pixels.shape} is not {cfg.image_size}x{cfg.image_size} RGB")
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
+    return t[:1] if cfg.channels == 1 else t
+
+
+def token_embeds(gpt: GPT, encoder: VisionEncoder, idx: torch.Tensor, image_id: int,
+                 images: torch.Tensor) -> torch.Tensor:
+    """``wte(idx)`` (B, T, n_embd) with the ``<|image|>`` positions, row by row, taken by the encoded
+    ``images`` (N, C, S, S) in order: row-major over the batch, ``patches`` positions per image."""
+    x = gpt.wte(idx)
+    where = idx == image_id
+    n = int(where.sum())
+    if n != len(images) * encoder.cfg.patches:
+        raise UserError(f"{n} image tokens for {len(images)} images of {encoder.cfg.patches} patches each")
+    if n:
+        x = x.masked_scatter(where[..., None], encoder(images.to(x.device, x.dtype)).reshape(-1, x.shape[-1]))
+    return x
+
+
+class VisionGPT(GPTWrapper):
+    """A GPT with a vision encoder: one module for the trainer, the loss over the assistant's tokens."""
+
+    def __init__(self, gpt: GPT, cfg: VisionConfig, image_id: int) -> None:
+        super().__init__(gpt)
+        self.vision = VisionEncoder(cfg, gpt.config.n_embd)
+        self.image_id = image_id
+
+    def empty_copy(self) -> "VisionGPT":
+        return VisionGPT(self.gpt.empty_copy(), self.vision.cfg, self.image_id)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        embeds = token_embeds(self.gpt, self.vision, idx, self.image_id, images)
+        _, loss = self.gpt(idx, targets, token_embeds=embeds)
+        return loss
+
+
+def render_images(messages: Sequence[Message], image_counts: Sequence[int], tokenizer: Tokenizer, patches: int,
+                  *, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """``chat.render`` with ``image_counts[i]`` images of message i placed right after its role token, each as
+    ``patches`` ``<|image|>`` tokens (never trained on)."""
+    image_id = tokenizer.special_tokens.get(IMAGE)
+    if image_id is None and any(image_counts):
+        raise UserError("this model does not take images (its tokenizer has no <|image|> token)")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m, count in zip(messages, image_counts):
+        part, part_mask = render([m], tokenizer)
+        ids += [part[0], *[image_id] * (count * patches), *part[1:]]  # type: ignore[list-item]
+        mask += [part_mask[0], *[False] * (count * patches), *part_mask[1:]]
+    if add_generation_prompt:
+        tail, tail_mask = render([], tokenizer, add_generation_prompt=True)
+        ids += tail
+        mask += tail_mask
+    return ids, mask
