@@ -1,6 +1,6 @@
 """Image GPT on the digits: completions, the linear probe by layer vs raw pixels vs a small CNN, fine-tuning.
 
-    python benchmarks/bench_igpt.py [--out runs/bench-igpt] [--steps 1000] [--quick]
+    python benchmarks/bench_igpt.py [--out runs/bench-igpt] [--steps 400] [--quick]
 
 One process: `gptlab images prepare` (scikit-learn's 8x8 digits, 16 grey levels), `gptlab train` of a
 6-layer GPT on the pixel tokens, `gptlab images complete` (the grid PNG), `gptlab images probe` (every
@@ -29,7 +29,7 @@ def run(*argv: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-igpt")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--quick", action="store_true", help="100 steps, for a smoke run")
     args = ap.parse_args()
     steps = 100 if args.quick else args.steps
