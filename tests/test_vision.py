@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from gptlab.chat import Message, render
+from gptlab.chat import Message, render, stop_ids
+from gptlab.chat_repl import run_chat
 from gptlab.cli import main
 from gptlab.config import GPTConfig
-from gptlab.images import prepare_images
+from gptlab.data import TokenData
+from gptlab.engine import Engine, SamplingParams
+from gptlab.images import image_split, prepare_images
 from gptlab.model import GPT
+from gptlab.serve.app import create_app
 from gptlab.stages.vision_chat import chat_tokenizer
 from gptlab.train.metrics import read_metrics
-from gptlab.vision import IMAGE, VisionConfig, VisionEncoder, render_images, token_embeds
+from gptlab.vision import IMAGE, VisionConfig, VisionEncoder, load_vision_run, read_image, render_images, token_embeds
+
+from serving import RunningApp
+
+QUESTION = "What digit is this?"
+
+
+@pytest.fixture(scope="module")
+def vchat(tmp_path_factory):
+    """A tiny image-input chat model trained for a few seconds, and a held-out digit as a PNG."""
+    root = tmp_path_factory.mktemp("vchat")
+    prepare_images("digits", root / "digits")
+    assert main(["images", "chat-train", "--data", str(root / "digits"), "--out", str(root / "run"),
+                 "--max-steps", "40"]) == 0
+    data = TokenData(root / "digits")
+    ids, _ = image_split(data, "val")
+    png = root / "digit.png"
+    Image.fromarray(data.tokenizer().image(ids[0])).resize((32, 32), Image.Resampling.NEAREST).save(png)
+    return root, png
+
+
+def direct_reply(engine: Engine, png) -> str:
+    """The greedy reply to QUESTION about the image, from the engine itself."""
+    prompt, _ = render_images([Message("user", QUESTION)], [1], engine.tokenizer, engine.vision.cfg.patches,
+                              add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=stop_ids(engine.tokenizer))
+    return engine.generate_ids([prompt], params, images=[read_image(png, engine.vision.cfg)[None]])[0].text or ""
 
 
 def test_image_embeddings_replace_exactly_the_image_tokens():
@@ -46,15 +81,74 @@ def test_render_places_images_after_the_user_token_and_never_trains_on_them():
     assert render_images(msgs, [0, 0], tok, 4) == (plain, plain_mask)
 
 
-def test_chat_train_learns_and_saves_the_encoder(tmp_path, capsys):
-    prepare_images("digits", tmp_path / "digits")
-    out = tmp_path / "vchat"
-    assert main(["images", "chat-train", "--data", str(tmp_path / "digits"), "--out", str(out),
-                 "--max-steps", "40"]) == 0
-    assert "held-out answer accuracy: digit" in capsys.readouterr().out
+def test_chat_train_learns_and_saves_the_encoder(vchat):
+    out = vchat[0] / "run"
     records = read_metrics(out / "metrics.jsonl")
     assert records[0]["loss"] > 2 * records[-1]["loss"]
     assert {"acc_digit", "acc_even", "acc_big", "acc_describe"} <= set(records[-1])
     config = json.loads((out / "config.json").read_text())
     assert config["vision"]["head"]["file"] == "vision.safetensors" and config["vision_chat"]["images"] is True
     assert (out / "vision.safetensors").is_file()
+
+
+def test_engine_images_change_the_reply_and_text_alone_still_works(vchat):
+    engine = Engine.from_spec(str(vchat[0] / "run"))
+    assert engine.vision is not None
+    prompt, _ = render_images([Message("user", QUESTION)], [1], engine.tokenizer, engine.vision.cfg.patches,
+                              add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=8, temperature=0, logprobs=1)
+    black = torch.zeros(1, 1, 8, 8)
+    white = torch.ones(1, 1, 8, 8)
+    a, b = (engine.generate_ids([prompt], params, images=[im])[0] for im in (black, white))
+    assert a.logprobs != b.logprobs  # the image reaches the model
+    with pytest.raises(Exception, match="image tokens"):
+        engine.generate_ids([prompt], params)  # image tokens without their image
+
+
+def test_chat_repl_image_command(vchat):
+    root, png = vchat
+    engine = Engine.from_spec(str(root / "run"))
+    out = io.StringIO()
+    lines = [f"/image {png}", QUESTION]
+
+    def read(_: str) -> str:
+        if not lines:
+            raise EOFError
+        return lines.pop(0)
+
+    run_chat(engine, SamplingParams(max_new_tokens=24, temperature=0), read=read, out=out)
+    text = out.getvalue()
+    assert f"(image {png} attached to your next message)" in text
+    assert f"assistant> {direct_reply(engine, png)}" in text
+
+
+def test_api_takes_image_url_data_parts_and_refuses_remote_urls(vchat):
+    openai = pytest.importorskip("openai")
+    root, png = vchat
+    model, tok, config, vision = load_vision_run(str(root / "run"))
+    running = RunningApp(create_app(model, tok, config, model_name="vchat", vision=vision))
+    text_only = RunningApp(create_app(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64,
+                                                    vocab_size=tok.vocab_size)), tok, config, model_name="t"))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0, timeout=30)
+        url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]
+        reply = client.chat.completions.create(model="vchat", messages=[{"role": "user", "content": content}],
+                                               temperature=0, max_tokens=24)
+        expected = direct_reply(Engine(model, tok, vision=vision), png)
+        assert reply.choices[0].message.content == expected
+        stream = client.chat.completions.create(model="vchat", messages=[{"role": "user", "content": content}],
+                                                temperature=0, max_tokens=24, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        remote = [{"type": "image_url", "image_url": {"url": "https://example.com/seven.png"}}]
+        with pytest.raises(openai.BadRequestError, match="not fetched"):
+            client.chat.completions.create(model="vchat", messages=[{"role": "user", "content": remote}])
+        broken = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGEgcG5n"}}]
+        with pytest.raises(openai.BadRequestError, match="not a readable image"):
+            client.chat.completions.create(model="vchat", messages=[{"role": "user", "content": broken}])
+        other = openai.OpenAI(base_url=f"{text_only.url}/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError, match="does not take images"):
+            other.chat.completions.create(model="t", messages=[{"role": "user", "content": content}])
+    finally:
+        running.stop()
+        text_only.stop()

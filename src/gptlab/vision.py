@@ -9,22 +9,28 @@ gains an optional ``token_embeds`` input (``GPT.forward``); text-only models are
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
 
 from .chat import Message, render
 from .config import Config
-from .errors import UserError
+from .errors import CheckpointError, DataError, UserError
 from .heads import GPTWrapper
 from .model import GPT
+from .runs import load_head, load_run
 from .tokenizer import Tokenizer
 
-__all__ = ["IMAGE", "VisionConfig", "VisionEncoder", "VisionGPT", "image_tensor", "token_embeds", "render_images"]
+__all__ = ["IMAGE", "VisionConfig", "VisionEncoder", "VisionGPT", "image_tensor", "read_image", "token_embeds",
+           "image_token_id", "render_images", "load_vision", "load_vision_run"]
 
 IMAGE = "<|image|>"
 
@@ -72,8 +78,30 @@ def image_tensor(pixels: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
     """RGB pixels (S, S, 3) uint8 as the encoder's input (C, S, S) in [0, 1]."""
     if pixels.shape != (cfg.image_size, cfg.image_size, 3):
         raise UserError(f"an image of shape {pixels.shape} is not {cfg.image_size}x{cfg.image_size} RGB")
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
+    t = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float() / 255  # a copy: writable
     return t[:1] if cfg.channels == 1 else t
+
+
+def read_image(source: bytes | str | os.PathLike[str], cfg: VisionConfig) -> torch.Tensor:
+    """A PNG/JPEG (its bytes or its path) as the encoder's input: the centred square crop at the encoder's size."""
+    where = "the image" if isinstance(source, bytes) else os.fspath(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source).expanduser()) as img:
+            rgb = img.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image ({e}); give a PNG or JPEG") from None
+    w, h = rgb.size
+    side = min(w, h)
+    rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    rgb = rgb.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
+    return image_tensor(np.asarray(rgb), cfg)
+
+
+def image_token_id(tokenizer: Tokenizer) -> int:
+    image_id = tokenizer.special_tokens.get(IMAGE)
+    if image_id is None:
+        raise UserError("this model does not take images (its tokenizer has no <|image|> token)")
+    return image_id
 
 
 def token_embeds(gpt: GPT, encoder: VisionEncoder, idx: torch.Tensor, image_id: int,
@@ -111,17 +139,34 @@ def render_images(messages: Sequence[Message], image_counts: Sequence[int], toke
                   *, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """``chat.render`` with ``image_counts[i]`` images of message i placed right after its role token, each as
     ``patches`` ``<|image|>`` tokens (never trained on)."""
-    image_id = tokenizer.special_tokens.get(IMAGE)
-    if image_id is None and any(image_counts):
-        raise UserError("this model does not take images (its tokenizer has no <|image|> token)")
+    image_id = image_token_id(tokenizer) if any(image_counts) else -1
     ids: list[int] = []
     mask: list[bool] = []
     for m, count in zip(messages, image_counts):
         part, part_mask = render([m], tokenizer)
-        ids += [part[0], *[image_id] * (count * patches), *part[1:]]  # type: ignore[list-item]
+        ids += [part[0], *[image_id] * (count * patches), *part[1:]]
         mask += [part_mask[0], *[False] * (count * patches), *part_mask[1:]]
     if add_generation_prompt:
         tail, tail_mask = render([], tokenizer, add_generation_prompt=True)
         ids += tail
         mask += tail_mask
     return ids, mask
+
+
+def load_vision(spec: Any, config: dict[str, Any], gpt: GPT) -> VisionEncoder | None:
+    """The vision encoder of the run ``spec`` (its config.json is ``config``), None for a text-only run."""
+    record = config.get(VisionConfig.section)
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{spec}: config.json's {VisionConfig.section} section is not an object")
+    fields = {k: v for k, v in record.items() if k != "head"}
+    encoder = VisionEncoder(VisionConfig.from_dict(fields, source=f"{spec}: config.json"), gpt.config.n_embd)
+    load_head(spec, record.get("head"), encoder, "vision")
+    return encoder.to(gpt.wte.weight.device).eval()
+
+
+def load_vision_run(spec: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any], VisionEncoder | None]:
+    """``runs.load_run`` and the run's vision encoder (None for a text-only run): what ``gptlab serve`` loads."""
+    gpt, tokenizer, config = load_run(spec)
+    return gpt, tokenizer, config, load_vision(spec, config, gpt)
