@@ -152,3 +152,33 @@ def test_api_takes_image_url_data_parts_and_refuses_remote_urls(vchat):
     finally:
         running.stop()
         text_only.stop()
+
+
+def test_sft_reads_image_parts_and_trains_the_encoder(vchat, tmp_path, capsys):
+    root, png = vchat
+    chat = root / "digits" / "chat"
+    first = json.loads((chat / "val.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["content"][0]["type"] == "image_url" and first["kind"] == "digit"
+    out = tmp_path / "sft"
+    assert main(["sft", "--model", str(root / "run"), "--data", str(chat / "val.jsonl"), "--out", str(out),
+                 "--max-steps", "4", "--batch-size", "8", "--eval-every", "4"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision"]["head"]["file"] == "vision.safetensors" and config["chat_format"]
+    assert "acc_val" in read_metrics(out / "metrics.jsonl")[-1]
+    before = load_vision_run(str(root / "run"))[3].state_dict()
+    after = load_vision_run(str(out))[3].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the encoder was fine-tuned
+    # a row with a file path (relative to the data file) and one with a remote URL
+    rows = tmp_path / "rows.jsonl"
+    user = [{"type": "image_url", "image_url": {"url": png.name}}, {"type": "text", "text": QUESTION}]
+    good = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "seven"}]}
+    (tmp_path / png.name).write_bytes(png.read_bytes())
+    rows.write_text(json.dumps(good) + "\n")
+    assert main(["sft", "--model", str(root / "run"), "--data", str(rows), "--val", str(rows),
+                 "--out", str(tmp_path / "sft2"), "--max-steps", "1"]) == 0
+    user[0]["image_url"]["url"] = "https://example.com/seven.png"
+    rows.write_text(json.dumps(good) + "\n")
+    capsys.readouterr()
+    assert main(["sft", "--model", str(root / "run"), "--data", str(rows), "--out", str(tmp_path / "sft3")]) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}:1" in err and "not fetched" in err and not (tmp_path / "sft3").exists()

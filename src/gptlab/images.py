@@ -9,19 +9,23 @@ An image is its pixels in raster order, each the id of the nearest palette colou
 (greyscale images: of their grey levels; a set with no more distinct colours than ``--palette``
 keeps them all, losslessly). The data directory is the one ``gptlab prepare`` writes, so
 ``gptlab train`` reads it unchanged and its tokenizer is the palette (``PaletteTokenizer``), plus
-``labels.json`` (each split's labels in order) and ``classify/{train,val}.jsonl``: GPT-1
-classification rows whose text is the image as ``#rrggbb`` colours. No torch.
+``labels.json`` (each split's labels in order), ``classify/{train,val}.jsonl``: GPT-1
+classification rows whose text is the image as ``#rrggbb`` colours, and ``chat/{train,val}.jsonl``:
+conversations about each image (``QUESTIONS``: "What digit is this?" -> "seven", ...) whose user
+message holds the image as an OpenAI ``image_url`` part (a PNG data URL), for ``gptlab sft`` of an
+image-input model. No torch.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import importlib.util
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,10 +37,11 @@ from .jsonsafe import parse_json
 from .tokenizer import PaletteTokenizer
 
 __all__ = ["BUILTIN_SETS", "ImageSet", "load_images", "fit_palette", "prepare_images", "image_split",
-           "save_grid", "LABELS_FILE", "CLASSIFY_DIR"]
+           "save_grid", "png_data_url", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR", "CHAT_DIR"]
 
 LABELS_FILE = "labels.json"
 CLASSIFY_DIR = "classify"
+CHAT_DIR = "chat"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -59,6 +64,20 @@ BUILTIN_SETS = {
                         "CC BY-SA 3.0)"),
 }
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+Question = tuple[str, str, Callable[[str], str]]  # (kind, question, class name -> answer)
+QUESTIONS: list[Question] = [
+    ("digit", "What digit is this?", lambda c: DIGIT_NAMES[int(c)]),
+    ("even", "Is it even?", lambda c: "yes" if int(c) % 2 == 0 else "no"),
+    ("big", "Is it greater than four?", lambda c: "yes" if int(c) > 4 else "no"),
+    ("describe", "Describe the image.", lambda c: f"a handwritten {DIGIT_NAMES[int(c)]}"),
+]
+GENERIC: list[Question] = [("label", "What is this?", lambda c: c)]
+
+
+def questions_for(classes: Sequence[str]) -> list[Question]:
+    """The digit questions for the digits' classes 0..9, else one question whose answer is the class name."""
+    return QUESTIONS if list(classes) == [str(i) for i in range(10)] else GENERIC
 
 
 @dataclass
@@ -209,6 +228,25 @@ def _classify_rows(tok: PaletteTokenizer, ids: np.ndarray, labels: np.ndarray, c
                    for row, label in zip(ids, labels))
 
 
+def png_data_url(pixels: np.ndarray) -> str:
+    """RGB pixels (H, W, 3) as a PNG data URL (what OpenAI's image_url parts carry)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _chat_rows(tok: PaletteTokenizer, ids: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:
+    rows = []
+    for row, label in zip(ids, labels):
+        url = png_data_url(tok.image(row.tolist()))
+        for kind, question, answer in questions_for(classes):
+            user = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+            rows.append(json.dumps({"messages": [{"role": "user", "content": user},
+                                                 {"role": "assistant", "content": answer(classes[int(label)])}],
+                                    "kind": kind}) + "\n")
+    return "".join(rows)
+
+
 def prepare_images(source: str, out: str | Path, *, image_size: int | None = None, palette: int = 16,
                    val_fraction: float = 0.2, seed: int = 1337) -> dict[str, Any]:
     """Write the Image GPT data directory ``out`` for ``source`` (see the module docstring); returns its meta."""
@@ -226,12 +264,15 @@ def prepare_images(source: str, out: str | Path, *, image_size: int | None = Non
         files[LABELS_FILE] = lambda path: atomic_write_json(path, {
             "classes": images.classes, **{s: labels[idx].tolist() for s, idx in splits.items()}})
 
-        def classify(path: Path) -> None:
-            path.mkdir()
-            for s, idx in splits.items():
-                atomic_write_text(path / f"{s}.jsonl", _classify_rows(tok, ids[idx], labels[idx], images.classes))
+        def rows_writer(make: Callable[[PaletteTokenizer, np.ndarray, np.ndarray, list[str]], str]) -> Any:
+            def write(path: Path) -> None:
+                path.mkdir()
+                for s, idx in splits.items():
+                    atomic_write_text(path / f"{s}.jsonl", make(tok, ids[idx], labels[idx], images.classes))
+            return write
 
-        files[CLASSIFY_DIR] = classify
+        files[CLASSIFY_DIR] = rows_writer(_classify_rows)
+        files[CHAT_DIR] = rows_writer(_chat_rows)
     extra = {"images": {"source": images.source, "image_size": list(tok.image_size), "grey": images.grey,
                         "palette": tok.palette_size, "labels": images.labels is not None,
                         "classes": images.classes, "count": {s: int(len(i)) for s, i in splits.items()}},

@@ -9,6 +9,8 @@ gains an optional ``token_embeds`` input (``GPT.forward``); text-only models are
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from .runs import load_head, load_run
 from .tokenizer import Tokenizer
 
 __all__ = ["IMAGE", "VisionConfig", "VisionEncoder", "VisionGPT", "image_tensor", "read_image", "token_embeds",
-           "image_token_id", "render_images", "load_vision", "load_vision_run"]
+           "image_token_id", "render_images", "load_vision", "load_vision_run", "read_image_ref"]
 
 IMAGE = "<|image|>"
 
@@ -97,6 +99,24 @@ def read_image(source: bytes | str | os.PathLike[str], cfg: VisionConfig) -> tor
     return image_tensor(np.asarray(rgb), cfg)
 
 
+def read_image_ref(ref: str, cfg: VisionConfig, base: Path | None = None) -> torch.Tensor:
+    """An image given as a base64 data URL or, with ``base`` (a data file's folder), a file path relative to it.
+    Nothing is fetched: any other URL is refused."""
+    if ref.startswith("data:"):
+        head, comma, data = ref.partition(",")
+        if not comma or not head.endswith(";base64"):
+            raise DataError("a data URL must be base64: data:image/png;base64,...")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise DataError("the data URL's base64 is damaged; encode the image again") from None
+        return read_image(raw, cfg)
+    if base is None or ref.split(":", 1)[0].lower() in ("http", "https", "ftp", "file"):
+        raise DataError("remote image URLs are not fetched; send the image inline as a data URL "
+                        "(data:image/png;base64,...)")
+    return read_image(base / ref, cfg)
+
+
 def image_token_id(tokenizer: Tokenizer) -> int:
     image_id = tokenizer.special_tokens.get(IMAGE)
     if image_id is None:
@@ -121,13 +141,13 @@ def token_embeds(gpt: GPT, encoder: VisionEncoder, idx: torch.Tensor, image_id: 
 class VisionGPT(GPTWrapper):
     """A GPT with a vision encoder: one module for the trainer, the loss over the assistant's tokens."""
 
-    def __init__(self, gpt: GPT, cfg: VisionConfig, image_id: int) -> None:
+    def __init__(self, gpt: GPT, vision: VisionEncoder, image_id: int) -> None:
         super().__init__(gpt)
-        self.vision = VisionEncoder(cfg, gpt.config.n_embd)
+        self.vision = vision
         self.image_id = image_id
 
     def empty_copy(self) -> "VisionGPT":
-        return VisionGPT(self.gpt.empty_copy(), self.vision.cfg, self.image_id)
+        return VisionGPT(self.gpt.empty_copy(), VisionEncoder(self.vision.cfg, self.gpt.config.n_embd), self.image_id)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         embeds = token_embeds(self.gpt, self.vision, idx, self.image_id, images)

@@ -12,8 +12,6 @@ does not fit after the prompt is cut at the context (``finish_reason: "length"``
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import math
 import time
@@ -30,7 +28,7 @@ from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from ..vision import VisionEncoder, read_image, render_images
+from ..vision import VisionEncoder, read_image_ref, render_images
 from .metrics import Metrics
 from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, ContentPart, DetokenizeRequest,
                        GenerationRequest, TokenizeRequest)
@@ -415,16 +413,9 @@ class OpenAIHandler:
         url = field.get("url") if isinstance(field, dict) else field
         if not isinstance(url, str):
             raise APIError(400, f"{param}.image_url: give {{\"url\": \"data:image/png;base64,...\"}}", param=param)
-        head, comma, data = url.partition(",")
-        if not url.startswith("data:"):
-            raise APIError(400, f"{param}.image_url: remote image URLs are not fetched; send the image inline as a "
-                                "data URL (data:image/png;base64,...)", param=param, code="image_url_not_supported")
-        if not comma or not head.endswith(";base64"):
-            raise APIError(400, f"{param}.image_url: a data URL must be base64 (data:image/png;base64,...)",
-                           param=param)
         try:
-            return read_image(base64.b64decode(data, validate=True), vision.cfg)
-        except (binascii.Error, UserError) as e:
+            return read_image_ref(url, vision.cfg)
+        except UserError as e:
             raise APIError(400, f"{param}.image_url: {e}", param=param) from None
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True

@@ -26,40 +26,22 @@ import torch.nn as nn
 from ..chat import CHAT_FORMAT, Message
 from ..config import Config, GPTConfig
 from ..data import TokenData, rank_draw
-from ..errors import UserError
-from ..images import DIGIT_NAMES, image_split
+from ..align_data import load_sft
+from ..errors import DataError, UserError, naming
+from ..images import image_split, questions_for
 from ..igpt import palette_of
 from ..model import GPT
-from ..runs import save_model
+from ..runs import CONFIG_FILE, read_run_config, save_model
 from ..tokenizer import CharTokenizer, Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from ..vision import IMAGE, VisionConfig, VisionGPT, image_tensor, render_images, token_embeds
-from .common import StageRun, TrainDefaults, pad_right
+from ..vision import (IMAGE, VisionConfig, VisionEncoder, VisionGPT, image_tensor, image_token_id, load_vision_run,
+                      read_image_ref, render_images, token_embeds)
+from .common import StageRun, TrainDefaults, data_record, pad_right, split_held_out
 
-__all__ = ["QUESTIONS", "VisionChatConfig", "VisionChatStage", "questions_for", "run_vision_chat", "answer_accuracy"]
-
-Question = tuple[str, str, Callable[[str], str]]  # (kind, question, label -> answer)
-
-
-def _digit(label: str) -> int:
-    return int(label)
-
-
-QUESTIONS: list[Question] = [
-    ("digit", "What digit is this?", lambda c: DIGIT_NAMES[_digit(c)]),
-    ("even", "Is it even?", lambda c: "yes" if _digit(c) % 2 == 0 else "no"),
-    ("big", "Is it greater than four?", lambda c: "yes" if _digit(c) > 4 else "no"),
-    ("describe", "Describe the image.", lambda c: f"a handwritten {DIGIT_NAMES[_digit(c)]}"),
-]
-GENERIC: list[Question] = [("label", "What is this?", lambda c: c)]
-
-
-def questions_for(classes: Sequence[str]) -> list[Question]:
-    """The digit questions for the digits' classes 0..9, else one question whose answer is the class name."""
-    return QUESTIONS if list(classes) == [str(i) for i in range(10)] else GENERIC
-
+__all__ = ["VisionChatConfig", "VisionChatStage", "run_vision_chat", "run_image_sft", "takes_images",
+           "answer_accuracy"]
 
 @dataclass
 class VisionChatConfig(Config):
@@ -80,7 +62,7 @@ VISION_TRAIN = TrainDefaults({"max_steps": 600, "batch_size": 32, "lr": 2e-3, "w
 VISION_MODEL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}
 
 
-Example = tuple[list[int], list[bool], torch.Tensor | None]
+Example = tuple[list[int], list[bool], torch.Tensor | None]  # ids, train mask, its images (n, C, S, S) or None
 
 
 class VisionChatStage(Stage[VisionGPT]):
@@ -119,7 +101,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
         keep = torch.tensor(mask[1:], dtype=torch.bool)
         targets[row, :len(ids) - 1][keep] = torch.tensor(ids[1:])[keep]
     pics = [img for _, _, img in examples if img is not None]
-    images = torch.stack(pics) if pics else torch.zeros(0, 1, 1, 1)
+    images = torch.cat(pics) if pics else torch.zeros(0, 1, 1, 1)
     return idx[:, :-1], targets[:, :-1], images
 
 
@@ -153,7 +135,7 @@ def _examples(ids: np.ndarray, labels: np.ndarray, classes: list[str], pixels: C
         for img_ids, label in zip(ids, labels):
             msgs = [Message("user", question), Message("assistant", answer(classes[int(label)]))]
             seq, mask = render_images(msgs, [1 if images else 0, 0], tok, vcfg.patches)
-            rows.append((seq, mask, image_tensor(pixels(img_ids), vcfg) if images else None))
+            rows.append((seq, mask, image_tensor(pixels(img_ids), vcfg)[None] if images else None))
     return out
 
 
@@ -201,5 +183,58 @@ def run_vision_chat(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         stage = VisionChatStage(train_ex, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                                 pad_id=tok.special_tokens["<|pad|>"], tokenizer=tok, rank=env.rank,
                                 world_size=env.world_size, save_extra=extra)
-        return run.trainer(VisionGPT(GPT(gcfg), vcfg, tok.special_tokens[IMAGE]), stage, train_cfg, env,
-                           progress).fit()
+        vgpt = VisionGPT(GPT(gcfg), VisionEncoder(vcfg, gcfg.n_embd), tok.special_tokens[IMAGE])
+        return run.trainer(vgpt, stage, train_cfg, env, progress).fit()
+
+
+def _sft_examples(path: str | os.PathLike[str], tok: Tokenizer, vision: VisionEncoder, max_len: int
+                  ) -> tuple[list[Example], list[str]]:
+    """The rows of an SFT file (``align_data.load_sft``: text or image parts) as examples, and each row's first
+    user text with its images (the held-out split's key: the same question about another image is another row)."""
+    base = Path(path).expanduser().parent
+    out, keys = [], []
+    for ex in load_sft(path):
+        where = f"{path}:{ex.line}"
+        refs = ex.images or [[] for _ in ex.messages]
+        with naming(where):
+            ids, mask = render_images(ex.messages, [len(r) for r in refs], tok, vision.cfg.patches)
+            pics = [read_image_ref(ref, vision.cfg, base) for r in refs for ref in r]
+        if len(ids) > max_len:
+            raise DataError(f"{where}: {len(ids)} tokens do not fit the model's context of {max_len}; shorten it")
+        out.append((ids, mask, torch.stack(pics) if pics else None))
+        keys.append(next((m.content for m in ex.messages if m.role == "user"), "") + "".join(sum(refs, [])))
+    return out, keys
+
+
+def takes_images(model_spec: str) -> bool:
+    """Whether ``model_spec`` is a run directory of an image-input model (its config.json has a vision section)."""
+    path = Path(model_spec).expanduser() / CONFIG_FILE
+    return path.is_file() and isinstance(read_run_config(path.parent).get(VisionConfig.section), dict)
+
+
+def run_image_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                  train: Given = None, val_fraction: float = 0.05, *, val_file: str | os.PathLike[str] | None = None,
+                  resume: bool = False, progress: bool = True, env: DistEnv | None = None) -> TrainResult:
+    """``gptlab sft`` of an image-input model (``gptlab images chat-train``'s) on rows whose user messages hold
+    image parts: the GPT and its vision encoder are fine-tuned together; the score is the held-out rows'
+    exact-answer accuracy (``acc_val``)."""
+    run = StageRun(VisionChatStage.name, out_dir, resume=resume)
+    train_cfg = run.train(train, VISION_TRAIN.values)
+    with run.joined(env, train_cfg) as env:
+        gpt, tok, config, vision = load_vision_run(model_spec)
+        if tok is None or vision is None:
+            raise UserError(f"{model_spec}: not an image-input model (no vision encoder), so it cannot read the "
+                            f"images in {data_file}; start from a run of gptlab images chat-train")
+        rows, keys = _sft_examples(data_file, tok, vision, gpt.config.block_size)
+        if val_file is not None:
+            train_rows, val = rows, _sft_examples(val_file, tok, vision, gpt.config.block_size)[0]
+        else:
+            train_rows, val = split_held_out(keys, rows, val_fraction, train_cfg.seed)
+        extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(), VisionConfig.section: vision.cfg.to_dict(),
+                 "data": data_record(model_spec, data_file, val_file)}
+        run.begin(env, gpt.config, tok, extra)
+        stage = VisionChatStage(train_rows, {"val": val} if val else {}, batch_size=train_cfg.batch_size,
+                                seed=train_cfg.seed, pad_id=tok.special_tokens["<|pad|>"], tokenizer=tok,
+                                rank=env.rank, world_size=env.world_size, save_extra=extra)
+        model = VisionGPT(gpt.train(), vision.train(), image_token_id(tok))
+        return run.trainer(model, stage, train_cfg, env, progress).fit()
