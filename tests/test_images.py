@@ -16,11 +16,13 @@ from gptlab.data import TokenData
 from gptlab.errors import DataError, TokenizerError
 from gptlab.igpt import complete_images, layer_features, logistic_probe, probe
 from gptlab.images import fit_palette, image_split, load_images, prepare_images
+from gptlab.images_demo import run_images_demo
 from gptlab.runs import load_run
 from gptlab.stages.pretrain import run_pretrain
 from gptlab.tasks import load_task
 from gptlab.tokenizer import EOS, PaletteTokenizer, load_tokenizer
 from gptlab.train.metrics import read_metrics
+from gptlab.vision import load_vision_run
 
 GREYS = np.array([[v, v, v] for v in (0, 85, 170, 255)], np.uint8)
 
@@ -193,3 +195,15 @@ def test_finetune_classification_on_image_rows(igpt_run, tmp_path):
                  "--lr", "5e-3", "--eval-every", "200"]) == 0
     accuracy = [r["val_accuracy"] for r in read_metrics(out / "metrics.jsonl") if "val_accuracy" in r]
     assert accuracy[-1] > 0.2  # ten classes: chance is about 0.1 (the benchmark trains longer: docs/BENCHMARKS.md)
+
+
+def test_images_demo_makes_both_models(tmp_path, capsys):
+    out = run_images_demo(tmp_path / "demo", minutes=0.02, min_steps=4)
+    text = capsys.readouterr().out
+    assert text.count("What digit is this? ->") == 5 and "small CNN" in text
+    assert (out / "igpt" / "completions.png").is_file() and (out / "igpt" / "probe" / "probe.png").is_file()
+    probe_json = json.loads((out / "igpt" / "probe" / "probe.json").read_text())
+    assert len(probe_json["layers"]) == 7  # the embeddings and six blocks
+    _, tok, config, vision = load_vision_run(str(out / "chat"))
+    assert vision is not None and config["chat_format"] and "<|image|>" in tok.special_tokens
+    assert main(["images", "demo", "--out", str(out)]) == 2  # never over an earlier demo

@@ -28,7 +28,7 @@ from .tokenizer import Tokenizer
 from .train.config import TrainConfig
 from .train.optim import make_optimizer
 
-__all__ = ["shakespeare_files", "run_demo", "DEMO_MODEL"]
+__all__ = ["shakespeare_files", "run_demo", "seconds_per_step", "DEMO_MODEL"]
 
 # ~2.7M parameters with a 4096-token vocabulary: it learns visibly in minutes on two cores.
 DEMO_MODEL = dict(n_layer=4, n_embd=192, n_head=4, block_size=128, dropout=0.0, name="demo")
@@ -48,7 +48,7 @@ def shakespeare_files() -> list[str]:
     return files
 
 
-def _seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
+def seconds_per_step(model_cfg: GPTConfig, train: TrainConfig) -> float:
     """Time forward + backward + AdamW on a throwaway copy of the model (after one warm-up step)."""
     model = GPT(model_cfg)
     opt = make_optimizer(model, train, torch.device("cpu"))
@@ -91,7 +91,7 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
     model_cfg = GPTConfig.from_dict({**DEMO_MODEL, "vocab_size": tokenizer.vocab_size})
     train = TrainConfig(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=50, beta2=0.99, weight_decay=0.1,
                         eval_batches=8, sample_tokens=0, log_every=5, seed=seed, keep_last=1, device="cpu")
-    step_s = _seconds_per_step(model_cfg, train)
+    step_s = seconds_per_step(model_cfg, train)
     left = budget - (time.perf_counter() - start)
     # about 8% of the time goes to evaluations, checkpoints and the final save
     steps = max(10, int(0.92 * left / step_s))

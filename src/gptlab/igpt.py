@@ -32,7 +32,7 @@ from .errors import UserError
 from .model import GPT, KVCache
 from .tokenizer import PaletteTokenizer, Tokenizer
 
-__all__ = ["palette_of", "complete_images", "layer_features", "logistic_probe", "train_cnn", "ProbeResult",
+__all__ = ["palette_of", "complete_images", "completion_rows", "layer_features", "logistic_probe", "train_cnn", "ProbeResult",
            "probe", "write_probe"]
 
 
@@ -80,6 +80,16 @@ def complete_images(model: GPT, tok: PaletteTokenizer, prompts: torch.Tensor, sa
         if cache.length < pixels:
             logits = model(nxt, cache=cache)[:, -1]
     return torch.cat(out, 1).view(n, samples, pixels).cpu()
+
+
+def completion_rows(tok: PaletteTokenizer, originals: np.ndarray, done: torch.Tensor, rows: int) -> list[list[np.ndarray]]:
+    """The grid's rows: the given top ``rows`` (the rest light blue), each completion, the original."""
+    out = []
+    for orig, samples in zip(originals, done):
+        shown = tok.image(orig.tolist()).copy()
+        shown[rows:] = (190, 210, 240)
+        out.append([shown, *(tok.image(s) for s in samples.tolist()), tok.image(orig.tolist())])
+    return out
 
 
 @torch.inference_mode()

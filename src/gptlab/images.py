@@ -37,7 +37,7 @@ from .jsonsafe import parse_json
 from .tokenizer import PaletteTokenizer
 
 __all__ = ["BUILTIN_SETS", "ImageSet", "load_images", "fit_palette", "prepare_images", "image_split",
-           "save_grid", "png_data_url", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR", "CHAT_DIR"]
+           "save_grid", "png_data_url", "square_image", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR", "CHAT_DIR"]
 
 LABELS_FILE = "labels.json"
 CLASSIFY_DIR = "classify"
@@ -102,7 +102,7 @@ def _package_file(spec: _Builtin) -> Path:
     raise DataError(f"the image set needs {spec.file} from the {spec.package} package; install it: {spec.install}")
 
 
-def _resize(img: Image.Image, size: int) -> Image.Image:
+def square_image(img: Image.Image, size: int) -> Image.Image:
     """The centred square crop of ``img`` at ``size`` x ``size`` (LANCZOS when shrinking, as thumbnails are)."""
     w, h = img.size
     side = min(w, h)
@@ -117,7 +117,7 @@ def _builtin(name: str, image_size: int | None) -> ImageSet:
         table = np.loadtxt(f, delimiter=",", dtype=np.float64)
     grey = np.rint(table[:, :-1] * (255.0 / spec.max_value)).astype(np.uint8).reshape(-1, spec.size, spec.size)
     if image_size is not None and image_size != spec.size:
-        grey = np.stack([np.asarray(_resize(Image.fromarray(g, "L"), image_size)) for g in grey])
+        grey = np.stack([np.asarray(square_image(Image.fromarray(g, "L"), image_size)) for g in grey])
     return ImageSet(np.repeat(grey[..., None], 3, axis=-1), table[:, -1].astype(np.int64),
                     [str(i) for i in range(10)], True, f"{name}: {spec.about}")
 
@@ -131,7 +131,7 @@ def _folder(root: Path, image_size: int) -> ImageSet:
     for p in files:
         try:
             with Image.open(p) as img:
-                pixels.append(np.asarray(_resize(img.convert("RGB"), image_size)))
+                pixels.append(np.asarray(square_image(img.convert("RGB"), image_size)))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{p}: not a readable image ({e}); remove or replace it") from None
         rel = p.relative_to(root).parts

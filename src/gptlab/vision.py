@@ -27,6 +27,7 @@ from .chat import Message, render
 from .config import Config
 from .errors import CheckpointError, DataError, UserError
 from .heads import GPTWrapper
+from .images import square_image
 from .model import GPT
 from .runs import load_head, load_run
 from .tokenizer import Tokenizer
@@ -92,11 +93,7 @@ def read_image(source: bytes | str | os.PathLike[str], cfg: VisionConfig) -> tor
             rgb = img.convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{where}: not a readable image ({e}); give a PNG or JPEG") from None
-    w, h = rgb.size
-    side = min(w, h)
-    rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    rgb = rgb.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
-    return image_tensor(np.asarray(rgb), cfg)
+    return image_tensor(np.asarray(square_image(rgb, cfg.image_size)), cfg)
 
 
 def read_image_ref(ref: str, cfg: VisionConfig, base: Path | None = None) -> torch.Tensor:

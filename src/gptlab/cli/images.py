@@ -13,8 +13,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data import TokenData
 from ..errors import DataError, UserError
-from ..igpt import complete_images, palette_of, probe, write_probe
-from ..images import BUILTIN_SETS, image_split, prepare_images, save_grid
+from ..igpt import complete_images, completion_rows, palette_of, probe, write_probe
+from ..images import BUILTIN_SETS, image_split, prepare_images, save_grid, square_image
+from ..images_demo import run_images_demo
 from ..runs import load_run
 from ..stages.vision_chat import run_vision_chat
 from ..tokenizer import PaletteTokenizer, check_tokenizers_match
@@ -71,13 +72,9 @@ def _read_image(path: str, tok: PaletteTokenizer) -> np.ndarray:
     """A user's image file as palette ids (H*W,): centred square crop, resized to the model's images."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = square_image(img.convert("RGB"), tok.image_size[0])
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({e}); pass a PNG or JPEG file") from None
-    side = min(rgb.size)
-    left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
-    h, w = tok.image_size
-    rgb = rgb.crop((left, top, left + side, top + side)).resize((w, h), Image.Resampling.LANCZOS)
     return tok.quantize(np.asarray(rgb)).reshape(-1)
 
 
@@ -99,12 +96,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
         raise UserError("--samples must be at least 1")
     given = torch.as_tensor(originals[:, :rows * w], dtype=torch.long)
     done = complete_images(model, tok, given, args.samples, temperature=args.temperature, seed=args.seed)
-    blank = np.zeros((h, w, 3), np.uint8) + np.array([190, 210, 240], np.uint8)  # the rows to fill: light blue
-    grid = []
-    for orig, samples in zip(originals, done):
-        shown = blank.copy()
-        shown[:rows] = tok.image(orig)[:rows]
-        grid.append([shown, *(tok.image(s) for s in samples.tolist()), tok.image(orig)])
+    grid = completion_rows(tok, originals, done, rows)
     path = save_grid(grid, args.out, split_after=args.samples)
     print(f"{path}: {len(grid)} images x {args.samples} completions from the top {rows} of {h} rows "
           f"(columns: given, samples, original)")
@@ -184,9 +176,21 @@ def add_chat_train(isub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat_train)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    run_images_demo(args.out, minutes=args.minutes, seed=args.seed)
+
+
+def add_demo(isub: argparse._SubParsersAction) -> None:
+    p = isub.add_parser("demo", help="Image GPT and an image-input chat model on the digits, within a time budget")
+    p.add_argument("--out", required=True, help="directory for digits/, igpt/ and chat/")
+    p.add_argument("--minutes", type=float, default=15.0, help="time budget (default 15)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_demo)
+
+
 def add_images(sub: argparse._SubParsersAction) -> None:
-    add_group(sub, "images", "Image GPT: pixels as tokens (prepare, complete, probe); image-input chat (chat-train)",
-              [add_prepare, add_complete, add_probe, add_chat_train])
+    add_group(sub, "images", "Image GPT: pixels as tokens (prepare, complete, probe); image-input chat (chat-train); "
+                             "demo", [add_prepare, add_complete, add_probe, add_chat_train, add_demo])
 
 
 COMMANDS = [add_images]
