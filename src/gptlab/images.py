@@ -165,8 +165,9 @@ def load_images(source: str, image_size: int | None = None) -> ImageSet:
 
 
 def _nearest(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
-    return d.argmin(1), d.min(1)
+    """Each point's nearest centre and squared distance, as |x|^2 - 2 x.c + |c|^2 (one matmul, no (n, k, 3))."""
+    d = (points ** 2).sum(1)[:, None] - 2 * points @ centres.T + (centres ** 2).sum(1)[None]
+    return d.argmin(1), np.maximum(d.min(1), 0)
 
 
 def fit_palette(pixels: np.ndarray, k: int, *, grey: bool, seed: int = 0, iters: int = 30,
@@ -186,11 +187,13 @@ def fit_palette(pixels: np.ndarray, k: int, *, grey: bool, seed: int = 0, iters:
     if len(uniq) <= k:
         centres = points
     else:
-        centres = points[[rng.choice(len(points), p=weights / weights.sum())]]
-        for _ in range(k - 1):  # k-means++: each next centre drawn by weight x squared distance
-            _, d = _nearest(points, centres)
+        chosen = [int(rng.choice(len(points), p=weights / weights.sum()))]
+        d = ((points - points[chosen[0]]) ** 2).sum(1)
+        for _ in range(k - 1):  # k-means++: each next centre drawn by weight x squared distance to the nearest
             p = weights * d
-            centres = np.vstack([centres, points[rng.choice(len(points), p=p / p.sum())]])
+            chosen.append(int(rng.choice(len(points), p=p / p.sum())))
+            d = np.minimum(d, ((points - points[chosen[-1]]) ** 2).sum(1))
+        centres = points[chosen]
         for _ in range(iters):
             assign, d = _nearest(points, centres)
             moved = centres.copy()

@@ -967,9 +967,9 @@ class PaletteTokenizer(Tokenizer):
         flat = px.reshape(-1, 3)
         ids = np.empty(len(flat), dtype=np.int64)
         pal = self.colours.astype(np.float32)
-        for i in range(0, len(flat), 1 << 16):  # bounded memory: (chunk, K) distances at a time
-            d = ((flat[i:i + (1 << 16), None, :] - pal[None]) ** 2).sum(-1)
-            ids[i:i + (1 << 16)] = d.argmin(1)
+        for i in range(0, len(flat), 1 << 14):  # bounded memory: (chunk, K) distances at a time
+            x = flat[i:i + (1 << 14)]
+            ids[i:i + (1 << 14)] = (-2 * x @ pal.T + (pal ** 2).sum(1)[None]).argmin(1)  # |x|^2 is the same for all
         return ids.reshape(px.shape[:-1])
 
     def image(self, ids: Sequence[int]) -> np.ndarray:
