@@ -32,8 +32,8 @@ from .errors import UserError
 from .model import GPT, KVCache
 from .tokenizer import PaletteTokenizer, Tokenizer
 
-__all__ = ["palette_of", "complete_images", "completion_rows", "layer_features", "logistic_probe", "train_cnn", "ProbeResult",
-           "probe", "write_probe"]
+__all__ = ["palette_of", "complete_images", "completion_rows", "layer_features", "logistic_probe", "train_cnn",
+           "ProbeResult", "probe", "plot_probe", "write_probe"]
 
 
 def palette_of(tokenizer: Tokenizer | None, where: str) -> PaletteTokenizer:
@@ -82,7 +82,8 @@ def complete_images(model: GPT, tok: PaletteTokenizer, prompts: torch.Tensor, sa
     return torch.cat(out, 1).view(n, samples, pixels).cpu()
 
 
-def completion_rows(tok: PaletteTokenizer, originals: np.ndarray, done: torch.Tensor, rows: int) -> list[list[np.ndarray]]:
+def completion_rows(tok: PaletteTokenizer, originals: np.ndarray, done: torch.Tensor,
+                    rows: int) -> list[list[np.ndarray]]:
     """The grid's rows: the given top ``rows`` (the rest light blue), each completion, the original."""
     out = []
     for orig, samples in zip(originals, done):

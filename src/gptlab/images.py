@@ -37,7 +37,8 @@ from .jsonsafe import parse_json
 from .tokenizer import PaletteTokenizer
 
 __all__ = ["BUILTIN_SETS", "ImageSet", "load_images", "fit_palette", "prepare_images", "image_split",
-           "save_grid", "png_data_url", "square_image", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR", "CHAT_DIR"]
+           "save_grid", "png_data_url", "square_image", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR",
+           "CHAT_DIR"]
 
 LABELS_FILE = "labels.json"
 CLASSIFY_DIR = "classify"

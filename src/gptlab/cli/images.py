@@ -37,7 +37,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def add_prepare(isub: argparse._SubParsersAction) -> None:
-    p = isub.add_parser("prepare", help="images -> pixel-token shards for `gptlab train` (the palette is the tokenizer)")
+    p = isub.add_parser("prepare", help="images -> pixel-token shards for `gptlab train` (the palette is the "
+                                        "tokenizer)")
     p.add_argument("--input", required=True,
                    help=f"{' or '.join(BUILTIN_SETS)} (installed data sets), or a folder of PNG/JPEG images "
                         f"(sub-folders are labels)")
