@@ -1,11 +1,12 @@
 """Image input in the conversation: held-out answer accuracy per question kind, with and without the image.
 
-    python benchmarks/bench_vision_chat.py [--out runs/bench-vchat] [--steps 800] [--quick]
+    python benchmarks/bench_vision_chat.py [--out runs/bench-vchat] [--steps 800] [--igpt IGPT_RUN] [--quick]
 
-One process: `gptlab images prepare` on the digits, then `gptlab images chat-train` twice with the same
-model, questions and steps: once with the images, once with `--no-images` (the text-only baseline, which
-can only learn each question's most frequent answer). Accuracy: greedy decoding gives exactly the answer,
-on held-out images never trained on.
+One process: `gptlab images prepare` on the digits, then `gptlab images chat-train` with the same model,
+questions and steps: with the ViT patch encoder, with `--no-images` (the text-only baseline, which can
+only learn each question's most frequent answer) and, given `--igpt` (an Image GPT trained on the same
+digits, e.g. `gptlab images demo`'s), with that Image GPT as a frozen encoder. Accuracy: greedy decoding
+gives exactly the answer, on held-out images never trained on.
 """
 
 from __future__ import annotations
@@ -29,22 +30,29 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-vchat")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--quick", action="store_true", help="100 steps, for a smoke run")
+    ap.add_argument("--igpt", default=None, help="an Image GPT run on the digits, to measure as the encoder")
     args = ap.parse_args()
     steps = str(100 if args.quick else args.steps)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    for argv in (["images", "prepare", "--input", "digits", "--out", str(out / "digits")],
-                 ["images", "chat-train", "--data", str(out / "digits"), "--out", str(out / "image"), "--max-steps", steps],
-                 ["images", "chat-train", "--data", str(out / "digits"), "--out", str(out / "text"), "--max-steps", steps,
-                  "--no-images"]):
-        if gptlab(argv):
-            raise SystemExit(f"gptlab {' '.join(argv)} failed")
-    image, text = last_scores(out / "image"), last_scores(out / "text")
-    print(f"\n{steps} steps each, {time.perf_counter() - t0:.0f} s in all; held-out digits")
-    print("| question | with the image | text only (same questions) |\n|---|---:|---:|")
-    for kind in image:
-        print(f"| {kind} | {image[kind]:.3f} | {text[kind]:.3f} |")
+    train = ["images", "chat-train", "--data", str(out / "digits"), "--max-steps", steps]
+    runs = {"image": [], "text": ["--no-images"], **({"igpt": ["--encoder", "igpt", "--igpt", args.igpt]}
+                                                      if args.igpt else {})}
+    if gptlab(["images", "prepare", "--input", "digits", "--out", str(out / "digits")]):
+        raise SystemExit("gptlab images prepare failed")
+    seconds = {}
+    for name, extra in runs.items():
+        if gptlab([*train, "--out", str(out / name), *extra]):
+            raise SystemExit(f"gptlab images chat-train {name} failed")
+        seconds[name] = read_metrics(out / name / "metrics.jsonl")[-1]["time_s"]
+    scores = {name: last_scores(out / name) for name in runs}
+    print(f"\n{steps} steps each, {time.perf_counter() - t0:.0f} s in all; held-out digits; training seconds: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    heads = {"image": "ViT patches", "igpt": "Image GPT encoder (frozen)", "text": "text only"}
+    print("| question | " + " | ".join(heads[n] for n in runs) + " |\n|---|" + "---:|" * len(runs))
+    for kind in scores["image"]:
+        print(f"| {kind} | " + " | ".join(f"{scores[n][kind]:.3f}" for n in runs) + " |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from gptlab.data import TokenData
 from gptlab.engine import Engine, SamplingParams
 from gptlab.images import image_split, prepare_images
 from gptlab.model import GPT
+from gptlab.runs import load_run
 from gptlab.serve.app import create_app
+from gptlab.stages.pretrain import run_pretrain
 from gptlab.stages.vision_chat import chat_tokenizer
 from gptlab.train.metrics import read_metrics
 from gptlab.vision import IMAGE, VisionConfig, VisionEncoder, load_vision_run, read_image, render_images, token_embeds
@@ -182,3 +184,23 @@ def test_sft_reads_image_parts_and_trains_the_encoder(vchat, tmp_path, capsys):
     assert main(["sft", "--model", str(root / "run"), "--data", str(rows), "--out", str(tmp_path / "sft3")]) == 2
     err = capsys.readouterr().err
     assert f"{rows}:1" in err and "not fetched" in err and not (tmp_path / "sft3").exists()
+
+
+def test_an_image_gpt_as_the_frozen_encoder(vchat, tmp_path):
+    root, png = vchat
+    igpt = tmp_path / "igpt"
+    run_pretrain(root / "digits", igpt, {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 65},
+                 {"max_steps": 3, "batch_size": 4, "eval_every": 0, "sample_tokens": 0}, progress=False)
+    out = tmp_path / "chat"
+    assert main(["images", "chat-train", "--data", str(root / "digits"), "--out", str(out), "--max-steps", "3",
+                 "--encoder", "igpt", "--igpt", str(igpt), "--igpt-layer", "1"]) == 0
+    _, _, config, vision = load_vision_run(str(out))
+    assert config["vision"]["encoder"] == "igpt" and list(vision.state_dict()) == ["proj.weight", "proj.bias"]
+    # the features: block 1's states at each pixel (read after <|endoftext|>), averaged over each 2x2 patch
+    gpt, palette, _ = load_run(str(igpt))
+    image = read_image(png, vision.cfg)[None]
+    ids = torch.as_tensor(palette.quantize((image[0, 0] * 255).round()[..., None].expand(8, 8, 3).numpy()))
+    states = gpt.h[0](gpt.drop(gpt.wte(torch.cat([torch.tensor([palette.eos_id]), ids.view(-1)]))[None]
+                               + gpt.wpe(torch.arange(65))), None, {"D": "causal"})[0, 1:]
+    expect = states.view(4, 2, 4, 2, 16).mean((1, 3)).reshape(16, 16)
+    torch.testing.assert_close(vision.igpt_features(image)[0], expect.detach())

@@ -32,7 +32,7 @@ from .errors import UserError
 from .model import GPT, KVCache
 from .tokenizer import PaletteTokenizer, Tokenizer
 
-__all__ = ["palette_of", "complete_images", "completion_rows", "layer_features", "logistic_probe", "train_cnn",
+__all__ = ["palette_of", "complete_images", "completion_rows", "pixel_states", "layer_features", "logistic_probe", "train_cnn",
            "ProbeResult", "probe", "plot_probe", "write_probe"]
 
 
@@ -93,28 +93,33 @@ def completion_rows(tok: PaletteTokenizer, originals: np.ndarray, done: torch.Te
     return out
 
 
+def pixel_states(model: GPT, tok: PaletteTokenizer, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer (0 = the embeddings, i = after block i), the hidden states (N, H*W, n_embd) at each pixel of
+    the images ``ids`` (N, H*W), each read after ``<|endoftext|>`` as in training."""
+    _check_fits(model, tok)
+    x = torch.cat([torch.full((len(ids), 1), tok.eos_id, device=ids.device), ids], 1)
+    caught: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: caught.append(out[:, 1:]))
+             for m in [model.drop, *model.h]]
+    try:
+        model.hidden_states(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return caught
+
+
 @torch.inference_mode()
 def layer_features(model: GPT, tok: PaletteTokenizer, ids: np.ndarray, batch_size: int = 64) -> list[torch.Tensor]:
     """Per layer (0 = the embeddings, i = after block i), each image's hidden states averaged over its pixel
     positions: a list of n_layer + 1 tensors (N, n_embd)."""
-    _check_fits(model, tok)
     model.eval()
     device = model.wte.weight.device
-    caught: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _a, out: caught.append(out[:, 1:].mean(1).float().cpu()))
-             for m in [model.drop, *model.h]]
-    feats: list[list[torch.Tensor]] = [[] for _ in hooks]
-    try:
-        for start in range(0, len(ids), batch_size):
-            x = torch.as_tensor(ids[start:start + batch_size], dtype=torch.long)
-            x = torch.cat([torch.full((len(x), 1), tok.eos_id), x], 1).to(device)
-            caught.clear()
-            model.hidden_states(x)
-            for layer, f in enumerate(caught):
-                feats[layer].append(f)
-    finally:
-        for h in hooks:
-            h.remove()
+    feats: list[list[torch.Tensor]] = [[] for _ in range(model.config.n_layer + 1)]
+    for start in range(0, len(ids), batch_size):
+        x = torch.as_tensor(ids[start:start + batch_size], dtype=torch.long, device=device)
+        for layer, states in enumerate(pixel_states(model, tok, x)):
+            feats[layer].append(states.mean(1).float().cpu())
     return [torch.cat(f) for f in feats]
 
 

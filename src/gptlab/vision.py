@@ -2,9 +2,12 @@
 
 An image in a conversation is rendered as ``patches`` copies of the ``<|image|>`` token right after the
 user's role token; the GPT's token embeddings at those positions are replaced, in order, by the
-encoder's outputs (ViT's patch embedding: a strided convolution, learned patch positions, one
-bidirectional transformer layer, a projection into the GPT's embedding width). The GPT itself only
-gains an optional ``token_embeds`` input (``GPT.forward``); text-only models are untouched.
+encoder's outputs. The encoder is one of two (``VisionConfig.encoder``, chosen by measurement:
+docs/BENCHMARKS.md): ``patches``, ViT's patch embedding trained with the model (a strided convolution,
+learned patch positions, one bidirectional transformer layer, a projection into the GPT's width), or
+``igpt``, a trained Image GPT read as a frozen feature extractor (its hidden states at one block,
+averaged over each patch's pixels, then a trained projection). The GPT itself only gains an optional
+``token_embeds`` input (``GPT.forward``); text-only models are untouched.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .chat import Message, render
 from .config import Config
 from .errors import CheckpointError, DataError, UserError
 from .heads import GPTWrapper
+from .igpt import palette_of, pixel_states
 from .images import square_image
 from .model import GPT
 from .runs import load_head, load_run
@@ -51,7 +56,13 @@ class VisionConfig(Config):
     patch: int = 2
     """side of a patch: (image_size / patch)^2 image tokens per image"""
     width: int = 64
-    """the encoder's own width"""
+    """the encoder's own width (encoder patches)"""
+    encoder: str = "patches"
+    """patches (a ViT patch embedding trained with the model) or igpt (a trained Image GPT, frozen)"""
+    igpt: str = ""
+    """the Image GPT run directory that encoder igpt reads (kept by path, not copied into the run)"""
+    igpt_layer: int = 0
+    """the Image GPT block whose outputs are the features (0: the last)"""
 
     @property
     def patches(self) -> int:
@@ -65,7 +76,20 @@ class VisionEncoder(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch:
             raise UserError(f"image_size {cfg.image_size} is not a multiple of patch {cfg.patch}")
+        if cfg.encoder not in ("patches", "igpt"):
+            raise UserError(f"vision encoder {cfg.encoder!r} is not patches or igpt")
         self.cfg = cfg
+        if cfg.encoder == "igpt":
+            gpt, tok, _ = load_run(cfg.igpt)
+            self.palette = palette_of(tok, cfg.igpt)
+            if self.palette.image_size != (cfg.image_size, cfg.image_size):
+                raise UserError(f"{cfg.igpt}: the Image GPT reads {self.palette.image_size} images, not "
+                                f"{cfg.image_size}x{cfg.image_size}")
+            if not 0 <= cfg.igpt_layer <= gpt.config.n_layer:
+                raise UserError(f"igpt_layer {cfg.igpt_layer} is not a block of {cfg.igpt} (1..{gpt.config.n_layer})")
+            self.igpt = [gpt.eval().requires_grad_(False)]  # a list, not a submodule: neither trained nor saved
+            self.proj = nn.Linear(gpt.config.n_embd, n_embd)
+            return
         self.patchify = nn.Conv2d(cfg.channels, cfg.width, cfg.patch, stride=cfg.patch)
         self.pos = nn.Parameter(torch.randn(cfg.patches, cfg.width) * 0.02)
         self.mix = nn.TransformerEncoderLayer(cfg.width, nhead=4, dim_feedforward=4 * cfg.width, dropout=0.0,
@@ -73,8 +97,20 @@ class VisionEncoder(nn.Module):
         self.proj = nn.Linear(cfg.width, n_embd)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.encoder == "igpt":
+            return self.proj(self.igpt_features(images))
         x = self.patchify(images).flatten(2).transpose(1, 2) + self.pos  # (N, patches, width)
         return self.proj(self.mix(x))
+
+    @torch.no_grad()
+    def igpt_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The Image GPT's hidden states at ``igpt_layer``, each patch's pixels averaged: (N, patches, its width)."""
+        gpt, s, p = self.igpt[0].to(images.device), self.cfg.image_size, self.cfg.patch
+        rgb = (images.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).expand(-1, -1, -1, 3)  # (N, S, S, 3)
+        ids = torch.from_numpy(self.palette.quantize(rgb.cpu().numpy())).view(len(images), -1).to(images.device)
+        states = pixel_states(gpt, self.palette, ids)[self.cfg.igpt_layer or gpt.config.n_layer]  # (N, S*S, C)
+        grid = states.transpose(1, 2).reshape(len(images), -1, s, s)
+        return F.avg_pool2d(grid, p).flatten(2).transpose(1, 2)
 
 
 def image_tensor(pixels: np.ndarray, cfg: VisionConfig) -> torch.Tensor:

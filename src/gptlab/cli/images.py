@@ -159,7 +159,8 @@ def add_probe(isub: argparse._SubParsersAction) -> None:
 
 def cmd_chat_train(args: argparse.Namespace) -> None:
     train = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed)) if v is not None}
-    result = run_vision_chat(args.data, args.out, train, {"images": args.images}, resume=args.resume)
+    settings = {"images": args.images, "encoder": args.encoder, "igpt": args.igpt or "", "igpt_layer": args.igpt_layer}
+    result = run_vision_chat(args.data, args.out, train, settings, resume=args.resume)
     records = [r for r in read_metrics(Path(args.out) / "metrics.jsonl") if any(k.startswith("acc_") for k in r)]
     scores = ", ".join(f"{k[4:]} {v:.3f}" for k, v in records[-1].items() if k.startswith("acc_")) if records else ""
     print(f"saved {result.run_dir}; held-out answer accuracy: {scores}")
@@ -172,6 +173,11 @@ def add_chat_train(isub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default 600)")
     p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
                    help="show the images (--no-images: the text-only baseline on the same questions)")
+    p.add_argument("--encoder", choices=["patches", "igpt"], default="patches",
+                   help="the vision encoder: a ViT patch embedding trained with the model (default), or a trained "
+                        "Image GPT's features (frozen; with --igpt)")
+    p.add_argument("--igpt", default=None, help="the Image GPT run directory for --encoder igpt")
+    p.add_argument("--igpt-layer", type=int, default=0, help="its block whose outputs are read (default 0: the last)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_chat_train)

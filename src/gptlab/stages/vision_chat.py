@@ -54,7 +54,13 @@ class VisionChatConfig(Config):
     patch: int = 2
     """side of the encoder's square patches"""
     vision_width: int = 64
-    """the vision encoder's width"""
+    """the vision encoder's width (encoder patches)"""
+    encoder: str = "patches"
+    """patches (a ViT patch embedding trained with the model) or igpt (a trained Image GPT's features, frozen)"""
+    igpt: str = ""
+    """the Image GPT run directory for encoder igpt"""
+    igpt_layer: int = 0
+    """the Image GPT block whose outputs are the features (0: the last)"""
 
 
 VISION_TRAIN = TrainDefaults({"max_steps": 600, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "eval_every": 200,
@@ -163,7 +169,11 @@ def run_vision_chat(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     h, w = palette.image_size
     if h != w:
         raise UserError(f"{data_dir}: images are {h}x{w}; the vision encoder reads square images")
-    vcfg = VisionConfig(image_size=h, channels=1 if palette.grey else 3, patch=cfg.patch, width=cfg.vision_width)
+    if cfg.encoder == "igpt" and not cfg.igpt:
+        raise UserError("--encoder igpt needs --igpt RUN: an Image GPT trained on the same images")
+    vcfg = VisionConfig(image_size=h, channels=1 if palette.grey else 3, patch=cfg.patch, width=cfg.vision_width,
+                        encoder=cfg.encoder, igpt=os.path.abspath(cfg.igpt) if cfg.igpt else "",
+                        igpt_layer=cfg.igpt_layer)
     train_cfg = run.train(train, VISION_TRAIN.values)
     tok = chat_tokenizer(classes)
     with run.joined(env, train_cfg) as env:
