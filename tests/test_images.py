@@ -206,4 +206,5 @@ def test_images_demo_makes_both_models(tmp_path, capsys):
     assert len(probe_json["layers"]) == 7  # the embeddings and six blocks
     _, tok, config, vision = load_vision_run(str(out / "chat"))
     assert vision is not None and config["chat_format"] and "<|image|>" in tok.special_tokens
+    assert config["vision"]["encoder"] == "igpt" and config["vision"]["igpt"] == str(out / "igpt")
     assert main(["images", "demo", "--out", str(out)]) == 2  # never over an earlier demo
