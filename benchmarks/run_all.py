@@ -36,6 +36,7 @@ def main() -> int:
         ["bench_serve.py", *(["--quick"] if args.quick else [])],
         ["bench_visualize.py", *(["--repeat", "1"] if args.quick else [])],
         ["bench_chinese.py", "--steps", "20" if args.quick else "300"],
+        ["bench_igpt.py", *(["--quick"] if args.quick else [])],
         ["fuzz_serve.py", *(["--max-examples", "20"] if args.quick else [])],
     ]
     failed = []

@@ -11,6 +11,7 @@ modern MoE view (docs/img/visualize-modern-moe.png, quantised to 256 colours).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import io
 import json
@@ -40,6 +41,8 @@ from gptlab.atomic import append_jsonl  # noqa: E402
 from gptlab.tokenizer import CharTokenizer  # noqa: E402
 from gptlab.serve.offline import standalone_page  # noqa: E402
 from gptlab.visualize import ModelView, ViewConfig  # noqa: E402
+from gptlab.stages.vision_chat import chat_tokenizer  # noqa: E402
+from gptlab.vision import VisionConfig, VisionEncoder, read_image, render_images  # noqa: E402
 from serving import RunningApp  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -204,6 +207,48 @@ def test_thumbs_up_appends_one_feedback_line(served, page):
     assert row["rating"] == "up" and row["model"] == "tiny" and re.match(r"\d{4}-\d\d-\d\dT", row["time"])
     assert row["messages"] == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
     assert _words(row["answer"]) == _words(page.locator(".msg.assistant .body").inner_text()) != ""
+
+
+def test_chat_image_button_sends_the_image_and_shows_its_thumbnail(served, page, tmp_path):
+    """An image-input model's page: the Image button attaches a PNG, the message carries it as an image_url
+    part, the conversation shows its thumbnail, and the reply is the engine's own for that image."""
+    tok = chat_tokenizer([str(i) for i in range(10)])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size)).eval()
+    vision = VisionEncoder(VisionConfig(image_size=8, channels=1, patch=2, width=16), 32).eval()
+    with torch.no_grad():  # replies of letters: the special tokens never win a greedy step
+        model.lm_head.weight[list(tok.special_tokens.values())] = 0
+    png = tmp_path / "seven.png"
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[4:8, 6:26] = 255
+    pixels[8:28, 18:22] = 255
+    Image.fromarray(pixels).save(png)
+    running = RunningApp(create_app(model, tok, {"chat_format": "gptlab-chat-v1"}, model_name="vchat", vision=vision))
+    try:
+        page.goto(running.url + "/")
+        _chat_settings(page, 12)
+        sent = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+        page.locator("#image-button").wait_for()
+        page.set_input_files("#image-file", str(png))
+        page.locator("#attachment-thumb").wait_for()
+        page.fill("#input", "What digit is this?")
+        page.press("#input", "Enter")
+        page.locator(".msg.assistant .regenerate").wait_for()
+        parts = sent[0]["messages"][0]["content"]
+        assert parts[0] == {"type": "text", "text": "What digit is this?"} and parts[1]["type"] == "image_url"
+        assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        assert page.locator(".msg.user img.thumb").count() == 1 and page.locator("#attachment").is_hidden()
+        prompt, _ = render_images([Message("user", "What digit is this?")], [1], tok, 16, add_generation_prompt=True)
+        params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=stop_ids(tok))
+        engine = Engine(model, tok, vision=vision)
+        reply = engine.generate_ids([prompt], params, images=[read_image(png, vision.cfg)[None]])[0].text
+        assert _words(page.locator(".msg.assistant .body").inner_text()) == _words(reply)
+    finally:
+        running.stop()
+    page.goto(served["url"] + "/")  # a text model's page has no image button
+    page.locator("#send").wait_for()
+    assert page.locator("#image-button").is_hidden()
 
 
 def test_chat_page_of_a_base_model_points_to_the_explorer(served, page):

@@ -18,7 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .atomic import atomic_write_text
@@ -39,10 +39,12 @@ _ROLE_LIST = ", ".join(map(repr, ROLES))
 
 @dataclass(frozen=True)
 class SFTExample:
-    """A demonstration: the conversation, and the line it came from (for later error messages)."""
+    """A demonstration: the conversation, the line it came from (for later error messages), and each message's
+    images (data URLs or paths relative to the file's folder; empty for text)."""
 
     messages: list[Message]
     line: int
+    images: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,35 @@ def _check_text(value: Any, what: str, where: str, field: str | None = None) -> 
     return value
 
 
-def _sft_messages(row: dict[str, Any], where: str) -> list[Message]:
+def _content(content: Any, at: str) -> tuple[str, list[str]]:
+    """A message's text and images: a string, or OpenAI's content parts (``text``, and ``image_url`` whose url is
+    a data URL or a local file; remote URLs are refused, nothing is fetched)."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise DataError(f"{at}: field 'content' is {json_type(content)}, not a string or a list of parts; write the "
+                        "text in quotes")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise DataError(f"{at}: content[{j}] needs image_url.url: a data URL or an image file's path")
+            if url.split(":", 1)[0].lower() in ("http", "https", "ftp"):
+                raise DataError(f"{at}: content[{j}]: remote image URLs are not fetched; give a data URL or a local "
+                                "file's path")
+            images.append(url)
+        else:
+            raise DataError(f"{at}: content[{j}] is not a text part or an image_url part; write "
+                            '{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}')
+    return "".join(texts), images
+
+
+def _sft_messages(row: dict[str, Any], where: str) -> tuple[list[Message], list[list[str]]]:
     pair = [f for f in ("prompt", "response") if f in row]
     if "messages" in row and pair:
         raise DataError(f"{where}: has both 'messages' and {pair[0]!r}; use one form per row")
@@ -90,28 +120,30 @@ def _sft_messages(row: dict[str, Any], where: str) -> list[Message]:
         raise DataError(f"{where}: neither 'prompt'+'response' nor 'messages' (fields: {', '.join(sorted(row)) or 'none'}); "
                         'write {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}, ...]}')
     if pair:
-        return [Message("user", _text(row, "prompt", where)), Message("assistant", _text(row, "response", where))]
+        return [Message("user", _text(row, "prompt", where)), Message("assistant", _text(row, "response", where))], []
     turns = row["messages"]
     if not isinstance(turns, list) or not turns:
         shown = "an empty list" if turns == [] else json_type(turns)
         raise DataError(f"{where}: field 'messages' is {shown}; give a non-empty list of {{\"role\", \"content\"}} objects")
-    messages = []
+    messages, images = [], []
     for i, turn in enumerate(turns):
         at = f"{where}: messages[{i}]"
         if not isinstance(turn, dict):
             raise DataError(f"{at} is {json_type(turn)}, not an object; write {{\"role\": ..., \"content\": ...}}")
-        role, content = turn.get("role"), turn.get("content")
+        role = turn.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{at}: role {role!r} is not one of {_ROLE_LIST}; use one of those")
-        if not isinstance(content, str):
-            raise DataError(f"{at}: field 'content' is {json_type(content)}, not a string; write the text in quotes")
+        content, pictures = _content(turn.get("content"), at)
+        if pictures and role != "user":
+            raise DataError(f"{at}: only user messages hold images; move the image into a user message")
         if role == "assistant" and not content.strip():
             raise DataError(f"{at}: the assistant content is empty; give the reply or drop the message")
         messages.append(Message(role, content))
+        images.append(pictures)
     if not any(m.role == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn; add the reply as "
                         '{"role": "assistant", "content": ...}')
-    return messages
+    return messages, images if any(images) else []
 
 
 def _ranked(row: dict[str, Any], where: str) -> list[str]:
@@ -170,7 +202,11 @@ def _ranked(row: dict[str, Any], where: str) -> list[str]:
 # ================================================================== files
 def load_sft(path: PathLike) -> list[SFTExample]:
     """Demonstrations for SFT; either row form becomes a conversation with at least one assistant turn."""
-    return [SFTExample(_sft_messages(row, where), line) for line, where, row in _rows(path)]
+    out = []
+    for line, where, row in _rows(path):
+        messages, images = _sft_messages(row, where)
+        out.append(SFTExample(messages, line, images))
+    return out
 
 
 def load_rankings(path: PathLike) -> list[Ranking]:

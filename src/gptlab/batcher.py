@@ -49,8 +49,9 @@ class Ticket:
     """A submitted sequence; ``cancel()`` frees its slot at the next step."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Piece | BaseException], None],
-                 stream: bool):
+                 stream: bool, images: torch.Tensor | None = None):
         self.prompt, self.params, self.emit, self.stream = prompt, params, emit, stream
+        self.images = images  # (n, C, S, S) for the prompt's <|image|> runs (an image-input model), or None
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -120,10 +121,12 @@ class Batcher:
 
     # ------------------------------------------------------------ public
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               emit: Callable[[Piece | BaseException], None], stream: bool = True) -> Ticket:
-        """Queue a sequence. ``emit`` gets Pieces (text pieces only when ``stream``; the last carries the
-        Completion) or the exception that ended it; it runs on the worker thread and must not block."""
-        ticket = Ticket(list(prompt), params, emit, stream)
+               emit: Callable[[Piece | BaseException], None], stream: bool = True,
+               images: torch.Tensor | None = None) -> Ticket:
+        """Queue a sequence (with the images of its prompt). ``emit`` gets Pieces (text pieces only when
+        ``stream``; the last carries the Completion) or the exception that ended it; it runs on the worker
+        thread and must not block."""
+        ticket = Ticket(list(prompt), params, emit, stream, images)
         with self.cond:
             if self.closed:
                 raise RuntimeError("the batcher is closed")
@@ -209,7 +212,8 @@ class Batcher:
                 seqs.append(s)
         if not seqs:
             return
-        logits, cache, next_pos = self.engine.prefill([s.ticket.prompt for s in seqs], room=0)
+        logits, cache, next_pos = self.engine.prefill([s.ticket.prompt for s in seqs], room=0,
+                                                      images=[s.ticket.images for s in seqs])
         if self.cache is None:
             parts = [(cache, list(range(len(seqs))))]
         else:

@@ -20,13 +20,14 @@ global batch (a run on N processes sees exactly the batches of one process).
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,7 +40,8 @@ from .errors import DataError
 from .tokenizer import (TOKENIZER_MODES, Tokenizer, load_checked_tokenizer, load_tokenizer, tokenizer_digest,
                         train_tokenizer)
 
-__all__ = ["META_FILE", "VERIFIED_FILE", "check_meta", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw", "eval_batches", "prepare"]
+__all__ = ["META_FILE", "VERIFIED_FILE", "check_meta", "TokenData", "ShardedTokens", "PretrainBatches", "rank_draw",
+           "eval_batches", "prepare", "write_documents", "check_new_dir"]
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -174,6 +176,73 @@ def _input_bytes(sources: Sequence[Any]) -> int | None:
     return sum(os.path.getsize(s.path) for s in sources)
 
 
+def check_new_dir(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path, refused when it exists and is not an empty directory (data is never written over)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; choose another --out or remove it")
+    return out
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to build a data directory in: renamed to ``out`` when the block ends,
+    removed when it raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent)  # what an earlier writer that was killed left behind
+    tmp = out.parent / temporary_name(out.name, "prepare")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (check_new_dir)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_meta(tmp: Path, tok: Tokenizer, spec: Any, dtype: str, splits: dict[str, Any],
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """meta.json, written last: a directory with meta.json is complete."""
+    meta = {
+        "format": FORMAT,
+        "tokenizer": spec,
+        "tokenizer_dir": TOKENIZER_DIR,
+        "tokenizer_sha256": tokenizer_digest(tmp / TOKENIZER_DIR),
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": dtype,
+        "splits": splits,
+        **extra,
+        "gptlab_version": __version__,
+    }
+    atomic_write_json(tmp / META_FILE, meta)
+    return meta
+
+
+def write_documents(out: str | os.PathLike[str], tokenizer: Tokenizer,
+                    documents: Iterable[tuple[str, np.ndarray, int]], extra: dict[str, Any],
+                    files: dict[str, Callable[[Path], Any]] | None = None) -> dict[str, Any]:
+    """A data directory from documents already tokenized (``(split, ids, source bytes)``, each followed by
+    ``<|endoftext|>`` in its split), as ``prepare`` writes one; ``extra`` joins meta.json and ``files``
+    (name -> writer of that path) adds files beside the shards. Returns the meta."""
+    out = check_new_dir(out)
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    with _staging(out) as tmp:
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        writers = {s: _SplitWriter(tmp, s, dtype, SHARD_TOKENS) for s in ("train", "val")}
+        for split, ids, nbytes in documents:
+            writers[split].write(np.concatenate([np.asarray(ids, dtype=dtype), eos]), nbytes, 1)
+        splits = {s: w.finish() for s, w in writers.items()}
+        for name, write in (files or {}).items():
+            write(tmp / name)
+        meta = _write_meta(tmp, tokenizer, tokenizer.spec, dtype, splits, extra)
+    return meta
+
+
 def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer, out: str | os.PathLike[str], *,
             val_fraction: float = 0.1, seed: int = 1337, text_field: str = "text", vocab_size: int | None = None,
             dtype: str = "auto", workers: int | None = None, shard_tokens: int = SHARD_TOKENS,
@@ -186,9 +255,7 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
     characters of its text and the ``<|unk|>`` tokens that stand for ones the vocabulary lacks. ``workers`` defaults to the number of cores (inputs under
     16 MB are tokenized in this process: starting workers would cost more).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not empty; choose another --out or remove it")
+    out = check_new_dir(out)
     if dtype not in ("auto", "uint16", "uint32"):
         raise DataError(f"dtype {dtype!r} must be auto, uint16 or uint32")
     sources = expand_inputs(inputs)
@@ -204,12 +271,7 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
         raise DataError(f"the tokenizer has {tok.vocab_size} tokens, too many for uint16 shards (at most 65536); "
                         "use --dtype uint32 (or auto)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent)  # what an earlier prepare that was killed left behind
-    tmp = out.parent / temporary_name(out.name, "prepare")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _staging(out) as tmp:
         tok.save(tmp / TOKENIZER_DIR)
         writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         digests: dict[str, Any] = {}
@@ -248,28 +310,9 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], tokenizer: str | Tokenizer
         if val_fraction > 0 and splits["val"]["tokens"] == 0:
             raise DataError(f"the validation split is empty ({splits['train']['documents']} documents, "
                             f"--val-fraction {val_fraction}); raise --val-fraction or add documents")
-        meta = {
-            "format": FORMAT,
-            "tokenizer": spec,
-            "tokenizer_dir": TOKENIZER_DIR,
-            "tokenizer_sha256": tokenizer_digest(tmp / TOKENIZER_DIR),
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "dtype": dtype,
-            "splits": splits,
+        meta = _write_meta(tmp, tok, spec, dtype, splits, {
             "inputs": [{"path": s.path, "kind": s.kind, "sha256": digests[s.path].hexdigest()} for s in sources],
-            "val_fraction": val_fraction,
-            "split_seed": seed,
-            "text_field": text_field,
-            "gptlab_version": __version__,
-        }
-        atomic_write_json(tmp / META_FILE, meta)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            "val_fraction": val_fraction, "split_seed": seed, "text_field": text_field})
     return meta
 
 

@@ -13,7 +13,7 @@ log-likelihood of given continuations (in-context evaluation, the server).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -22,7 +22,11 @@ from .errors import UserError
 from .model import GPT, KVCache
 from .quantize import with_precision
 from .runs import load_run
+from .vision import VisionEncoder, image_token_id, load_vision, token_embeds
 from .tokenizer import Tokenizer
+
+
+Images = Sequence[torch.Tensor | None] | None  # per prompt: its images (n, C, S, S), or None
 
 
 @dataclass
@@ -165,17 +169,23 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class Engine:
-    """Generation over a model; ``precision="int8"`` decodes through int8 weights on CPU (quantize.py)."""
+    """Generation over a model; ``precision="int8"`` decodes through int8 weights on CPU (quantize.py).
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, precision: str = "fp32"):
+    With a ``vision`` encoder (an image-input chat run), a prompt may come with its images: a tensor
+    (n, C, S, S) per prompt, one image for each run of ``<|image|>`` tokens in it (vision.py).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, precision: str = "fp32",
+                 vision: VisionEncoder | None = None):
         self.model = with_precision(model.eval(), precision)
         self.tokenizer = tokenizer
         self.config = model.config
+        self.vision = vision.eval() if vision is not None else None
 
     @classmethod
     def from_spec(cls, spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> "Engine":
-        model, tokenizer, _ = load_run(spec, device=device)
-        return cls(model, tokenizer, precision)
+        model, tokenizer, config = load_run(spec, device=device)
+        return cls(model, tokenizer, precision, load_vision(spec, config, model))
 
     @property
     def device(self) -> torch.device:
@@ -193,9 +203,10 @@ class Engine:
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         return self.generate_ids([self.encode(p) for p in prompts], params)
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                     images: Images = None) -> list[Completion]:
         rows: list[_Row] = []
-        for rows in self._decode(prompts, params):
+        for rows in self._decode(prompts, params, images=images):
             pass
         return [self.completion(r) for r in rows]
 
@@ -248,20 +259,22 @@ class Engine:
         """Yield the continuation's text piece by piece; a stop string never appears, even partially."""
         return self.stream_ids(self.encode(prompt), params)
 
-    def stream_ids(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[str]:
-        """``stream_text`` for a prompt given as token ids (e.g. a rendered chat)."""
-        for piece, _ in self.stream_pieces(prompt, params):
+    def stream_ids(self, prompt: Sequence[int], params: SamplingParams,
+                   images: torch.Tensor | None = None) -> Iterator[str]:
+        """``stream_text`` for a prompt given as token ids (e.g. a rendered chat) and its images."""
+        for piece, _ in self.stream_pieces(prompt, params, images):
             if piece:
                 yield piece
 
-    def stream_pieces(self, prompt: Sequence[int], params: SamplingParams
+    def stream_pieces(self, prompt: Sequence[int], params: SamplingParams, images: torch.Tensor | None = None
                       ) -> Iterator[tuple[str, Completion | None]]:
         """Text pieces as they become safe to show, then ``("", the final Completion)``.
 
         What a server needs to stream: the text, and at the end the finish reason and token counts.
         """
         row = None
-        for (row,) in self._decode([list(prompt)], params, track_text=True):
+        for (row,) in self._decode([list(prompt)], params, track_text=True,
+                                   images=None if images is None else [images]):
             piece = row.fresh_text(params.stop)
             if piece:
                 yield piece, None
@@ -284,9 +297,9 @@ class Engine:
                           logprobs=row.logprobs, top_logprobs=row.top, prompt_tokens=row.prompt_len,
                           stop_token=row.stop_token)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], room: int
+    def prefill(self, prompts: Sequence[Sequence[int]], room: int, images: Images = None
                 ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        """Run left-padded prompts through a new cache with ``room`` free positions.
+        """Run left-padded prompts (with their images) through a new cache with ``room`` free positions.
 
         Returns the next-token logits (B, V), the cache, and each row's next position (B, 1).
         """
@@ -300,8 +313,23 @@ class Engine:
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         cache = KVCache(self.config, B, max_len=T + room, device=self.device, dtype=self.model.wte.weight.dtype)
         cache.set_padding(valid)
-        logits = self.model(idx, cache=cache, positions=positions)[:, -1]
+        logits = self.model(idx, cache=cache, positions=positions, token_embeds=self.image_embeds(idx, images))[:, -1]
         return logits, cache, positions[:, -1:] + 1
+
+    def image_embeds(self, idx: torch.Tensor, images: Images) -> torch.Tensor | None:
+        """The token embeddings of ``idx`` with its images in place, or None for text alone."""
+        given = [im for im in images or [] if im is not None and len(im)]
+        if self.vision is None or self.tokenizer is None:
+            if given:
+                raise UserError("this model does not take images: serve or load an image-input chat run "
+                                "(gptlab images chat-train)")
+            return None
+        image_id = image_token_id(self.tokenizer)
+        if not given and not bool((idx == image_id).any()):
+            return None
+        cfg = self.vision.cfg
+        pics = torch.cat(given) if given else torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size)
+        return token_embeds(self.model, self.vision, idx, image_id, pics)  # image tokens and images must agree
 
     @staticmethod
     def draw(logits: torch.Tensor, rows: Sequence[_Row], params: SamplingParams,
@@ -319,7 +347,7 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                track_text: bool = False) -> Iterator[list[_Row]]:
+                track_text: bool = False, images: Images = None) -> Iterator[list[_Row]]:
         """The decoding loop; yields the rows after every step (the last yield is final)."""
         cfg = self.config
         if not prompts:
@@ -348,7 +376,10 @@ class Engine:
                 r.finish, r.text = "length", "" if track_text else None
             yield rows
             return
-        logits, cache, next_pos = self.prefill(prompts, room=min(max_new, room))
+        if images is not None and params.slide:
+            params = replace(params, slide=False)  # a window sliding past an image would cut it in two
+            max_new = min(params.max_new_tokens, room)
+        logits, cache, next_pos = self.prefill(prompts, room=min(max_new, room), images=images)
         for step in range(max_new):
             tokens, chosen, tops = self.draw(logits, rows, params, generator)
             for r, tok, lp, top in zip(rows, tokens.tolist(), chosen, tops):

@@ -585,8 +585,12 @@ class GPT(nn.Module):
         """(the token embeddings, the learned position embeddings or None with rotary positions)."""
         return self.wte(idx), self.wpe(positions) if self.wpe is not None else None
 
-    def _input(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _input(self, idx: torch.Tensor, positions: torch.Tensor,
+               token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' input; ``token_embeds`` (B, T, n_embd) stands in for ``wte(idx)`` (an image's positions)."""
         tok, pos = self._embed(idx, positions)
+        if token_embeds is not None:
+            tok = token_embeds
         return self.drop(tok if pos is None else tok + pos)
 
     def _check_length(self, length: int) -> None:
@@ -595,19 +599,21 @@ class GPT(nn.Module):
                             f"{self.config.block_size}: shorten the prompt or lower max tokens")
 
     def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                      valid: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
+                      valid: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd), after ``ln_f`` for pre-LN models; heads read these.
 
         ``valid`` (B, T) marks real tokens when rows are left-padded (without a
-        cache); ``positions`` (B, T) overrides the default 0..T-1 positions.
+        cache); ``positions`` (B, T) overrides the default 0..T-1 positions;
+        ``token_embeds`` (B, T, n_embd) replaces ``wte(idx)`` (an image's encoded
+        patches stand where its ``<|image|>`` tokens are: vision.py).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         self._check_length(start + T)
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self._input(idx, positions)
+        x = self._input(idx, positions, token_embeds)
         ctx = self._context(T, cache, valid, positions)
         for block in self.h:
             x = block(x, cache, ctx)
@@ -624,9 +630,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with ``targets`` also the mean cross-entropy (ignore_index=-100)."""
-        logits = self.logits(self.hidden_states(idx, cache=cache, valid=valid, positions=positions))
+        logits = self.logits(self.hidden_states(idx, cache=cache, valid=valid, positions=positions,
+                                                token_embeds=token_embeds))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

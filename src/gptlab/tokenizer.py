@@ -7,7 +7,8 @@ trained on your own text through Hugging Face `tokenizers` (also wraps any HF
 BPE through `load_gpt1_pair`), and a character vocabulary for the nanoGPT-style
 Shakespeare demo. GPT2-Chinese's modes come beside them: a
 word vocabulary on jieba's segmentation and BERT's WordPiece `vocab.txt`; the char
-and word vocabularies trained here encode what they cannot spell as `<|unk|>`.
+and word vocabularies trained here encode what they cannot spell as `<|unk|>`. Image GPT's
+palette is one more (one token per pixel colour, written ``#rrggbb`` as text).
 
 Every tokenizer saves to a self-contained directory (`tokenizer_config.json`
 plus its vocabulary files), so a run directory can always re-create the exact
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import jieba
+import numpy as np
 import tiktoken
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -48,7 +50,7 @@ from .jsonsafe import parse_json
 __all__ = [
     "EOS", "PAD", "START", "DELIM", "EXTRACT", "SYSTEM", "USER", "ASSISTANT", "END_OF_TURN",
     "SPECIAL_TOKENS", "GPT2_PATTERN", "Tokenizer", "BPETokenizer", "TiktokenTokenizer",
-    "CharTokenizer", "WordTokenizer", "WordPieceTokenizer", "UNK", "UNK_SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS",
+    "CharTokenizer", "PaletteTokenizer", "WordTokenizer", "WordPieceTokenizer", "UNK", "UNK_SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS",
     "TOKENIZER_MODES", "segment", "train_tokenizer", "readable_tokens", "train_bpe", "train_tokenizer_files",
     "load_tokenizer", "load_ranks", "save_ranks", "load_gpt2_pair", "save_gpt2_pair", "load_gpt1_pair", "is_gpt1_pair",
     "is_gpt1", "tokenizer_difference", "check_tokenizers_match",
@@ -1307,6 +1309,102 @@ class WordPieceTokenizer(_OwnSpecials):
         return {"vocab_file": "vocab.txt", "lowercase": self.lowercase}
 
 
+# --------------------------------------------------------------------------- image palettes
+
+
+class PaletteTokenizer(_OwnSpecials):
+    """Image GPT's vocabulary: one id per palette colour (a pixel of an image in raster order), specials after.
+
+    A pixel's text is its colour as ``#rrggbb``, so an image is a line of text that task files and prompts
+    can hold and that encodes back to the same ids; any ``#rrggbb`` goes to the nearest palette colour and
+    whitespace is ignored. ``image(ids)`` turns ids back into pixels of ``image_size`` (height, width).
+    """
+
+    kind = "palette"
+    _TEXT = re.compile(r"#[0-9a-fA-F]{6}|\s+")
+
+    def __init__(self, colours: Any, image_size: tuple[int, int], special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                 grey: bool = False) -> None:
+        colours = np.asarray(colours)
+        if colours.ndim != 2 or colours.shape[1] != 3 or not len(colours) or colours.min() < 0 or colours.max() > 255:
+            raise TokenizerError("a palette is a list of [r, g, b] colours with values 0..255; re-run "
+                                 "gptlab images prepare")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise TokenizerError(f"image_size {list(image_size)} must be [height, width] >= 1; re-run "
+                                 "gptlab images prepare")
+        special_tokens = _check_special_names(list(special_tokens))
+        if EOS not in special_tokens:
+            raise TokenizerError(f"special_tokens must include {EOS!r} (the separator between images)")
+        self.colours = colours.astype(np.uint8)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grey = grey
+        self._hex = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in self.colours.tolist()]
+        self._special = {t: len(self._hex) + i for i, t in enumerate(special_tokens)}
+        self.spec = f"palette-{len(self._hex)}"
+
+    @property
+    def palette_size(self) -> int:
+        return len(self._hex)
+
+    def quantize(self, pixels: Any) -> np.ndarray:
+        """The id of the nearest palette colour of each RGB pixel: (..., 3) values 0..255 -> (...) ids."""
+        px = np.asarray(pixels, dtype=np.float32)
+        flat = px.reshape(-1, 3)
+        ids = np.empty(len(flat), dtype=np.int64)
+        pal = self.colours.astype(np.float32)
+        for i in range(0, len(flat), 1 << 14):  # bounded memory: (chunk, K) distances at a time
+            x = flat[i:i + (1 << 14)]
+            ids[i:i + (1 << 14)] = (-2 * x @ pal.T + (pal ** 2).sum(1)[None]).argmin(1)  # |x|^2 is the same for all
+        return ids.reshape(px.shape[:-1])
+
+    def image(self, ids: Sequence[int]) -> np.ndarray:
+        """Pixels (height, width, 3) uint8 of the first height*width ids, which must all be colours."""
+        h, w = self.image_size
+        arr = np.asarray(_as_ids(ids), dtype=np.int64)[:h * w]
+        if len(arr) != h * w or arr.min() < 0 or arr.max() >= self.palette_size:
+            raise TokenizerError(f"an image needs {h * w} palette ids (0..{self.palette_size - 1}); got "
+                                 f"{len(arr)} ids {'with' if len(arr) == h * w else 'or'} special tokens or ids "
+                                 f"outside the palette")
+        return self.colours[arr].reshape(h, w, 3)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        colours, end = [], 0
+        for m in self._TEXT.finditer(text):
+            if m.start() != end:
+                break
+            end = m.end()
+            if m.group()[0] == "#":
+                c = m.group()
+                colours.append([int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16)])
+        if end != len(text):
+            raise TokenizerError(f"{text[end:end + 12]!r} at character {end} is not a pixel colour: palette text "
+                                 "is #rrggbb colours separated by nothing or whitespace")
+        return self.quantize(np.asarray(colours).reshape(-1, 3)).tolist() if colours else []
+
+    def token_bytes(self, id: int) -> bytes:
+        if isinstance(id, int) and 0 <= id < self.palette_size:
+            return self._hex[id].encode("ascii")
+        for t, i in self._special.items():
+            if i == id:
+                return t.encode("utf-8")
+        raise _bad_id([id], self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.palette_size + len(self._special)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        for t in _check_special_names(tokens):
+            if t not in self._special:
+                self._special[t] = self.vocab_size
+        return [self._special[t] for t in tokens]
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        _write_json(directory / "palette.json",
+                    {"colours": self.colours.tolist(), "image_size": list(self.image_size), "grey": self.grey})
+        return {"palette_file": "palette.json"}
+
+
 # --------------------------------------------------------------------------- training by mode
 
 TOKENIZER_MODES = ("char", "word", "bpe", "wordpiece")
@@ -1370,8 +1468,17 @@ def _load_saved(directory: Path, config: dict[str, Any]) -> Tokenizer:
         order = sorted(specials, key=specials.__getitem__)
         tok = WordPieceTokenizer.from_vocab_file(file_field("vocab_file", "vocab.txt"), lowercase=lowercase,
                                                  special_tokens=order)
+    elif kind == "palette":
+        palette = _read_json(file_field("palette_file", "palette.json"))
+        if not isinstance(palette, dict) or not isinstance(palette.get("colours"), list) \
+                or not isinstance(palette.get("image_size"), list):
+            raise TokenizerError(f"{directory / 'palette.json'}: expected colours and image_size; re-run "
+                                 "gptlab images prepare")
+        tok = PaletteTokenizer(palette["colours"], palette["image_size"],
+                               sorted(specials, key=specials.__getitem__), bool(palette.get("grey")))
     else:
-        raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe', 'char', 'word' or 'wordpiece'")
+        raise TokenizerError(f"{where}: unknown kind {kind!r}; expected 'tiktoken', 'bpe', 'char', 'word', "
+                             f"'wordpiece' or 'palette'")
     if isinstance(config.get("spec"), str) and kind != "bpe":
         tok.spec = config["spec"]
     if tok.special_tokens != specials:

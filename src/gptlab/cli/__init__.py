@@ -6,6 +6,7 @@
     evaluation.py  eval ppl|icl, predict
     serving.py     chat, serve
     demos.py       demo, rlhf-demo
+    images.py      images prepare|complete|probe (Image GPT)
     args.py        flags from dataclass fields, command groups
 
 A ``UserError``, a usage error or a path the system refuses is printed as one line (no traceback) and exits with code 2.
@@ -19,7 +20,7 @@ import sys
 from typing import NoReturn
 
 from ..errors import UserError
-from . import data, demos, evaluation, models, serving, training
+from . import data, demos, evaluation, images, models, serving, training
 
 __all__ = ["main", "build_parser"]
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptlab", description="The GPT lineage as one hackable tool: "
                                      "GPT-1, GPT-2, GPT-3, InstructGPT, ChatGPT")
     sub = parser.add_subparsers(dest="command", required=True)
-    for topic in (models, data, training, evaluation, serving, demos):
+    for topic in (models, data, training, evaluation, serving, demos, images):
         for add in topic.COMMANDS:
             add(sub)
     return parser

@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..runs import load_run
 from ..serve.run import run_server
 from ..serve.web import WebData
+from ..vision import load_vision, load_vision_run
 
 __all__ = ["COMMANDS"]
 
@@ -20,7 +21,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not config.get("chat_format"):
         raise UserError(f"{args.model} has no chat format (it was not trained with gptlab sft, ppo or dpo): "
                         f"fine-tune it with gptlab sft first, or use gptlab generate for plain completion")
-    engine = Engine(model, tokenizer, precision=args.precision)
+    engine = Engine(model, tokenizer, precision=args.precision, vision=load_vision(args.model, config, model))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     run_chat(engine, params, system=args.system)
@@ -29,7 +30,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk to a chat model (gptlab sft/ppo/dpo run) in the terminal, streaming")
-    p.add_argument("--model", required=True, help="run directory with a chat format, or hf:DIR")
+    p.add_argument("--model", required=True, help="run directory with a chat format (an image-input one takes "
+                                                  "/image PATH), or hf:DIR")
     p.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -50,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or directory.resolve().name
     data = WebData(Path(args.data_dir).expanduser() if args.data_dir else None, args.max_record_bytes,
                    args.max_data_bytes)
-    return run_server(lambda: load_run(args.model), model_name=name, host=args.host, port=args.port,
+    return run_server(lambda: load_vision_run(args.model), model_name=name, host=args.host, port=args.port,
                       api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
                       max_batch=args.max_batch, data=data, allow_hosts=args.allow_host or ())
 

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import UserError
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..vision import VisionEncoder
 from .middleware import Guard
 from .openai import Answer, OpenAIHandler
 from .protocol import (ERROR_SCHEMA, ERRORS, STREAMED, APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
@@ -37,7 +38,9 @@ from .web import WebData, add_web_routes
 
 __all__ = ["create_app", "Loader"]
 
-Loader = Callable[[], tuple[GPT, Tokenizer | None, dict[str, Any]]]  # runs.load_run's (model, tokenizer, config)
+# runs.load_run's (model, tokenizer, config), or vision.load_vision_run's (..., the vision encoder or None)
+Loader = Callable[[], tuple[GPT, Tokenizer | None, dict[str, Any]]
+                  | tuple[GPT, Tokenizer | None, dict[str, Any], VisionEncoder | None]]
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -80,10 +83,11 @@ def create_app(model: GPT | None = None, tokenizer: Tokenizer | None = None, con
                *, model_name: str, load: Loader | None = None, api_key: str | None = None,
                max_body_bytes: int = 1_000_000, max_tokens_limit: int | None = None, max_n: int = 8,
                max_queue: int = 64, max_batch: int = 16, data: WebData = WebData(),
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, vision: VisionEncoder | None = None) -> FastAPI:
     """The FastAPI app serving a model under ``model_name``; its ``ServeState`` is ``app.state.serve``.
 
-    Give the model (``model, tokenizer, config``), or ``load`` returning them:
+    Give the model (``model, tokenizer, config``, and the ``vision`` encoder of an image-input model), or
+    ``load`` returning them:
     then the app starts answering at once and loads in a thread, with 503 on
     every route (``/health`` included) until the model is there. Requests are
     decoded together by a ``Batcher`` of up to ``max_batch`` sequences.
@@ -100,12 +104,13 @@ def create_app(model: GPT | None = None, tokenizer: Tokenizer | None = None, con
         raise UserError(f"max_queue={max_queue} must be >= 1")
     state = ServeState()
 
-    def open_handler(model: GPT, tokenizer: Tokenizer | None, config: dict[str, Any]) -> OpenAIHandler:
+    def open_handler(model: GPT, tokenizer: Tokenizer | None, config: dict[str, Any],
+                     vision: VisionEncoder | None = None) -> OpenAIHandler:
         return OpenAIHandler(model, tokenizer, config, model_name=model_name, max_tokens_limit=max_tokens_limit,
-                             max_n=max_n, max_batch=max_batch, metrics=state.metrics)
+                             max_n=max_n, max_batch=max_batch, metrics=state.metrics, vision=vision)
 
     if model is not None:
-        state.attach(open_handler(model, tokenizer, config or {}))
+        state.attach(open_handler(model, tokenizer, config or {}, vision))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -23,14 +23,15 @@ from typing import Any, TypeVar, cast
 import torch
 
 from ..batcher import Batcher, Piece
-from ..chat import CHAT_TEMPLATE, ROLES, Message, has_chat_tokens, render, stop_ids
+from ..chat import CHAT_TEMPLATE, ROLES, Message, has_chat_tokens, stop_ids
 from ..engine import Completion, Engine, SamplingParams
 from ..errors import UserError
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..vision import VisionEncoder, read_image_ref, render_images
 from .metrics import Metrics
-from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest, GenerationRequest,
-                       TokenizeRequest)
+from .protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, ContentPart, DetokenizeRequest,
+                       GenerationRequest, TokenizeRequest)
 
 __all__ = ["OpenAIHandler", "Answer", "IsDisconnected"]
 
@@ -55,10 +56,11 @@ class OpenAIHandler:
     ever half there. ``metrics`` receives the token counts of every response."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None, config: dict[str, Any], *, model_name: str,
-                 max_tokens_limit: int | None, max_n: int, max_batch: int, metrics: Metrics):
+                 max_tokens_limit: int | None, max_n: int, max_batch: int, metrics: Metrics,
+                 vision: VisionEncoder | None = None):
         if tokenizer is None:
             raise UserError("the server needs a tokenizer: serve a run directory saved with one, or hf:DIR")
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, vision=vision)
         self.gpt, self.tok, self.config = self.engine.model, tokenizer, config  # .model is GET /v1/models/{name}
         self.model_name, self.max_n, self.metrics = model_name, max_n, metrics
         self.block = self.engine.config.block_size
@@ -185,9 +187,11 @@ class OpenAIHandler:
         """Run ``fn()`` on the batcher's thread between two decode steps (model work that must not race it)."""
         return await asyncio.wrap_future(self.batcher.call(fn))
 
-    async def decode(self, jobs: Jobs, stream: bool) -> AsyncIterator[tuple[int, Piece]]:
-        """Submit every job to the batcher and yield ``(job index, Piece)`` as they come, interleaved;
-        leaving early (a client that went away) cancels the jobs, which frees their batch slots."""
+    async def decode(self, jobs: Jobs, stream: bool, images: torch.Tensor | None = None
+                     ) -> AsyncIterator[tuple[int, Piece]]:
+        """Submit every job (each with the request's ``images``) to the batcher and yield ``(job index, Piece)``
+        as they come, interleaved; leaving early (a client that went away) cancels the jobs, which frees their
+        batch slots."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Piece | BaseException]] = asyncio.Queue()
 
@@ -199,7 +203,8 @@ class OpenAIHandler:
                     pass
             return emit
 
-        tickets = [self.batcher.submit(ids, params, emitter(i), stream) for i, (ids, params) in enumerate(jobs)]
+        tickets = [self.batcher.submit(ids, params, emitter(i), stream, images)
+                   for i, (ids, params) in enumerate(jobs)]
         left = len(tickets)
         try:
             while left:
@@ -212,12 +217,13 @@ class OpenAIHandler:
             for t in tickets:
                 t.cancel()
 
-    async def complete(self, jobs: Jobs, is_disconnected: IsDisconnected) -> list[Completion]:
+    async def complete(self, jobs: Jobs, is_disconnected: IsDisconnected,
+                       images: torch.Tensor | None = None) -> list[Completion]:
         """Every job's Completion; gives up (cancelling the jobs) when the client disconnects."""
         out: list[Completion | None] = [None] * len(jobs)
 
         async def collect() -> None:
-            async for i, piece in self.decode(jobs, stream=False):
+            async for i, piece in self.decode(jobs, stream=False, images=images):
                 out[i] = piece.completion
 
         task = asyncio.ensure_future(collect())
@@ -354,7 +360,8 @@ class OpenAIHandler:
                prompt_tokens: int, *,
                opening: Callable[[list[int]], dict[str, Any] | None],
                piece: Callable[[str | None], dict[str, Any]],
-               logprobs: Callable[[Piece, int], dict[str, Any] | None]) -> AsyncIterator[str]:
+               logprobs: Callable[[Piece, int], dict[str, Any] | None],
+               images: torch.Tensor | None = None) -> AsyncIterator[str]:
         """SSE for completions and chat alike: choice ``i`` generates ``jobs[i]``, all choices in the batch at
         once, their chunks interleaved. ``opening`` gives a choice's first chunk (echo, the assistant role) or
         None; ``piece`` the fields of a text piece (None: the empty piece that carries the finish reason);
@@ -375,7 +382,7 @@ class OpenAIHandler:
                     first = opening(ids)
                     if first is not None:
                         yield chunk(index, first, None)
-                async for index, p in self.decode(jobs, stream=True):
+                async for index, p in self.decode(jobs, stream=True, images=images):
                     lps = logprobs(p, shown[index]) if p.token_ids else None
                     if p.text or lps is not None:
                         yield chunk(index, piece(p.text), None, lps)
@@ -394,27 +401,56 @@ class OpenAIHandler:
 
     # -------------------------------------------------------------- chat
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        return self.chat_prompt(messages, add_generation_prompt)[0]
+
+    def image_part(self, part: ContentPart, param: str) -> torch.Tensor:
+        """An ``image_url`` part's image, decoded from its data URL; nothing is ever fetched."""
+        vision = self.engine.vision
+        if vision is None:
+            raise APIError(400, f"{param}: the model '{self.model_name}' does not take images (it is not an "
+                                "image-input run: gptlab images chat-train)", param=param)
+        field = (part.model_extra or {}).get("image_url")
+        url = field.get("url") if isinstance(field, dict) else field
+        if not isinstance(url, str):
+            raise APIError(400, f"{param}.image_url: give {{\"url\": \"data:image/png;base64,...\"}}", param=param)
+        try:
+            return read_image_ref(url, vision.cfg)
+        except UserError as e:
+            raise APIError(400, f"{param}.image_url: {e}", param=param) from None
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True
+                    ) -> tuple[list[int], torch.Tensor | None]:
+        """The conversation's ids and its images (n, C, S, S), None without any: each message's images go
+        right after its role token (vision.render_images), in the order they come."""
         if not self.chat_ok:
             raise APIError(400, f"the model '{self.model_name}' has no chat format (it was not trained with "
                                 "gptlab sft, ppo or dpo): use /v1/completions, or fine-tune it with gptlab sft",
                            param="messages", code="no_chat_format")
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        turns = []
+        turns, counts, images = [], [], []
         for i, m in enumerate(messages):
             role = "system" if m.role == "developer" else m.role
             if role not in ROLES:
                 raise APIError(400, f"messages[{i}].role '{m.role}' is not one of 'system', 'developer', "
                                     "'user', 'assistant'", param=f"messages[{i}].role")
             content = m.content
+            count = 0
             if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content")
-                content = "".join(part.text or "" for part in content)
+                for j, part in enumerate(content):
+                    if part.type == "image_url":
+                        images.append(self.image_part(part, f"messages[{i}].content[{j}]"))
+                        count += 1
+                    elif part.type != "text" or part.text is None:
+                        raise APIError(400, f"messages[{i}].content[{j}]: only text and image_url parts are "
+                                            "supported", param=f"messages[{i}].content")
+                content = "".join(part.text or "" for part in content if part.type == "text")
             turns.append(Message(role, content or ""))
+            counts.append(count)
+        patches = self.engine.vision.cfg.patches if self.engine.vision is not None else 0
         try:
-            return render(turns, self.tok, add_generation_prompt=add_generation_prompt)[0]
+            ids = render_images(turns, counts, self.tok, patches, add_generation_prompt=add_generation_prompt)[0]
+            return ids, torch.stack(images) if images else None
         except UserError as e:
             raise APIError(400, f"the messages cannot be tokenized: {e}", param="messages") from None
 
@@ -427,7 +463,7 @@ class OpenAIHandler:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         n = self.n(req.n)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        ids = self.chat_ids(req.messages)
+        ids, images = self.chat_prompt(req.messages)
         params = self.params(req, max_tokens, self.max_tokens_limit, k or 0, stop_ids(self.tok))
         self.check_length(ids, params.max_new_tokens, "messages")
         params.max_new_tokens = min(params.max_new_tokens, self.block - len(ids))
@@ -438,8 +474,8 @@ class OpenAIHandler:
                 len(ids), opening=lambda _: {"delta": {"role": "assistant", "content": ""}},
                 piece=lambda text: {"delta": {} if text is None else {"content": text}},
                 logprobs=lambda p, _: self.chat_logprobs(p.token_ids, p.logprobs, p.top_logprobs)
-                if req.logprobs else None)
-        comps = await self.complete(jobs, is_disconnected)
+                if req.logprobs else None, images=images)
+        comps = await self.complete(jobs, is_disconnected, images)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text or "", "refusal": None},
                     "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs) if req.logprobs else None,
                     "finish_reason": c.finish_reason}

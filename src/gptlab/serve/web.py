@@ -209,7 +209,7 @@ def add_web_routes(app: FastAPI, state: ServeState, data: WebData) -> None:
         prompts = data_dir is not None and (data_dir / PROMPTS).exists()
         return {"model": api.model_name, "chat": api.chat_ok, "context": api.block,
                 "max_tokens": api.max_tokens_limit, "max_n": api.max_n, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "data_dir": data_dir is not None, "prompts": prompts}
+                "data_dir": data_dir is not None, "prompts": prompts, "images": api.engine.vision is not None}
 
     @app.post("/web/next")
     async def explore_next(req: NextRequest) -> dict[str, Any]:

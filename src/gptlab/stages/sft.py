@@ -37,9 +37,10 @@ from ..lora import add_lora
 from ..model import GPT
 from ..runs import save_model
 from ..tokenizer import Tokenizer
-from ..train.config import Given
+from ..train.config import Given, resolve
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
+from .vision_chat import run_image_sft, takes_images
 from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, draw_weighted, load_chat_model, sample_replies,
                      split_held_out)
 
@@ -179,8 +180,12 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     """Supervised fine-tuning of ``model_spec`` on the demonstrations in ``data_file``.
 
     Validation: ``val_file``, or the rows whose first user turn hashes into
-    ``sft.val_fraction`` (identical prompts stay on one side).
+    ``sft.val_fraction`` (identical prompts stay on one side). An image-input model, or rows whose user
+    messages hold images, go to ``vision_chat.run_image_sft`` (the encoder is trained too).
     """
+    if takes_images(model_spec) or any(ex.images for ex in load_sft(data_file)):
+        return run_image_sft(model_spec, data_file, out_dir, train, resolve(SFTConfig, sft).val_fraction,
+                             val_file=val_file, resume=resume, progress=progress, env=env)
     run = StageRun(SFTStage.name, out_dir, resume=resume, config_file=config_file, sections=(SFTConfig.section,))
     settings = run.settings(SFTConfig, sft)
     n_rows = len(load_sft(data_file))

@@ -6,7 +6,9 @@ const CURRENT = "gptlab.currentChat";
 const SETTINGS = "gptlab.chatSettings";
 const $ = (id) => document.getElementById(id);
 
-const state = { info: null, chats: loadStored(CHATS, []), current: loadStored(CURRENT, null), controller: null, live: null };
+const state = { info: null, chats: loadStored(CHATS, []), current: loadStored(CURRENT, null), controller: null, live: null,
+  image: null };
+const MAX_IMAGE_BYTES = 2 * 1024 * 1024; // kept in localStorage with the conversation
 
 // ------------------------------------------------------------------ settings
 function settings() {
@@ -77,9 +79,15 @@ function statsText(stats) {
   return `${stats.tokens} tokens · ${rate.toFixed(1)} tokens/s · ${stats.seconds.toFixed(1)} s`;
 }
 
+/** A message as the API reads it: a user message with an image becomes OpenAI's content parts. */
+function apiMessage({ role, content, image }) {
+  if (!image) return { role, content };
+  return { role, content: [{ type: "text", text: content }, { type: "image_url", image_url: { url: image } }] };
+}
+
 /** The messages an answer was generated from: its system prompt, then the conversation before it. */
 function promptMessages(history, system) {
-  const turns = history.map(({ role, content }) => ({ role, content }));
+  const turns = history.map(apiMessage);
   return system ? [{ role: "system", content: system }, ...turns] : turns;
 }
 
@@ -102,6 +110,7 @@ function messageView(chat, m, index) {
     el("div", { className: "who" }, m.role === "user" ? "You" : state.info ? state.info.model : "assistant"), body, meta);
   if (m.role === "user") {
     body.textContent = m.content;
+    if (m.image) body.prepend(el("img", { className: "thumb", src: m.image, alt: "Image sent with the message" }));
     meta.append(el("button", { type: "button", className: "icon edit", disabled: busy, onclick: () => startEdit(chat, index, view) }, "Edit"));
     return view;
   }
@@ -238,7 +247,8 @@ function send() {
   const text = $("input").value;
   if (!text.trim() || state.controller || !state.info || !state.info.chat) return;
   const chat = currentChat() || newChat();
-  chat.messages.push({ role: "user", content: text });
+  chat.messages.push(state.image ? { role: "user", content: text, image: state.image } : { role: "user", content: text });
+  setImage(null);
   if (!chat.title) chat.title = text.trim().slice(0, 60);
   $("input").value = "";
   answer(chat);
@@ -255,8 +265,9 @@ function startEdit(chat, index, view) {
   area.value = chat.messages[index].content;
   const resend = () => {
     if (!area.value.trim() || state.controller) return;
+    const image = chat.messages[index].image;
     chat.messages = chat.messages.slice(0, index);
-    chat.messages.push({ role: "user", content: area.value });
+    chat.messages.push(image ? { role: "user", content: area.value, image } : { role: "user", content: area.value });
     answer(chat);
   };
   view.querySelector(".body").replaceWith(el("div", { className: "editor" }, area,
@@ -280,6 +291,41 @@ async function rate(chat, index, rating) {
   renderMessages();
 }
 
+// ------------------------------------------------------------------ images
+function setImage(dataUrl) {
+  state.image = dataUrl;
+  $("attachment").hidden = !dataUrl;
+  if (dataUrl) $("attachment-thumb").src = dataUrl;
+  else $("attachment-thumb").removeAttribute("src");
+  $("image-file").value = "";
+}
+
+function showNotice(text) {
+  $("notice").replaceChildren(text);
+  $("notice").hidden = false;
+}
+
+/** The image button of a model that takes images: the chosen file becomes a data URL (nothing is uploaded
+ * until the message is sent, inside it). */
+function initImages() {
+  if (!state.info || !state.info.images) return;
+  $("image-button").hidden = false;
+  $("image-button").addEventListener("click", () => $("image-file").click());
+  $("attachment-remove").addEventListener("click", () => setImage(null));
+  $("image-file").addEventListener("change", () => {
+    const file = $("image-file").files[0];
+    if (!file) return;
+    if (file.size > MAX_IMAGE_BYTES) {
+      showNotice(`${file.name} is larger than 2 MB; choose a smaller image.`);
+      setImage(null);
+      return;
+    }
+    const reader = new FileReader();
+    reader.onload = () => { $("notice").hidden = true; setImage(reader.result); };
+    reader.readAsDataURL(file);
+  });
+}
+
 // ------------------------------------------------------------------ start
 function showBaseModelNotice() {
   const notice = $("notice");
@@ -297,6 +343,7 @@ function showBaseModelNotice() {
 async function main() {
   state.info = await initPage();
   initSettings();
+  initImages();
   if (state.current && !currentChat()) state.current = null;
   for (const m of state.chats.flatMap((c) => c.messages).filter((m) => m.streaming)) {
     m.streaming = false; // the page was closed while it streamed
