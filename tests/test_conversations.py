@@ -39,6 +39,13 @@ def test_chitchat_reads_every_two_person_conversation(chitchat):
     assert roles[:4] == ["user", "assistant", "user", "assistant"]
 
 
+def test_chatterbot_english_reads_past_the_package_s_malformed_dialogue(capsys):
+    convs = read_chatterbot("english")  # make install installs chatterbot-corpus
+    err = capsys.readouterr().err
+    assert "left out 1 dialogue(s)" in err and "trivia.yml:35" in err
+    assert len(convs) > 100 and all(len(c.turns) >= 2 for c in convs)
+
+
 def test_chatterbot_chinese_dialogues():
     try:
         convs = read_chatterbot("chinese")

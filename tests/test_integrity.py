@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from gptlab.atomic import sha256_file
 from gptlab.cli import main
+from gptlab.tokenizer import CharTokenizer
 from gptlab.train.checkpoints import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def edit_json(path: Path, change) -> None:
     (lambda m: m.pop("splits"), "field splits must hold a 'train' split"),
     (lambda m: m.update(dtype="float64"), "field dtype must be 'uint16' or 'uint32'"),
     (lambda m: m["splits"]["train"].update(shards=None), "field splits.train.shards must be a list"),
-    (lambda m: m.update(vocab_size=1000), "vocab_size 1000 and eos_id 25 are not the tokenizer's (34, 25)"),
+    (lambda m: m.update(vocab_size=1000), "vocab_size 1000 and eos_id 25 are not the tokenizer's (35, 25)"),
     (lambda m: m.update(vocab_size=20), "field eos_id must be a token id below vocab_size"),
     (lambda m: m.update(vocab_size="34"), "field vocab_size must be a positive integer"),
     (lambda m: m["splits"]["train"]["shards"][0].update(file="../../../../etc/passwd"),
@@ -152,7 +153,7 @@ def test_shards_are_verified_by_sha256_and_vocabulary_once_per_change(base, data
     beyond[1234] = 60000
     beyond.tofile(shard)
     fails("train", "--data", data, "--out", tmp_path / "c", "--config", base / "tiny.yaml",
-          needles=(str(shard), "token id 60000 at offset 1234 is not below vocab_size 34"))
+          needles=(str(shard), "token id 60000 at offset 1234 is not below vocab_size 35"))
 
     # the cache: a shard checked at its size and mtime is not read again, any change is
     good.tofile(shard)
@@ -174,7 +175,7 @@ def test_ids_beyond_the_vocabulary_are_named_even_unverified_and_the_run_can_sta
     ids.tofile(shard)
     argv = ("train", "--data", data, "--out", tmp_path / "out", "--config", base / "tiny.yaml", *STEPS,
             "--max-steps", "2", "--no-verify")
-    first = fails(*argv, needles=(str(shard), "token id 999 at offset", "not below vocab_size 34"))
+    first = fails(*argv, needles=(str(shard), "token id 999 at offset", "not below vocab_size 35"))
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "checkpoints").exists()
     assert fails(*argv) == first  # the same error again, not "already holds a run"
     val = data / "val-00000.bin"
@@ -276,11 +277,23 @@ def test_bad_json_lines_in_task_files(base, tmp_path, line, needle):
     ("rm", [{"prompt": "the king", "responses": ["a fool", "the sea"], "ranking": [0, 1]},
             {"prompt": "my lord", "responses": ["a Fool", "the sea"], "ranking": [1, 0]}]),
 ])
-def test_alignment_data_tokenization_errors_name_file_and_line(base, tmp_path, command, rows):
+def test_alignment_data_tokenization_errors_name_file_and_line(strict_run, tmp_path, command, rows):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    fails(command, "--model", base / "run", "--data", path, "--out", tmp_path / "out", "--max-steps", "1",
+    fails(command, "--model", strict_run, "--data", path, "--out", tmp_path / "out", "--max-steps", "1",
           needles=(f"{path}:2: character",))
+
+
+@pytest.fixture(scope="module")
+def strict_run(base, tmp_path_factory) -> Path:
+    """A run whose char vocabulary has no <|unk|> (prepare's char mode has one): a character it lacks is an
+    error, not a token."""
+    root = tmp_path_factory.mktemp("strict")
+    CharTokenizer.from_text(corpus()).save(root / "tok")
+    assert cli("prepare", "--input", base / "c.txt", "--tokenizer", root / "tok", "--out", root / "data")[0] == 0
+    code, _, err = train(root / "data", root / "run", base / "tiny.yaml", "--max-steps", "1")
+    assert code == 0, err
+    return root / "run"
 
 
 # ------------------------------------------------------------------ resume

@@ -18,7 +18,7 @@ from gptlab.config import GPTConfig
 from gptlab.data import TokenData
 from gptlab.engine import Engine, SamplingParams
 from gptlab.images import image_split, prepare_images
-from gptlab.model import GPT
+from gptlab.model import GPT, Context
 from gptlab.runs import load_run
 from gptlab.serve.app import create_app
 from gptlab.stages.pretrain import run_pretrain
@@ -201,6 +201,6 @@ def test_an_image_gpt_as_the_frozen_encoder(vchat, tmp_path):
     image = read_image(png, vision.cfg)[None]
     ids = torch.as_tensor(palette.quantize((image[0, 0] * 255).round()[..., None].expand(8, 8, 3).numpy()))
     states = gpt.h[0](gpt.drop(gpt.wte(torch.cat([torch.tensor([palette.eos_id]), ids.view(-1)]))[None]
-                               + gpt.wpe(torch.arange(65))), None, {"D": "causal"})[0, 1:]
+                               + gpt.wpe(torch.arange(65))), None, Context({"D": "causal"}, None))[0, 1:]
     expect = states.view(4, 2, 4, 2, 16).mean((1, 3)).reshape(16, 16)
     torch.testing.assert_close(vision.igpt_features(image)[0], expect.detach())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -102,7 +103,8 @@ def chatterbot_languages() -> list[str]:
     return sorted(p.name for p in _package_file("chatterbot_corpus", "data", CHATTERBOT_HINT).iterdir() if p.is_dir())
 
 
-def _read_yaml_dialogues(path: Path) -> list[Conversation]:
+def _read_yaml_dialogues(path: Path, skipped: list[str] | None = None) -> list[Conversation]:
+    """The file's dialogues; a malformed one is an error, or, given ``skipped``, its file:line goes there."""
     try:
         root = yaml.compose(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -120,6 +122,9 @@ def _read_yaml_dialogues(path: Path) -> list[Conversation]:
     for k, node in enumerate(convs.value):
         where = f"{path}:{node.start_mark.line + 1}"
         if not isinstance(node, yaml.SequenceNode) or not all(isinstance(t, yaml.ScalarNode) for t in node.value):
+            if skipped is not None:
+                skipped.append(where)
+                continue
             raise DataError(f"{where}: a dialogue is a list of turns (strings), as `- - hello\\n  - hi`")
         turns = tuple(str(yaml.safe_load(yaml.serialize(t)) if t.tag != "tag:yaml.org,2002:str" else t.value).strip()
                       for t in node.value)
@@ -133,14 +138,22 @@ def _read_yaml_dialogues(path: Path) -> list[Conversation]:
 
 def read_chatterbot(language: str = "english", paths: Iterable[str | os.PathLike[str]] | None = None
                     ) -> list[Conversation]:
-    """The dialogues of chatterbot-corpus in ``language`` (or of the given .yml files), file by file."""
-    if paths is None:
-        folder = _package_file("chatterbot_corpus", "data", CHATTERBOT_HINT) / language
-        if not folder.is_dir():
-            raise DataError(f"chatterbot-corpus has no {language!r} dialogues; choose one of "
-                            f"{', '.join(chatterbot_languages())}")
-        paths = sorted(folder.glob("*.yml"))
-    return [c for p in paths for c in _read_yaml_dialogues(Path(p))]
+    """The dialogues of chatterbot-corpus in ``language`` (or of the given .yml files), file by file.
+
+    A malformed dialogue in a file the user gives is an error; in the installed package (whose English
+    trivia.yml has one) it is left out and named on stderr, so the package's own data always reads."""
+    if paths is not None:
+        return [c for p in paths for c in _read_yaml_dialogues(Path(p))]
+    folder = _package_file("chatterbot_corpus", "data", CHATTERBOT_HINT) / language
+    if not folder.is_dir():
+        raise DataError(f"chatterbot-corpus has no {language!r} dialogues; choose one of "
+                        f"{', '.join(chatterbot_languages())}")
+    skipped: list[str] = []
+    convs = [c for p in sorted(folder.glob("*.yml")) for c in _read_yaml_dialogues(p, skipped)]
+    if skipped:
+        print(f"chatterbot-corpus: left out {len(skipped)} dialogue(s) that are not lists of turns: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+    return convs
 
 
 def held_out_conversation(conv: Conversation, fraction: float, seed: int) -> bool:

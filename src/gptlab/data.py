@@ -235,7 +235,7 @@ def write_documents(out: str | os.PathLike[str], tokenizer: Tokenizer,
         tokenizer.save(tmp / TOKENIZER_DIR)
         writers = {s: _SplitWriter(tmp, s, dtype, SHARD_TOKENS) for s in ("train", "val")}
         for split, ids, nbytes in documents:
-            writers[split].write(np.concatenate([np.asarray(ids, dtype=dtype), eos]), nbytes, 1)
+            writers[split].write(np.concatenate([np.asarray(ids, dtype=dtype), eos]), _Counts(nbytes, 0, 1, 0))
         splits = {s: w.finish() for s, w in writers.items()}
         for name, write in (files or {}).items():
             write(tmp / name)
