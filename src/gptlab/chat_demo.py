@@ -180,12 +180,17 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
     step_s = seconds_per_step(model_cfg, base_train)
     left = budget - (time.perf_counter() - start)
     # pretraining 55% of what is left, SFT 30%, the measures the rest
-    pre_steps, sft_steps = max(10, int(0.55 * left / step_s)), max(10, int(0.30 * left / step_s))
+    pre_steps = max(10, int(0.55 * left / step_s))
     print(f"[3/5] pretraining a {GPT.count_params(model_cfg) / 1e6:.2f}M-parameter GPT: {pre_steps} steps "
           f"({step_s * 1000:.0f} ms/step measured)", flush=True)
+    pre_start = time.perf_counter()
     run_pretrain(out / "data", out / "pretrained", model_cfg, base_train.replace(
         max_steps=pre_steps, warmup_steps=min(50, pre_steps // 10), eval_every=max(pre_steps // 5, 1)),
         progress=progress)
+    # SFT's steps from the pace pretraining really had (evaluations and saves included): a machine that got
+    # slower or faster since the first measurement moves the SFT budget, not the end of the demo
+    step_s = (time.perf_counter() - pre_start) / pre_steps
+    sft_steps = max(10, int((0.30 / 0.45) * (budget - (time.perf_counter() - start)) / step_s))
     print(f"[4/5] SFT on {len(train):,} conversations ({train_file}): {sft_steps} steps; the run is {out}", flush=True)
     run_sft(str(out / "pretrained"), train_file, out, base_train.replace(
         max_steps=sft_steps, lr=5e-4, min_lr=5e-5, warmup_steps=min(20, sft_steps // 10), weight_decay=0.0,
