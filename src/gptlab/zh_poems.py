@@ -1,10 +1,17 @@
-"""The Chinese poetry corpus of `gptlab demo --corpus zh-poems`, and the check of a poem's classical form.
+"""The Chinese poetry corpora of `gptlab demo --corpus zh-poems|zh-tang300`, and the check of a poem's form.
 
-The text is Debian's ``fortunes-zh`` package (GPL-3.0+; a 546 kB .deb, 2.2 MB unpacked): the Tang 300
+``zh-poems`` is the Complete Tang Poems (全唐诗) of the npm package ``chinese-poetry@2.0.1`` (MIT; an 85 MB
+tarball of JSON, whose 58 ``poet.tang.*.json`` files hold 57,607 poems, 4.1 M characters, in traditional
+characters): the scale GPT2-Chinese's poem models trained at. ``make install`` fetches the tarball from the
+npm registry and unpacks the Tang files into ``.venv/share/chinese-poetry`` (an ``npm install
+chinese-poetry`` in the working directory is found too). Poems with lost characters (□) or with editors'
+marks left after their notes are removed are left out.
+
+``zh-tang300`` is Debian's ``fortunes-zh`` package (GPL-3.0+; a 546 kB .deb, 2.2 MB unpacked): the Tang 300
 poems (唐诗三百首, 313 poems, 29k characters), 95 Song poems, and 5,263 modern Chinese quotations (2.1 MB).
-No larger Chinese corpus is on PyPI. ``make install`` fetches the package with ``apt-get download`` and
-unpacks it with ``dpkg-deb -x`` into ``.venv`` (no root needed); a system-wide ``apt install fortunes-zh``
-is found too. Nothing is downloaded at run time.
+``make install`` fetches it with ``apt-get download`` and unpacks it with ``dpkg-deb -x`` into ``.venv``
+(no root needed); a system-wide ``apt install fortunes-zh`` is found too. Its 408 poems are small enough
+for a model to learn by heart. Nothing is downloaded at run time.
 
 Classical form (近体诗): every verse (the text between two punctuation marks) five or seven characters, all
 of one length, four verses (a 绝句) or eight (a 律诗); 241 of the 313 Tang poems have it.
@@ -12,6 +19,7 @@ of one length, four verses (a 绝句) or eight (a 律诗); 241 of the 313 Tang p
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -20,7 +28,8 @@ from typing import Iterable
 
 from .errors import DataError
 
-__all__ = ["Poem", "fortunes_dir", "read_fortunes", "load_poems", "verses", "Form", "poem_form", "form_shares"]
+__all__ = ["Poem", "fortunes_dir", "read_fortunes", "load_poems", "tang_dir", "load_tang_poems", "verses", "Form",
+           "poem_form", "form_shares"]
 
 FORTUNES = ("tang300", "song100", "chinese")
 INSTALL_HINT = ("fetch it with `apt-get download fortunes-zh && dpkg-deb -x fortunes-zh_*.deb .venv` "
@@ -28,6 +37,12 @@ INSTALL_HINT = ("fetch it with `apt-get download fortunes-zh && dpkg-deb -x fort
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TITLE = re.compile(r"《([^》]+)》")
 _VERSE_END = re.compile(r"[，。？！；：、,.?!;:]")
+TANG_PACKAGE = "chinese-poetry"
+TANG_INSTALL_HINT = ("fetch it with `curl -fsSL https://registry.npmjs.org/chinese-poetry/-/chinese-poetry-2.0.1.tgz "
+                     "| tar -xz -C .venv/share/chinese-poetry --strip-components=1` (`make install` does this) "
+                     "or `npm install chinese-poetry`")
+_NOTE = re.compile(r"（[^（）]*）|\([^()]*\)|〖[^〖〗]*〗|\[[^\[\]]*\]|\{[^{}]*\}")  # editors' notes, variants
+_VERSE_LINE = re.compile(r"[\u4e00-\u9fff，。？！；：、]+")
 
 
 def fortunes_dir() -> Path:
@@ -72,6 +87,43 @@ def load_poems(directory: Path | None = None) -> list[Poem]:
     poems = [p for name in ("tang300", "song100") for e in read_fortunes(d / name) if (p := _parse_poem(e))]
     if not poems:
         raise DataError(f"{d}: no poems found in tang300/song100; reinstall fortunes-zh ({INSTALL_HINT})")
+    return poems
+
+
+def tang_dir() -> Path:
+    """The directory of chinese-poetry's ``poet.tang.*.json``: unpacked into this environment, else an npm
+    install in the working directory."""
+    for root in (Path(sys.prefix) / "share" / TANG_PACKAGE, Path("node_modules") / TANG_PACKAGE):
+        d = root / "dist" / "quantangshi"
+        if any(d.glob("poet.tang.*.json")):
+            return d
+    raise DataError(f"the Complete Tang Poems (npm's chinese-poetry) are not installed: {TANG_INSTALL_HINT}")
+
+
+def _tang_poem(record: object) -> Poem | None:
+    """A clean poem from a chinese-poetry record, or None: notes removed, no lost (□) or stray characters."""
+    if not isinstance(record, dict) or not isinstance(record.get("paragraphs"), list):
+        return None
+    lines = tuple(_NOTE.sub("", str(p)).strip() for p in record["paragraphs"])
+    title = _NOTE.sub("", str(record.get("title", ""))).strip()
+    if not lines or not title or not all(_VERSE_LINE.fullmatch(line) for line in lines) or re.search(r"[《》\n□（）()]", title):
+        return None
+    return Poem(title, str(record.get("author", "")), lines)
+
+
+def load_tang_poems(directory: Path | None = None) -> list[Poem]:
+    """The clean poems of the Complete Tang Poems, in the package's order."""
+    d = directory or tang_dir()
+    files = sorted(d.glob("poet.tang.*.json"), key=lambda p: int(p.name.split(".")[2]))
+    poems: list[Poem] = []
+    for path in files:
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not chinese-poetry's JSON ({e}); reinstall it ({TANG_INSTALL_HINT})") from None
+        poems += [p for r in (records if isinstance(records, list) else []) if (p := _tang_poem(r))]
+    if not poems:
+        raise DataError(f"{d}: no poems found in poet.tang.*.json; reinstall chinese-poetry ({TANG_INSTALL_HINT})")
     return poems
 
 

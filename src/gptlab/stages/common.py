@@ -22,10 +22,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_json, remove_stale
 from ..chat import CHAT_TOKENS, stop_ids
@@ -41,7 +42,7 @@ from ..train.config import Given, TrainConfig, load_config_file, resolve
 from ..train.dist import DistEnv, distributed
 from ..train.loop import M, Stage, Trainer
 
-__all__ = ["StageRun", "TrainDefaults", "draw_weighted", "pad_right", "responses_of", "held_out", "split_held_out", "data_record",
+__all__ = ["StageRun", "TrainDefaults", "draw_weighted", "pad_right", "responses_of", "held_out", "split_held_out", "data_record", "count_unknown",
            "sample_replies", "load_chat_model", "chat_pad_id"]
 
 C = TypeVar("C", bound=Config)
@@ -207,10 +208,26 @@ def split_held_out(keys: Sequence[str], items: Sequence[T], fraction: float, see
     return [x for x, v in zip(items, side) if not v], [x for x, v in zip(items, side) if v]
 
 
-def data_record(model_spec: Any, data_file: Any, val_file: Any = None) -> dict[str, Any]:
+def data_record(model_spec: Any, data_file: Any, val_file: Any = None, unk_tokens: int = 0) -> dict[str, Any]:
     """The ``data`` section of a run config: where the model and the files came from."""
     return {"train": os.path.abspath(data_file), "val": os.path.abspath(val_file) if val_file else None,
-            "base_model": os.fspath(model_spec)}
+            "base_model": os.fspath(model_spec), "unk_tokens": unk_tokens}
+
+
+def count_unknown(tokenizer: Tokenizer, seqs: Iterable[Sequence[int]], where: Any, say: bool) -> int:
+    """The ``<|unk|>`` tokens standing for characters the vocabulary lacks in a stage's encoded rows: said
+    once and recorded, as ``prepare`` counts them, rather than trained on silently."""
+    unk = tokenizer.unk_id
+    if unk is None:
+        return 0
+    n = total = 0
+    for seq in seqs:
+        n += sum(1 for i in seq if i == unk)
+        total += len(seq)
+    if n and say:
+        tqdm.write(f"note: {os.fspath(where)}: {n:,} of {total:,} tokens stand for characters the vocabulary "
+                   f"lacks (its unknown token)")
+    return n
 
 
 # ==================================================================== chat models

@@ -38,7 +38,7 @@ from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, load_chat_model, pad_right, responses_of,
+from .common import (StageRun, TrainDefaults, chat_pad_id, count_unknown, data_record, load_chat_model, pad_right, responses_of,
                      split_held_out)
 
 __all__ = ["DPO_TRAIN", "DPOConfig", "DPOStage", "encode_pairs", "run_dpo"]
@@ -177,11 +177,13 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
         else:
             train_pairs, val = split_held_out([prompt for prompt, _ in rows], pairs, settings.val_fraction,
                                               train_cfg.seed)
+        unk = count_unknown(tokenizer, (p[k] for p in [*train_pairs, *val] for k in (0, 2)), data_file,
+                            env.is_main and progress)
         # the reference's log-probs are computed once, below: with LoRA from the model before its adapters
         reference = PolicyModel(gpt if lora_cfg.enabled else copy.deepcopy(gpt)).eval().to(env.device)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "dpo": {**settings.to_dict(), "train_pairs": len(train_pairs), "val_pairs": len(val)},
-                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
+                 "data": data_record(model_spec, data_file, val_file, unk), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = DPOStage(train_pairs, val, reference, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                          pad_id=chat_pad_id(tokenizer), beta=settings.beta, rank=env.rank, world_size=env.world_size,

@@ -46,7 +46,7 @@ from ..tokenizer import Tokenizer
 from ..train.config import Given
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
-from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, load_chat_model, pad_right, sample_replies,
+from .common import (StageRun, TrainDefaults, chat_pad_id, count_unknown, data_record, load_chat_model, pad_right, sample_replies,
                      split_held_out)
 
 __all__ = ["RM_TRAIN", "RMConfig", "RewardStage", "encode_rankings", "sample_responses", "run_rm",
@@ -217,12 +217,14 @@ def run_rm(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | os
             keys = [p for p, _ in rows]
             train_groups, val = split_held_out(keys, groups, settings.val_fraction, train_cfg.seed)
             train_prompts, _ = split_held_out(keys, keys, settings.val_fraction, train_cfg.seed)
+        unk = count_unknown(tokenizer, (seq for g in [*train_groups, *val] for seq in g), data_file,
+                            env.is_main and progress)
         prompts = list(dict.fromkeys(train_prompts))[:NORM_PROMPTS]
         norm_seqs = sample_responses(gpt, tokenizer, prompts, max_new_tokens=min(settings.norm_tokens, max_len // 2),
                                      seed=train_cfg.seed)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "reward": {**settings.to_dict(), "train_rankings": len(train_groups), "val_rankings": len(val)},
-                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
+                 "data": data_record(model_spec, data_file, val_file, unk), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = RewardStage(train_groups, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                             pad_id=chat_pad_id(tokenizer), rank=env.rank, world_size=env.world_size,

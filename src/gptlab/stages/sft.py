@@ -41,7 +41,7 @@ from ..train.config import Given, resolve
 from ..train.dist import DistEnv
 from ..train.loop import Stage, TrainResult
 from .vision_chat import run_image_sft, takes_images
-from .common import (StageRun, TrainDefaults, chat_pad_id, data_record, draw_weighted, load_chat_model, sample_replies,
+from .common import (StageRun, TrainDefaults, chat_pad_id, count_unknown, data_record, draw_weighted, load_chat_model, sample_replies,
                      split_held_out)
 
 __all__ = ["SFT_TRAIN", "SFTConfig", "SFTStage", "encode_sft", "run_sft", "sft_sample"]
@@ -202,9 +202,10 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
             train_rows, val = split_held_out([user for _, _, user, _ in rows], pairs, settings.val_fraction,
                                              train_cfg.seed)
         sample_prompt = next((user for _, _, user, _ in rows), None)
+        unk = count_unknown(tokenizer, (ids for ids, _ in [*train_rows, *val]), data_file, env.is_main and progress)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "sft": {**settings.to_dict(), "train_rows": len(train_rows), "val_rows": len(val)},
-                 "data": data_record(model_spec, data_file, val_file), **lora_cfg.record()}
+                 "data": data_record(model_spec, data_file, val_file, unk), **lora_cfg.record()}
         run.begin(env, gpt.config, tokenizer, extra)
         stage = SFTStage(train_rows, val, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
                          pad_id=chat_pad_id(tokenizer), pack=settings.pack, max_len=max_len, rank=env.rank,
