@@ -65,11 +65,12 @@ REPLY_TOKENS = 40
 SHARES = {"pretrain": 0.55, "sft": 0.30, "measure": 0.15}
 RLHF_SHARES = {"pretrain": 0.34, "sft": 0.20, "labeler": 0.09, "rankings": 0.07, "rm": 0.07, "ppo": 0.11,
                "measure": 0.12}
-# a step's cost in pretraining steps (16 x 128 tokens): the labeler's 16 rows of at most 128 tokens; the
-# reward model's 8 rankings of up to K replies of ~70 tokens; PPO's updates and scoring forwards of one
-# iteration (2 epochs of 32 sequences through the policy and the value model, 4 scoring forwards)
-LABELER_STEP = 1.0
-RM_STEP = 1.25
+# a step's cost in pretraining steps (16 x 128 tokens, evaluations included), measured on 2 cores: a labeler
+# step (16 rows of at most 128 tokens) 0.68, a reward-model step (8 rankings of up to K replies) 0.93; PPO's
+# updates and scoring forwards of one iteration (2 epochs of 32 sequences through the policy and the value
+# model, 4 scoring forwards) ~7, its generation timed by the rankings' sampling
+LABELER_STEP = 0.7
+RM_STEP = 1.0
 PPO_UPDATE_STEPS = 7.0
 K = 4
 RANKING_BATCH = 16  # prompts, so K x 16 = 64 replies: one sampling batch
@@ -180,12 +181,14 @@ class _Budget:
 def labeler_rows(conversations: Sequence[Conversation], seed: int) -> list[dict[str, str]]:
     """The labeler's task (GPT-1 entailment rows): each user turn with its real reply (``real``) and with a
     reply taken from another of ``conversations`` (``other``), so it learns whether a reply answers the
-    turn, not what replies look like. Only the conversations given are read: the caller passes training
-    conversations, never held-out ones."""
+    turn, not what replies look like (both labels draw replies from the same population). The turns come
+    in a seeded random order, so a prefix of the rows is a sample of all conversations. Only the
+    conversations given are read: the caller passes training conversations, never held-out ones."""
     exchanges = [(c.id, c.turns[k], c.turns[k + 1]) for c in conversations for k in range(0, len(c.turns) - 1, 2)]
     if len({cid for cid, _, _ in exchanges}) < 2:
         raise DataError("the labeler needs exchanges from at least two conversations to draw other replies from")
     rng = random.Random(seed)
+    rng.shuffle(exchanges)
     rows = []
     for cid, turn, reply in exchanges:
         other = rng.choice(exchanges)
@@ -231,10 +234,10 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     seed = base_train.seed
     t0 = time.perf_counter()
     n_val = max(1, len(train) // 20)  # the labeler's own validation: training conversations it is not fit on
-    lab_rows = labeler_rows(train[n_val:], seed)
     lab_steps = max(4, int(budget.seconds("labeler") / (step_s * LABELER_STEP)))
+    lab_rows = labeler_rows(train[n_val:], seed)[:lab_steps * base_train.batch_size]  # one pass: what the steps read
     print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell a turn's real reply from another "
-          f"conversation's ({len(lab_rows):,} rows): {lab_steps} steps", flush=True)
+          f"conversation's: {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
     _write_jsonl(out / "labeler-train.jsonl", lab_rows)
     _write_jsonl(out / "labeler-val.jsonl", labeler_rows(train[:n_val], seed)[:LABELER_VAL_ROWS])
     run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
