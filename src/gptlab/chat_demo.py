@@ -7,9 +7,22 @@
 3. SFT on the training conversations in the chat format, cut into pieces of whole exchanges that fit the
    context; the SFT run is ``--out`` itself, so ``gptlab chat --model OUT`` and ``gptlab serve --model OUT``
    use it directly;
-4. on held-out conversations, the base (pre-trained) and SFT models: the perplexity of the human reply, and
-   of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic share (below),
-   beside the same measures of the human replies and of human replies shuffled across conversations.
+4. with ``--rlhf``, a short RLHF pass (the pieces of ``rlhf.py``, as ``gptlab rlhf-demo`` walks them): a
+   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) to tell a user turn's real reply from
+   a reply of another training conversation (a coherence judge playing the human labeler); rankings of
+   K = 4 SFT replies to user turns of training conversations by its P(real) (``rankings.jsonl``); a reward
+   model from the SFT run (``rm/``); PPO of the SFT run against it into ``rlhf/``, a chat run of its own.
+   Prompts are single user turns because a rankings or prompts file holds one prompt text;
+5. on held-out conversations, the base (pre-trained), SFT (and RLHF) models: the perplexity of the human
+   reply, and of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic
+   share (below), beside the same measures of the human replies and of human replies shuffled across
+   conversations; with ``--rlhf`` also the labeler's mean P(real) of every reply set, its accuracy on the
+   held-out conversations, the reward model's held-out pairwise accuracy and the RLHF policy's KL to SFT.
+
+The budget: each stage gets its share of the time left (``SHARES``, ``RLHF_SHARES``) and turns it into
+steps by measured step times (a pretraining step timed before pretraining, then the pace pretraining really
+had; the labeler's and reward model's steps as measured multiples of it; PPO's generation timed by the
+rankings' sampling), so a stage that runs long or short moves the stages after it, not the end.
 
 On-topic proxy: a reply is on topic when it shares a content word (letters only, three or more, not a
 stop word, a plural ``s`` dropped) with the two turns before it. It is measurable without a model and
@@ -17,7 +30,8 @@ separates real replies from replies to another conversation (the shuffled human 
 is what makes it a proxy of staying on the conversation's topic rather than a measure of fluency.
 
 Everything lands in ``--out``: ``report.json``, ``report.md``, ``conversations/{train,val}.jsonl`` (the SFT
-rows), ``pretrained/``, ``data/``.
+rows), ``pretrained/``, ``data/``; with ``--rlhf`` also ``labeler/``, ``labeler-{train,val}.jsonl``,
+``rankings.jsonl``, ``rm/``, ``rlhf-prompts.jsonl`` and ``rlhf/``.
 """
 
 from __future__ import annotations
