@@ -213,9 +213,9 @@ def labeler_rows(conversations: Sequence[Conversation], seed: int) -> list[dict[
     return rows
 
 
-def _judged(turns: Sequence[str | Sequence[str]], replies: Sequence[str]) -> list[dict[str, str]]:
-    """Rows the labeler scores: the turn a reply answers (a context's last turn) and the reply."""
-    return [{"premise": t if isinstance(t, str) else t[-1], "hypothesis": r} for t, r in zip(turns, replies)]
+def _judged(turns: Sequence[str], replies: Sequence[str]) -> list[dict[str, str]]:
+    """Rows the labeler scores: the turn each reply answers, and the reply."""
+    return [{"premise": t, "hypothesis": r} for t, r in zip(turns, replies)]
 
 
 def _pair_ids(context: Sequence[str], reply: str, tokenizer: Tokenizer, block_size: int) -> tuple[list[int], int]:
@@ -437,7 +437,7 @@ def _measure(out: Path, train: Sequence[Conversation], held: Sequence[Conversati
     }
     if alignment:
         labeler = Labeler(out / "labeler", REAL)
-        p_real = {name: labeler.probability(_judged(contexts, texts)) for name, texts in reply_sets.items()}
+        p_real = {name: labeler.probability(_judged([c[-1] for c in contexts], texts)) for name, texts in reply_sets.items()}
         for name, p in p_real.items():
             replies[name]["labeler_p_real"] = _mean(p)
         report["rlhf"] = {
