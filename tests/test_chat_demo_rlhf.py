@@ -9,7 +9,7 @@ import json
 import pytest
 
 from gptlab.align_data import load_rankings
-from gptlab.chat_demo import VAL_FRACTION, labeler_rows, run_chat_demo
+from gptlab.chat_demo import VAL_FRACTION, exchanges, labeler_rows, run_chat_demo
 from gptlab.chat_repl import run_chat
 from gptlab.cli import build_parser
 from gptlab.conversations import Conversation, held_out_conversation, read_chitchat
@@ -26,16 +26,16 @@ def chitchat() -> list[Conversation]:
         pytest.skip(str(e))
 
 
-def test_labeler_rows_pair_each_turn_with_its_reply_and_another_conversation_s():
-    convs = [Conversation(str(i), (f"q{i}a", f"r{i}a", f"q{i}b", f"r{i}b"), "t") for i in range(5)]
-    rows = labeler_rows(convs, seed=3)
-    assert len(rows) == 2 * 2 * 5 and rows == labeler_rows(convs, seed=3)
-    for real, other in zip(rows[::2], rows[1::2]):
-        assert real["label"] == "real" and other["label"] == "other" and real["premise"] == other["premise"]
-        conv = real["premise"][1]
-        assert real["hypothesis"] == "r" + real["premise"][1:] and other["hypothesis"][1] != conv
-    with pytest.raises(DataError, match="two conversations"):
-        labeler_rows(convs[:1], seed=3)
+def test_labeler_rows_pair_each_turn_with_a_person_s_reply_and_the_model_s():
+    convs = [Conversation(str(i), (f"q{i}a", f"r{i}a", f"q{i}b", f"r{i}b", f"q{i}c"), "t") for i in range(5)]
+    pairs = exchanges(convs, seed=3)
+    assert sorted(pairs) == sorted((f"q{i}{x}", f"r{i}{x}") for i in range(5) for x in "ab")  # no reply-less turn
+    assert pairs == exchanges(convs, seed=3) and pairs != exchanges(convs, seed=4)
+    assert sorted(exchanges(convs, 3, fits=lambda turn: turn.endswith("a"))) == sorted(p for p in pairs if p[0].endswith("a"))
+    rows = labeler_rows(pairs[:3], ["mine 0", "", "mine 2"])  # an empty written reply is left out
+    assert [r["label"] for r in rows] == ["human", "model", "human", "human", "model"]
+    assert rows[0] == {"premise": pairs[0][0], "hypothesis": pairs[0][1], "label": "human"}
+    assert rows[1] == {"premise": pairs[0][0], "hypothesis": "mine 0", "label": "model"}
 
 
 def test_chat_demo_rlhf_flag():
@@ -68,7 +68,9 @@ def test_chat_demo_with_rlhf_end_to_end_on_a_small_budget(tmp_path, chitchat, ca
     trained = {t for c in convs if not held_out_conversation(c, VAL_FRACTION, 1337) for t in c.turns}
     for name in ("labeler-train.jsonl", "labeler-val.jsonl"):
         rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
-        assert rows and all({r["premise"], r["hypothesis"]} <= trained for r in rows)
+        assert rows and all(r["premise"] in trained for r in rows)
+        assert all(r["hypothesis"] in trained for r in rows if r["label"] == "human")
+        assert {r["label"] for r in rows} == {"human", "model"}
     rankings = load_rankings(out / "rankings.jsonl")
     assert rankings and all(2 <= len(r.responses) <= 4 and r.prompt in trained for r in rankings)
     assert report["rlhf"]["rankings"] == len(rankings)
@@ -76,10 +78,10 @@ def test_chat_demo_with_rlhf_end_to_end_on_a_small_budget(tmp_path, chitchat, ca
     assert set(report["reply_perplexity"]) == {"base", "sft", "rlhf"}
     assert all(p > 1 for p in report["reply_perplexity"].values())
     assert set(report["replies"]) == {"human", "human, shuffled", "base", "sft", "rlhf"}
-    assert all(0 <= m["labeler_p_real"] <= 1 for m in report["replies"].values())
+    assert all(0 <= m["labeler_p_human"] <= 1 for m in report["replies"].values())
     rlhf = report["rlhf"]
     assert 0 <= rlhf["labeler_held_out_accuracy"] <= 1 and rlhf["kl_to_sft"] >= 0
     assert report["steps"]["ppo_iterations"] >= 1 and all(ex["rlhf"] is not None for ex in report["examples"])
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     md = (out / "report.md").read_text()
-    assert "RLHF" in md and "| rlhf |" in md and "labeler P(real)" in md
+    assert "RLHF" in md and "| rlhf |" in md and "labeler P(human)" in md

@@ -8,15 +8,16 @@
    context; the SFT run is ``--out`` itself, so ``gptlab chat --model OUT`` and ``gptlab serve --model OUT``
    use it directly;
 4. with ``--rlhf``, a short RLHF pass (the pieces of ``rlhf.py``, as ``gptlab rlhf-demo`` walks them): a
-   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) to tell a user turn's real reply from
-   a reply of another training conversation (a coherence judge playing the human labeler); rankings of
-   K = 4 SFT replies to user turns of training conversations by its P(real) (``rankings.jsonl``); a reward
+   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) to tell the reply a person gave to a
+   user turn from the reply the SFT model writes (a judge of human-like replies playing the human
+   labeler); rankings of K = 4 SFT replies to user turns of training conversations by its P(human)
+   (``rankings.jsonl``); a reward
    model from the SFT run (``rm/``); PPO of the SFT run against it into ``rlhf/``, a chat run of its own.
    Prompts are single user turns because a rankings or prompts file holds one prompt text;
 5. on held-out conversations, the base (pre-trained), SFT (and RLHF) models: the perplexity of the human
    reply, and of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic
    share (below), beside the same measures of the human replies and of human replies shuffled across
-   conversations; with ``--rlhf`` also the labeler's mean P(real) of every reply set, its accuracy on the
+   conversations; with ``--rlhf`` also the labeler's mean P(human) of every reply set, its accuracy on the
    held-out conversations, the reward model's held-out pairwise accuracy and the RLHF policy's KL to SFT.
 
 The budget: each stage gets its share of the time left (``SHARES``, ``RLHF_SHARES``) and turns it into
@@ -43,7 +44,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,7 +69,7 @@ from .tokenizer import END_OF_TURN, Tokenizer
 from .train.config import TrainConfig
 from .train.metrics import read_metrics
 
-__all__ = ["run_chat_demo", "distinct_n", "content_words", "on_topic", "reply_perplexity", "labeler_rows"]
+__all__ = ["run_chat_demo", "distinct_n", "content_words", "on_topic", "reply_perplexity", "exchanges", "labeler_rows"]
 
 MODEL = dict(n_layer=4, n_embd=192, n_head=4, block_size=128, dropout=0.0, name="chat-demo")
 PIECE_CHARS = 300  # ~90 BPE tokens: a piece of conversation and its chat tokens fit the context of 128
@@ -87,9 +88,9 @@ LABELER_STEP = 0.7
 RM_STEP = 1.0
 PPO_UPDATE_STEPS = 7.0
 K = 4
-RANKING_BATCH = 16  # prompts, so K x 16 = 64 replies: one sampling batch
+SAMPLE_BATCH = 64  # replies sampled in one batch
 LABELER_VAL_ROWS = 256
-REAL, OTHER = "real", "other"
+HUMAN, WRITTEN = "human", "model"  # the labeler's labels
 # β well above the papers' 0.02 and an adaptive target, as in rlhf-demo: the reward model's scores span
 # several nats at this scale and the policy must stay near the SFT model in a short run
 PPO = PPOConfig(rollout_batch=32, minibatches=2, ppo_epochs=2, max_new_tokens=REPLY_TOKENS, kl_coef=0.1,
@@ -192,24 +193,28 @@ class _Budget:
 
 
 # ------------------------------------------------------------------ the optional RLHF pass
-def labeler_rows(conversations: Sequence[Conversation], seed: int) -> list[dict[str, str]]:
-    """The labeler's task (GPT-1 entailment rows): each user turn with its real reply (``real``) and with a
-    reply taken from another of ``conversations`` (``other``), so it learns whether a reply answers the
-    turn, not what replies look like (both labels draw replies from the same population). The turns come
-    in a seeded random order, so a prefix of the rows is a sample of all conversations. Only the
-    conversations given are read: the caller passes training conversations, never held-out ones."""
-    exchanges = [(c.id, c.turns[k], c.turns[k + 1]) for c in conversations for k in range(0, len(c.turns) - 1, 2)]
-    if len({cid for cid, _, _ in exchanges}) < 2:
-        raise DataError("the labeler needs exchanges from at least two conversations to draw other replies from")
-    rng = random.Random(seed)
-    rng.shuffle(exchanges)
+def exchanges(conversations: Sequence[Conversation], seed: int,
+              fits: Callable[[str], bool] = lambda turn: True) -> list[tuple[str, str]]:
+    """(user turn, the reply a person gave) of every exchange of ``conversations`` whose turn ``fits``, in a
+    seeded random order, so a prefix is a sample of all conversations. The caller passes training
+    conversations, never held-out ones."""
+    pairs = [(c.turns[k], c.turns[k + 1]) for c in conversations for k in range(0, len(c.turns) - 1, 2)
+             if fits(c.turns[k])]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def labeler_rows(pairs: Sequence[tuple[str, str]], written: Sequence[str]) -> list[dict[str, str]]:
+    """The labeler's task (GPT-1 entailment rows): each user turn with the reply a person gave (``human``)
+    and with the reply the SFT model wrote to it (``model``; left out when empty). The judge InstructGPT's
+    labelers were becomes, at this scale, a judge of which reply reads like a person's: a judge of whether a
+    reply answers its turn (its real reply against another conversation's) stayed at chance at the demo's
+    size (docs/BENCHMARKS.md), and a labeler without signal gives the reward model nothing to learn."""
     rows = []
-    for cid, turn, reply in exchanges:
-        other = rng.choice(exchanges)
-        while other[0] == cid:
-            other = rng.choice(exchanges)
-        rows += [{"premise": turn, "hypothesis": reply, "label": REAL},
-                 {"premise": turn, "hypothesis": other[2], "label": OTHER}]
+    for (turn, reply), mine in zip(pairs, written):
+        rows.append({"premise": turn, "hypothesis": reply, "label": HUMAN})
+        if mine.strip():
+            rows.append({"premise": turn, "hypothesis": mine, "label": WRITTEN})
     return rows
 
 
@@ -247,31 +252,39 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     """
     seed = base_train.seed
     t0 = time.perf_counter()
-    n_val = max(1, len(train) // 20)  # the labeler's own validation: training conversations it is not fit on
-    lab_steps = max(4, int(budget.seconds("labeler") / (step_s * LABELER_STEP)))
-    lab_rows = labeler_rows(train[n_val:], seed)[:lab_steps * base_train.batch_size]  # one pass: what the steps read
-    print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell a turn's real reply from another "
-          f"conversation's: {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
-    _write_jsonl(out / "labeler-train.jsonl", lab_rows)
-    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(train[:n_val], seed)[:LABELER_VAL_ROWS])
-    run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
-                 base_train.replace(max_steps=lab_steps, lr=3e-4, min_lr=3e-5, warmup_steps=min(20, lab_steps // 10),
-                                    weight_decay=0.01, eval_every=max(lab_steps // 2, 1)),
-                 {"task_type": "entailment", "lm_coef": 0.5}, progress=progress)
-    labeler = Labeler(out / "labeler", REAL)
-    timings = {"labeler": time.perf_counter() - t0}
-
-    t0 = time.perf_counter()
     policy, tokenizer, _ = load_run(out)
     if tokenizer is None:
         raise DataError(f"{out}: the SFT run has no tokenizer directory")
     room = policy.config.block_size - REPLY_TOKENS
-    prompts = [t for t in dict.fromkeys(c.turns[k] for c in train for k in range(0, len(c.turns) - 1, 2))
-               if len(render_prompt(t, tokenizer)) <= room]
+
+    def fits(turn: str) -> bool:
+        return len(render_prompt(turn, tokenizer)) <= room
+
+    n_val = max(1, len(train) // 20)  # the labeler's own validation: training conversations it is not fit on
+    seconds = budget.seconds("labeler")
+    pairs, val_pairs = exchanges(train[n_val:], seed, fits), exchanges(train[:n_val], seed, fits)[:LABELER_VAL_ROWS // 2]
+    print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell a person's reply to a turn from the SFT "
+          f"model's; first the SFT model's replies, for {seconds / 2:.0f} s", flush=True)
+    written = _sample_within(policy, tokenizer, [t for t, _ in pairs], 1, seconds / 2, seed)
+    val_written = _sample_within(policy, tokenizer, [t for t, _ in val_pairs], 1, 0.0, seed - 1)
+    lab_rows = labeler_rows(pairs[:len(written)], [w[0] for w in written])
+    lab_steps = max(4, int((seconds - (time.perf_counter() - t0)) / (step_s * LABELER_STEP)))
+    print(f"      {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
+    _write_jsonl(out / "labeler-train.jsonl", lab_rows)
+    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(val_pairs, [w[0] for w in val_written]))
+    run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
+                 base_train.replace(max_steps=lab_steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(20, lab_steps // 10),
+                                    weight_decay=0.01, eval_every=max(lab_steps // 2, 1)),
+                 {"task_type": "entailment", "lm_coef": 0.5}, progress=progress)
+    labeler = Labeler(out / "labeler", HUMAN)
+    timings = {"labeler": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    prompts = list(dict.fromkeys(t for t, _ in pairs))
     random.Random(seed).shuffle(prompts)
     seconds = budget.seconds("rankings")
     print(f"[6/9] rankings: {K} SFT replies to training prompts (single user turns), ordered by the labeler's "
-          f"P(real), for {seconds:.0f} s", flush=True)
+          f"P(human), for {seconds:.0f} s", flush=True)
     rankings, ranked = _rankings(policy, tokenizer, labeler, prompts, seconds, seed)
     write_rankings(out / "rankings.jsonl", rankings)
     timings["rankings"] = time.perf_counter() - t0
@@ -315,19 +328,26 @@ def _last(run: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def _sample_within(policy: GPT, tokenizer: Tokenizer, prompts: Sequence[str], k: int, seconds: float,
+                   seed: int) -> list[list[str]]:
+    """``k`` sampled replies (T = 1) to each of the first ``prompts``, a batch at a time until ``seconds``
+    have passed (one batch at least)."""
+    t0 = time.perf_counter()
+    per = max(1, SAMPLE_BATCH // k)
+    samples: list[list[str]] = []
+    while len(samples) < len(prompts) and (not samples or time.perf_counter() - t0 < seconds):
+        chunk = prompts[len(samples):len(samples) + per]
+        samples += sample_responses(policy, tokenizer, chunk, k, REPLY_TOKENS, seed + len(samples))
+    return samples
+
+
 def _rankings(policy: GPT, tokenizer: Tokenizer, labeler: Labeler, prompts: Sequence[str], seconds: float,
               seed: int) -> tuple[list[Ranking], int]:
-    """(rankings, prompts sampled): K replies to each prompt ranked by the labeler's P(real), a batch of
-    prompts at a time until ``seconds`` have passed (one batch at least)."""
-    t0 = time.perf_counter()
-    rankings: list[Ranking] = []
-    done = 0
-    while done < len(prompts) and (done == 0 or time.perf_counter() - t0 < seconds):
-        chunk = prompts[done:done + RANKING_BATCH]
-        rankings += rank_samples(chunk, sample_responses(policy, tokenizer, chunk, K, REPLY_TOKENS, seed + done),
-                                 lambda turn, replies: labeler.probability(_judged([turn] * len(replies), replies)))
-        done += len(chunk)
-    return rankings, done
+    """(rankings, prompts sampled): K replies to each prompt sampled for ``seconds``, ranked by the
+    labeler's P(human)."""
+    samples = _sample_within(policy, tokenizer, prompts, K, seconds, seed)
+    return rank_samples(prompts, samples, lambda turn, replies: labeler.probability(
+        _judged([turn] * len(replies), replies))), len(samples)
 
 
 def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, progress: bool = True,
@@ -436,15 +456,16 @@ def _measure(out: Path, train: Sequence[Conversation], held: Sequence[Conversati
                      for i, (c, h) in enumerate(list(zip(contexts, human))[:8])],
     }
     if alignment:
-        labeler = Labeler(out / "labeler", REAL)
-        p_real = {name: labeler.probability(_judged([c[-1] for c in contexts], texts)) for name, texts in reply_sets.items()}
-        for name, p in p_real.items():
-            replies[name]["labeler_p_real"] = _mean(p)
+        labeler = Labeler(out / "labeler", HUMAN)
+        p_human = {name: labeler.probability(_judged([c[-1] for c in contexts], texts))
+                   for name, texts in reply_sets.items()}
+        for name, p in p_human.items():
+            replies[name]["labeler_p_human"] = _mean(p)
         report["rlhf"] = {
             **alignment.info,
-            # real replies judged real and shuffled ones judged other, on conversations it never saw
-            "labeler_held_out_accuracy": (_mean([x > 0.5 for x in p_real["human"]]) +
-                                          _mean([x <= 0.5 for x in p_real["human, shuffled"]])) / 2,
+            # people's replies judged human and the SFT model's judged model, on conversations it never saw
+            "labeler_held_out_accuracy": (_mean([x > 0.5 for x in p_human["human"]]) +
+                                          _mean([x <= 0.5 for x in p_human["sft"]])) / 2,
             "kl_to_sft": sequence_kl(models["rlhf"], sft, [_pair_ids(c, r, tokenizer, sft.config.block_size)
                                                            for c, r in zip(contexts, written["rlhf"])],
                                      chat_pad_id(tokenizer))}
@@ -458,18 +479,18 @@ def _markdown(report: dict[str, Any]) -> str:
              + (f", RLHF {ppl['rlhf']:.1f}" if rlhf else "")]
     if rlhf:
         rm = rlhf["rm_val_accuracy"]
-        lines += [f"labeler (real reply vs another conversation's): held-out accuracy "
+        lines += [f"labeler (a person's reply vs the SFT model's): held-out accuracy "
                   f"{rlhf['labeler_held_out_accuracy']:.3f}",
                   f"reward model: {rlhf['rankings']} rankings of K={K}, held-out pairwise accuracy "
                   + (f"{rm:.3f}" if rm is not None else "n/a (no held-out rankings)"),
                   f"RLHF policy: {report['steps']['ppo_iterations']} PPO iterations, KL to SFT "
                   f"{rlhf['kl_to_sft']:.2f} nats per held-out reply"]
-    extra = " labeler P(real) |" if rlhf else ""
+    extra = " labeler P(human) |" if rlhf else ""
     lines += ["", "| replies | words | distinct-1 | distinct-2 | on topic |" + extra,
               "|---|---|---|---|---|" + ("---|" if rlhf else "")]
     for name, m in report["replies"].items():
         lines.append(f"| {name} | {m['words']:.1f} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
-                     f"{m['on_topic']:.2f} |" + (f" {m['labeler_p_real']:.3f} |" if rlhf else ""))
+                     f"{m['on_topic']:.2f} |" + (f" {m['labeler_p_human']:.3f} |" if rlhf else ""))
     for ex in report["examples"][:3]:
         lines += ["", *(f"> {t}".replace("\n", " / ") for t in ex["context"]),
                   f"human: {ex['human']}".replace("\n", " / "), f"model: {ex['sft']}".replace("\n", " / ")]
