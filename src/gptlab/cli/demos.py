@@ -45,7 +45,7 @@ def add_rlhf_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat_demo(args: argparse.Namespace) -> None:
-    run_chat_demo(args.out, minutes=args.minutes, seed=args.seed)
+    run_chat_demo(args.out, minutes=args.minutes, seed=args.seed, rlhf=args.rlhf)
 
 
 def add_chat_demo(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +53,9 @@ def add_chat_demo(sub: argparse._SubParsersAction) -> None:
                                          "measured on held-out conversations; the run --out serves as is")
     p.add_argument("--out", required=True, help="the chat run to create (data, base model and report inside)")
     p.add_argument("--minutes", type=float, default=15.0, help="time budget (default 15)")
+    p.add_argument("--rlhf", action="store_true",
+                   help="after SFT, a short RLHF pass within the same budget: a labeler model (real reply vs another "
+                        "conversation's), rankings of SFT replies by it, a reward model and PPO into OUT/rlhf")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_chat_demo)
 
