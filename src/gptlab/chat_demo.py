@@ -8,16 +8,16 @@
    context; the SFT run is ``--out`` itself, so ``gptlab chat --model OUT`` and ``gptlab serve --model OUT``
    use it directly;
 4. with ``--rlhf``, a short RLHF pass (the pieces of ``rlhf.py``, as ``gptlab rlhf-demo`` walks them): a
-   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) to tell the reply a person gave to a
-   user turn from the reply the SFT model writes (a judge of human-like replies playing the human
-   labeler); rankings of K = 4 SFT replies to user turns of training conversations by its P(human)
-   (``rankings.jsonl``); a reward
-   model from the SFT run (``rm/``); PPO of the SFT run against it into ``rlhf/``, a chat run of its own.
+   labeler, the pre-trained model fine-tuned GPT-1 style (entailment) on people's replies to tell whether a
+   reply stays on its turn's topic (labelled by the on-topic proxy below: the labeler plays labelers who
+   prefer replies on topic); rankings of K = 4 SFT replies to user turns of training conversations by its
+   P(on topic) (``rankings.jsonl``); a reward model from the SFT run (``rm/``); PPO of the SFT run against
+   it into ``rlhf/``, a chat run of its own.
    Prompts are single user turns because a rankings or prompts file holds one prompt text;
 5. on held-out conversations, the base (pre-trained), SFT (and RLHF) models: the perplexity of the human
    reply, and of the replies each model writes (T = 0.7): length in words, distinct-1/2, and the on-topic
    share (below), beside the same measures of the human replies and of human replies shuffled across
-   conversations; with ``--rlhf`` also the labeler's mean P(human) of every reply set, its accuracy on the
+   conversations; with ``--rlhf`` also the labeler's mean P(on topic) of every reply set, its accuracy on the
    held-out conversations, the reward model's held-out pairwise accuracy and the RLHF policy's KL to SFT.
 
 The budget: each stage gets its share of the time left (``SHARES``, ``RLHF_SHARES``) and turns it into
@@ -90,11 +90,12 @@ PPO_UPDATE_STEPS = 7.0
 K = 4
 SAMPLE_BATCH = 64  # replies sampled in one batch
 LABELER_VAL_ROWS = 256
-HUMAN, WRITTEN = "human", "model"  # the labeler's labels
-# β well above the papers' 0.02 and an adaptive target, as in rlhf-demo: the reward model's scores span
-# several nats at this scale and the policy must stay near the SFT model in a short run
-PPO = PPOConfig(rollout_batch=32, minibatches=2, ppo_epochs=2, max_new_tokens=REPLY_TOKENS, kl_coef=0.1,
-                kl_target=5.0, kl_horizon=300, val_max=16)
+ON, OFF = "on topic", "off topic"  # the labeler's labels
+# β well above the papers' 0.02 with an adaptive target of 3 nats per reply: a labeler this small is
+# easily gamed, and with β 0.1 and a 5-nat target a 15-minute run drifted to 11 nats from the SFT model
+# and replies of "Oh good, good!" (docs/BENCHMARKS.md)
+PPO = PPOConfig(rollout_batch=32, minibatches=2, ppo_epochs=2, max_new_tokens=REPLY_TOKENS, kl_coef=0.5,
+                kl_target=3.0, kl_horizon=100, val_max=16)
 STOP_WORDS = frozenset("""a about after again all also am an and any are as at be because been but by can could did do
 does doing dont for from get got had has have he her here him his how i if im in into is it its just know like lol
 me more my no not now of oh ok okay on one or our out really so some that thats the their them then there they this
@@ -204,18 +205,26 @@ def exchanges(conversations: Sequence[Conversation], seed: int,
     return pairs
 
 
-def labeler_rows(pairs: Sequence[tuple[str, str]], written: Sequence[str]) -> list[dict[str, str]]:
-    """The labeler's task (GPT-1 entailment rows): each user turn with the reply a person gave (``human``)
-    and with the reply the SFT model wrote to it (``model``; left out when empty). The judge InstructGPT's
-    labelers were becomes, at this scale, a judge of which reply reads like a person's: a judge of whether a
-    reply answers its turn (its real reply against another conversation's) stayed at chance at the demo's
-    size (docs/BENCHMARKS.md), and a labeler without signal gives the reward model nothing to learn."""
-    rows = []
-    for (turn, reply), mine in zip(pairs, written):
-        rows.append({"premise": turn, "hypothesis": reply, "label": HUMAN})
-        if mine.strip():
-            rows.append({"premise": turn, "hypothesis": mine, "label": WRITTEN})
-    return rows
+def labeler_rows(pairs: Sequence[tuple[str, str]], seed: int) -> list[dict[str, str]]:
+    """The labeler's task (GPT-1 entailment rows): a user turn and a reply a person wrote, to it or to
+    another turn of ``pairs``, labelled by the on-topic proxy (``on topic`` when the reply shares a content
+    word with the turn); as many of each label, in a seeded random order.
+
+    The preference the labeler is taught is the one the demo measures, as ``rlhf-demo``'s labeler is taught
+    the sentiment it measures: a model that learnt it from people's replies, ranking the SFT model's. Two
+    judges that would not need the proxy were tried first and gave the reward model nothing to learn at this
+    size (docs/BENCHMARKS.md): whether a reply is the turn's own or another conversation's stayed at chance,
+    and whether a person or the SFT model wrote it was below chance on held-out conversations."""
+    rng = random.Random(seed)
+    rows: dict[str, list[dict[str, str]]] = {ON: [], OFF: []}
+    for turn, reply in pairs:
+        for text in (reply, pairs[rng.randrange(len(pairs))][1]):
+            label = ON if on_topic([turn], text) else OFF
+            rows[label].append({"premise": turn, "hypothesis": text, "label": label})
+    n = min(len(rows[ON]), len(rows[OFF]))
+    balanced = rows[ON][:n] + rows[OFF][:n]
+    rng.shuffle(balanced)
+    return balanced
 
 
 def _judged(turns: Sequence[str], replies: Sequence[str]) -> list[dict[str, str]]:
@@ -261,22 +270,18 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
         return len(render_prompt(turn, tokenizer)) <= room
 
     n_val = max(1, len(train) // 20)  # the labeler's own validation: training conversations it is not fit on
-    seconds = budget.seconds("labeler")
-    pairs, val_pairs = exchanges(train[n_val:], seed, fits), exchanges(train[:n_val], seed, fits)[:LABELER_VAL_ROWS // 2]
-    print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell a person's reply to a turn from the SFT "
-          f"model's; first the SFT model's replies, for {seconds / 2:.0f} s", flush=True)
-    written = _sample_within(policy, tokenizer, [t for t, _ in pairs], 1, seconds / 2, seed)
-    val_written = _sample_within(policy, tokenizer, [t for t, _ in val_pairs], 1, 0.0, seed - 1)
-    lab_rows = labeler_rows(pairs[:len(written)], [w[0] for w in written])
-    lab_steps = max(4, int((seconds - (time.perf_counter() - t0)) / (step_s * LABELER_STEP)))
-    print(f"      {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
+    lab_steps = max(4, int(budget.seconds("labeler") / (step_s * LABELER_STEP)))
+    pairs = exchanges(train[n_val:], seed, fits)
+    lab_rows = labeler_rows(pairs, seed)[:lab_steps * base_train.batch_size]  # one pass: what the steps read
+    print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell whether a person's reply is on its turn's "
+          f"topic (the proxy's labels): {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
     _write_jsonl(out / "labeler-train.jsonl", lab_rows)
-    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(val_pairs, [w[0] for w in val_written]))
+    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(exchanges(train[:n_val], seed, fits), seed)[:LABELER_VAL_ROWS])
     run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
                  base_train.replace(max_steps=lab_steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(20, lab_steps // 10),
                                     weight_decay=0.01, eval_every=max(lab_steps // 2, 1)),
                  {"task_type": "entailment", "lm_coef": 0.5}, progress=progress)
-    labeler = Labeler(out / "labeler", HUMAN)
+    labeler = Labeler(out / "labeler", ON)
     timings = {"labeler": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
@@ -284,7 +289,7 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     random.Random(seed).shuffle(prompts)
     seconds = budget.seconds("rankings")
     print(f"[6/9] rankings: {K} SFT replies to training prompts (single user turns), ordered by the labeler's "
-          f"P(human), for {seconds:.0f} s", flush=True)
+          f"P(on topic), for {seconds:.0f} s", flush=True)
     rankings, ranked = _rankings(policy, tokenizer, labeler, prompts, seconds, seed)
     write_rankings(out / "rankings.jsonl", rankings)
     timings["rankings"] = time.perf_counter() - t0
@@ -344,7 +349,7 @@ def _sample_within(policy: GPT, tokenizer: Tokenizer, prompts: Sequence[str], k:
 def _rankings(policy: GPT, tokenizer: Tokenizer, labeler: Labeler, prompts: Sequence[str], seconds: float,
               seed: int) -> tuple[list[Ranking], int]:
     """(rankings, prompts sampled): K replies to each prompt sampled for ``seconds``, ranked by the
-    labeler's P(human)."""
+    labeler's P(on topic)."""
     samples = _sample_within(policy, tokenizer, prompts, K, seconds, seed)
     return rank_samples(prompts, samples, lambda turn, replies: labeler.probability(
         _judged([turn] * len(replies), replies))), len(samples)
@@ -456,16 +461,18 @@ def _measure(out: Path, train: Sequence[Conversation], held: Sequence[Conversati
                      for i, (c, h) in enumerate(list(zip(contexts, human))[:8])],
     }
     if alignment:
-        labeler = Labeler(out / "labeler", HUMAN)
-        p_human = {name: labeler.probability(_judged([c[-1] for c in contexts], texts))
-                   for name, texts in reply_sets.items()}
-        for name, p in p_human.items():
-            replies[name]["labeler_p_human"] = _mean(p)
+        labeler = Labeler(out / "labeler", ON)
+        turns = [c[-1] for c in contexts]
+        p_on = {name: labeler.probability(_judged(turns, texts)) for name, texts in reply_sets.items()}
+        for name, p in p_on.items():
+            replies[name]["labeler_p_on_topic"] = _mean(p)
+        # people's replies to their own turn and to another, judged against the proxy's label
+        judged = [(on_topic([t], r), p > 0.5) for name in ("human", "human, shuffled")
+                  for t, r, p in zip(turns, reply_sets[name], p_on[name])]
         report["rlhf"] = {
             **alignment.info,
-            # people's replies judged human and the SFT model's judged model, on conversations it never saw
-            "labeler_held_out_accuracy": (_mean([x > 0.5 for x in p_human["human"]]) +
-                                          _mean([x <= 0.5 for x in p_human["sft"]])) / 2,
+            "labeler_held_out_accuracy": (_mean([pred for label, pred in judged if label]) +
+                                          _mean([not pred for label, pred in judged if not label])) / 2,
             "kl_to_sft": sequence_kl(models["rlhf"], sft, [_pair_ids(c, r, tokenizer, sft.config.block_size)
                                                            for c, r in zip(contexts, written["rlhf"])],
                                      chat_pad_id(tokenizer))}
@@ -479,18 +486,18 @@ def _markdown(report: dict[str, Any]) -> str:
              + (f", RLHF {ppl['rlhf']:.1f}" if rlhf else "")]
     if rlhf:
         rm = rlhf["rm_val_accuracy"]
-        lines += [f"labeler (a person's reply vs the SFT model's): held-out accuracy "
+        lines += [f"labeler (is a person's reply on its turn's topic): held-out balanced accuracy "
                   f"{rlhf['labeler_held_out_accuracy']:.3f}",
                   f"reward model: {rlhf['rankings']} rankings of K={K}, held-out pairwise accuracy "
                   + (f"{rm:.3f}" if rm is not None else "n/a (no held-out rankings)"),
                   f"RLHF policy: {report['steps']['ppo_iterations']} PPO iterations, KL to SFT "
                   f"{rlhf['kl_to_sft']:.2f} nats per held-out reply"]
-    extra = " labeler P(human) |" if rlhf else ""
+    extra = " labeler P(on topic) |" if rlhf else ""
     lines += ["", "| replies | words | distinct-1 | distinct-2 | on topic |" + extra,
               "|---|---|---|---|---|" + ("---|" if rlhf else "")]
     for name, m in report["replies"].items():
         lines.append(f"| {name} | {m['words']:.1f} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
-                     f"{m['on_topic']:.2f} |" + (f" {m['labeler_p_human']:.3f} |" if rlhf else ""))
+                     f"{m['on_topic']:.2f} |" + (f" {m['labeler_p_on_topic']:.3f} |" if rlhf else ""))
     for ex in report["examples"][:3]:
         lines += ["", *(f"> {t}".replace("\n", " / ") for t in ex["context"]),
                   f"human: {ex['human']}".replace("\n", " / "), f"model: {ex['sft']}".replace("\n", " / ")]
