@@ -8,6 +8,7 @@ import json
 import pytest
 
 from gptlab.cli import main
+from gptlab.demo import ZH_CORPORA
 from gptlab.errors import DataError
 from gptlab.runs import load_run
 from gptlab.tokenizer import CharTokenizer
@@ -67,7 +68,7 @@ def test_tang_records_lose_their_notes_and_damaged_poems(tmp_path):
         load_tang_poems(tmp_path / "missing")
 
 
-def _demo(out, corpus, capsys) -> str:
+def _demo(out, corpus, capsys) -> str:  # the demo's code path is the same for every corpus name
     assert main(["demo", "--corpus", corpus, "--minutes", "0.2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "form check (16 poems): classical lines" in printed and "copied verbatim" in printed
@@ -90,7 +91,7 @@ def test_zh_poems_demo_end_to_end(tmp_path, tang_poems, capsys):
     assert load_run(tmp_path / "tang")[1].vocab_size == 6000
 
 
-def test_zh_tang300_demo_end_to_end(tmp_path, fortunes_zh, capsys):
-    printed = _demo(tmp_path / "t300", "zh-tang300", capsys)
-    assert "Tang and Song poems (Debian's fortunes-zh)" in printed and "the corpus: 93% and 79%" in printed
-    assert _first_record(tmp_path / "t300", "zh-tang300").startswith("《感遇・其一》\n兰叶春葳蕤")
+def test_zh_tang300_names_the_small_corpus(fortunes_zh):
+    read, what = ZH_CORPORA["zh-tang300"]
+    assert read() == load_poems(fortunes_zh) and "fortunes-zh" in what
+    assert ZH_CORPORA["zh-poems"][0] is load_tang_poems
