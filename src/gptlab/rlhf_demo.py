@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .align_data import write_rankings
-from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from .chat import render_pair
 from .config import GPTConfig
 from .data import TokenData, prepare
@@ -115,11 +114,6 @@ def load_tweets() -> list[tuple[str, str]]:
             if text and text not in seen:
                 seen[text] = label
     return list(seen.items())
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 def _split_prompt(text: str) -> tuple[str, str] | None:
@@ -233,7 +227,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     data_dir = out / "data"
     print(f"[1/7] pre-training on {len(tweets) - n_eval:,} tweets (held-out prompts excluded)", flush=True)
     t0 = time.perf_counter()
-    _write_jsonl(out / "pretrain.jsonl", [{"text": t} for t, _ in tweets if t not in eval_texts])
+    atomic_write_jsonl(out / "pretrain.jsonl", [{"text": t} for t, _ in tweets if t not in eval_texts])
     prepare([out / "pretrain.jsonl"], "bpe", data_dir, val_fraction=0.05, seed=seed, vocab_size=2048, progress=False)
     data = TokenData(data_dir)
     model_cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=data.vocab_size, dropout=0.0)
@@ -247,8 +241,8 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     t0 = time.perf_counter()
     polar = [(t, y) for t, y, _ in rest if y in ("positive", "negative")][: sizes.labeler_rows + 500]
     rows = [{"text": t, "label": y} for t, y in polar]
-    _write_jsonl(out / "labeler-train.jsonl", rows[500:])
-    _write_jsonl(out / "labeler-val.jsonl", rows[:500])
+    atomic_write_jsonl(out / "labeler-train.jsonl", rows[500:])
+    atomic_write_jsonl(out / "labeler-val.jsonl", rows[:500])
     lab_cfg = FINETUNE_TRAIN.config(len(rows) - 500, {
         "max_steps": sizes.labeler_steps, "batch_size": 32, "seed": seed, "device": "cpu", "keep_last": 1,
         "eval_every": max(1, sizes.labeler_steps // 2), "checkpoint_every": 0, "block_size": 64})
@@ -261,7 +255,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
 
     print("[3/7] SFT on prompt -> continuation pairs", flush=True)
     t0 = time.perf_counter()
-    _write_jsonl(out / "sft.jsonl", [{"prompt": p, "response": r} for _, _, (p, r) in take(sizes.sft_rows)])
+    atomic_write_jsonl(out / "sft.jsonl", [{"prompt": p, "response": r} for _, _, (p, r) in take(sizes.sft_rows)])
     run_sft(str(out / "pretrained"), out / "sft.jsonl", out / "sft", TrainConfig(
         max_steps=sizes.sft_steps, batch_size=32, lr=5e-4, min_lr=0.0, warmup_steps=max(1, sizes.sft_steps // 10),
         weight_decay=0.0, eval_every=max(1, sizes.sft_steps // 2), checkpoint_every=0, keep_last=1, seed=seed,
@@ -288,7 +282,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     stage("rm", t0)
 
     print("[6/7] PPO (without and with the pretraining mix) and DPO", flush=True)
-    _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for _, _, (p, _) in take(sizes.ppo_prompts)])
+    atomic_write_jsonl(out / "prompts.jsonl", [{"prompt": p} for _, _, (p, _) in take(sizes.ppo_prompts)])
     ppo_cfg = PPOConfig(rollout_batch=64, minibatches=4, ppo_epochs=2, max_new_tokens=sizes.response_tokens,
                         kl_coef=0.15, kl_target=5.0, kl_horizon=300)
     for name, ptx in (("ppo", 0.0), ("ppo-ptx", 1.0)):
@@ -309,7 +303,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
     print(f"[7/7] measuring on {n_eval} held-out prompts", flush=True)
     t0 = time.perf_counter()
     eval_prompts = [p for _, _, (p, _) in eval_rows]
-    _write_jsonl(out / "eval-prompts.jsonl", [{"prompt": p} for p in eval_prompts])
+    atomic_write_jsonl(out / "eval-prompts.jsonl", [{"prompt": p} for p in eval_prompts])
     policies, samples = measure({name: out / name for name in ("sft", "ppo", "ppo-ptx", "dpo")}, out / "sft",
                                 labeler, data, eval_prompts, sizes.response_tokens, seed)
     stage("measure", t0)
@@ -324,7 +318,7 @@ def run_rlhf_demo(out: str | Path = "runs/rlhf-demo", *, minutes: float | None =
         "timings_s": timings, "wall_s": round(time.perf_counter() - t_start, 1),
         "runs": {k: str(out / k) for k in ("pretrained", "labeler", "sft", "rm", "ppo", "ppo-ptx", "dpo")},
     }
-    _write_jsonl(out / "samples.jsonl", report["samples"])
+    atomic_write_jsonl(out / "samples.jsonl", report["samples"])
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _markdown(report))
     _plot(report, out / "report.png")

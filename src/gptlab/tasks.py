@@ -15,7 +15,6 @@ The formats and the exact derivation rules are in docs/TASKS.md.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_jsonl
 from .corpus import expand_inputs, json_lines, text_chunks
 from .jsonsafe import json_type
 from .errors import DataError
@@ -425,7 +424,5 @@ def make_tasks(corpus_files: Sequence[str | os.PathLike[str]], out_dir: str | os
                                 f"({sum(len(d.lines) for d in docs):,} non-empty lines); pass more text to --corpus")
             built[name][split] = rows
     out = Path(out_dir)
-    return {name: {split: atomic_write_text(out / name / f"{split}.jsonl",
-                                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                   for split, rows in splits.items()}
+    return {name: {split: atomic_write_jsonl(out / name / f"{split}.jsonl", rows) for split, rows in splits.items()}
             for name, splits in built.items()}

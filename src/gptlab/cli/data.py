@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_jsonl
 from ..conversations import held_out_conversation, read_chatterbot, read_chitchat, sft_rows
 from ..data import prepare
 from ..errors import UserError
@@ -132,7 +131,7 @@ def cmd_conversations(args: argparse.Namespace) -> None:
     for split in ("train", "val"):
         keep = [c for c in convs if held_out_conversation(c, args.val_fraction, args.seed) == (split == "val")]
         rows = sft_rows(keep, args.max_chars)
-        atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{out / (split + '.jsonl')}: {len(rows):,} rows from {len(keep):,} conversations")
 
 

@@ -177,7 +177,7 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
         else:
             train_pairs, val = split_held_out([prompt for prompt, _ in rows], pairs, settings.val_fraction,
                                               train_cfg.seed)
-        unk = count_unknown(tokenizer, (p[k] for p in [*train_pairs, *val] for k in (0, 2)), data_file,
+        unk = count_unknown(tokenizer, (seq for p in [*train_pairs, *val] for seq in (p[0], p[2])), data_file,
                             env.is_main and progress)
         # the reference's log-probs are computed once, below: with LoRA from the model before its adapters
         reference = PolicyModel(gpt if lora_cfg.enabled else copy.deepcopy(gpt)).eval().to(env.device)
