@@ -5,11 +5,13 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_RANKS = ROOT / ".cache" / "testdata" / "gpt2.tiktoken"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -43,26 +45,36 @@ def shakespeare_text(shakespeare_files) -> str:
     return "\n".join(Path(f).read_text(encoding="utf-8") for f in shakespeare_files)
 
 
+def _installed(find: Callable[[], T]) -> T:
+    """What ``find`` locates, or a skip with its one-line DataError (which says how to install it)."""
+    from gptlab.errors import DataError
+
+    try:
+        return find()
+    except DataError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def fortunes_zh() -> Path:
     """Debian's fortunes-zh (the Tang 300 poems, Song poems, Chinese quotations), unpacked into .venv by
     `make install`."""
-    from gptlab.errors import DataError
     from gptlab.zh_poems import fortunes_dir
 
-    try:
-        return fortunes_dir()
-    except DataError as e:
-        pytest.skip(str(e))
+    return _installed(fortunes_dir)
 
 
 @pytest.fixture(scope="session")
 def tang_poems() -> Path:
     """The Complete Tang Poems of npm's chinese-poetry, unpacked into .venv by `make install`."""
-    from gptlab.errors import DataError
     from gptlab.zh_poems import tang_dir
 
-    try:
-        return tang_dir()
-    except DataError as e:
-        pytest.skip(str(e))
+    return _installed(tang_dir)
+
+
+@pytest.fixture(scope="session")
+def chitchat() -> list:
+    """The Chit Chat Challenge's conversations (chitchat-dataset, installed by `make install`)."""
+    from gptlab.conversations import read_chitchat
+
+    return _installed(read_chitchat)

@@ -6,24 +6,13 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
-
 from gptlab.align_data import load_rankings
 from gptlab.chat_demo import VAL_FRACTION, exchanges, labeler_rows, on_topic, run_chat_demo
 from gptlab.chat_repl import run_chat
 from gptlab.cli import build_parser
-from gptlab.conversations import Conversation, held_out_conversation, read_chitchat
+from gptlab.conversations import Conversation, held_out_conversation
 from gptlab.engine import Engine, SamplingParams
-from gptlab.errors import DataError
 from gptlab.runs import load_run
-
-
-@pytest.fixture(scope="module")
-def chitchat() -> list[Conversation]:
-    try:
-        return read_chitchat()
-    except DataError as e:
-        pytest.skip(str(e))
 
 
 def test_labeler_rows_are_people_s_replies_labelled_by_the_proxy_and_balanced():

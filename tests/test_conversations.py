@@ -21,14 +21,6 @@ from gptlab.errors import DataError
 from gptlab.runs import load_run
 
 
-@pytest.fixture(scope="module")
-def chitchat() -> list[Conversation]:
-    try:
-        return read_chitchat()
-    except DataError as e:
-        pytest.skip(str(e))
-
-
 def test_chitchat_reads_every_two_person_conversation(chitchat):
     # 7,168 entries; 3,150 of them hold one speaker's messages only, which are no conversation
     assert len(chitchat) == 4017
