@@ -152,7 +152,7 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
     left = budget - (time.perf_counter() - start)
     # about 8% of the time goes to evaluations, checkpoints and the final save
     steps = max(10, int(0.92 * left / step_s))
-    every = max(steps // 10, 10)  # ten evaluations, but not one a step in a run of a few steps
+    every = max(steps // 10, 3)  # ten evaluations, but not one a step in a run of a few steps
     train = train.replace(max_steps=steps, warmup_steps=min(50, steps // 10), eval_every=every,
                           checkpoint_every=max(steps // 4, 1))
     print(f"[3/4] pretraining a {GPT.count_params(model_cfg) / 1e6:.2f}M-parameter modern GPT (rotary, RMSNorm, "
