@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlab.atomic import atomic_write_jsonl as write_jsonl
 from gptlab import chat
 from gptlab.align_data import load_rankings
 from gptlab.runs import load_run, save_model
@@ -53,11 +54,6 @@ def cpu_cfg(**kw) -> TrainConfig:
     base = {"batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 0,
             "checkpoint_every": 0, "sample_every": 0, "device": "cpu"}
     return TrainConfig(**{**base, **kw})
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def ranking_rows(n: int, seed: int) -> list[dict]:

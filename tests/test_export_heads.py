@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptlab.atomic import atomic_write_jsonl as write_jsonl
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.model import GPT
@@ -30,11 +31,6 @@ ARCH = {"gpt2": {"norm_position": "pre"}, "openai-gpt": {"norm_position": "post"
 CLASSES = {("gpt2", "sequence"): "GPT2ForSequenceClassification",
            ("openai-gpt", "sequence"): "OpenAIGPTForSequenceClassification",
            ("gpt2", "choice"): "GPT2DoubleHeadsModel", ("openai-gpt", "choice"): "OpenAIGPTDoubleHeadsModel"}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def rows(task_type: str, n: int, seed: int) -> list[dict]:

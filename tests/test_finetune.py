@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from gptlab.atomic import atomic_write_jsonl as write_jsonl
 from gptlab.runs import load_run, save_model
 from gptlab.cli import main
 from gptlab.config import GPTConfig
@@ -36,11 +37,6 @@ SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 48}
 def char_tok(specials: bool = True) -> CharTokenizer:
     """Characters first (ids 0..14), then the special tokens (all of them, or only EOS)."""
     return CharTokenizer.from_text(ALPHABET, **({} if specials else {"special_tokens": [EOS]}))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def text(rng: random.Random, lo: int = 4, hi: int = 10, chars: str = "abcde") -> str:

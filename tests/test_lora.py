@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptlab.atomic import atomic_write_jsonl as write_jsonl
 from gptlab import chat
 from gptlab.cli import main
 from gptlab.config import GPTConfig
@@ -129,11 +130,6 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}
 COMMON = ["--device", "cpu", "--batch-size", "4", "--eval-every", "0", "--checkpoint-every", "0", "--sample-every", "0"]
 LORA = ["--lora-rank", "4", "--lora-alpha", "8"]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

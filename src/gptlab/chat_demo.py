@@ -87,7 +87,7 @@ LABELER_STEP = 0.7
 RM_STEP = 1.0
 PPO_UPDATE_STEPS = 7.0
 K = 4
-SAMPLE_BATCH = 64  # replies sampled in one batch
+RANKING_BATCH = 16  # prompts, so K x 16 = 64 replies: one sampling batch
 LABELER_VAL_ROWS = 256
 ON, OFF = "on topic", "off topic"  # the labeler's labels
 # β well above the papers' 0.02 with an adaptive target of 3 nats per reply: a labeler this small is
@@ -296,7 +296,6 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
         max_steps=rm_steps, batch_size=8, lr=3e-4, min_lr=3e-5, warmup_steps=min(20, rm_steps // 10),
         weight_decay=0.0, eval_every=max(rm_steps // 2, 1)), {"val_fraction": 0.1, "norm_tokens": REPLY_TOKENS},
         progress=progress)
-    rm_val = [r for r in read_metrics(out / "rm" / "metrics.jsonl") if "val_accuracy" in r]
     timings["rm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -315,7 +314,7 @@ def _align(out: Path, train: Sequence[Conversation], base_train: TrainConfig, st
     return _Alignment(
         steps={"labeler": lab_steps, "rm": rm_steps, "ppo_iterations": iterations},
         info={"labeler_val_accuracy": _last(out / "labeler", "val_accuracy"), "rankings": len(rankings),
-              "rm_val_accuracy": rm_val[-1]["val_accuracy"] if rm_val else None,
+              "rm_val_accuracy": _last(out / "rm", "val_accuracy"),
               "ppo_reward": {"first": rewards[0], "last": rewards[-1]} if rewards else None,
               "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "runs": {k: str(out / k) for k in ("labeler", "rm", "rlhf")}})
@@ -327,24 +326,15 @@ def _last(run: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _sample_within(policy: GPT, tokenizer: Tokenizer, prompts: Sequence[str], k: int, seconds: float,
-                   seed: int) -> list[list[str]]:
-    """``k`` sampled replies (T = 1) to each of the first ``prompts``, a batch at a time until ``seconds``
-    have passed (one batch at least)."""
-    t0 = time.perf_counter()
-    per = max(1, SAMPLE_BATCH // k)
-    samples: list[list[str]] = []
-    while len(samples) < len(prompts) and (not samples or time.perf_counter() - t0 < seconds):
-        chunk = prompts[len(samples):len(samples) + per]
-        samples += sample_responses(policy, tokenizer, chunk, k, REPLY_TOKENS, seed + len(samples))
-    return samples
-
-
 def _rankings(policy: GPT, tokenizer: Tokenizer, labeler: Labeler, prompts: Sequence[str], seconds: float,
               seed: int) -> tuple[list[Ranking], int]:
-    """(rankings, prompts sampled): K replies to each prompt sampled for ``seconds``, ranked by the
-    labeler's P(on topic)."""
-    samples = _sample_within(policy, tokenizer, prompts, K, seconds, seed)
+    """(rankings, prompts sampled): K replies (T = 1) to each prompt, a batch of prompts at a time until
+    ``seconds`` have passed (one batch at least), ranked by the labeler's P(on topic)."""
+    t0 = time.perf_counter()
+    samples: list[list[str]] = []
+    while len(samples) < len(prompts) and (not samples or time.perf_counter() - t0 < seconds):
+        chunk = prompts[len(samples):len(samples) + RANKING_BATCH]
+        samples += sample_responses(policy, tokenizer, chunk, K, REPLY_TOKENS, seed + len(samples))
     return rank_samples(prompts, samples, lambda turn, replies: labeler.probability(
         _judged([turn] * len(replies), replies))), len(samples)
 

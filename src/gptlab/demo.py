@@ -17,7 +17,6 @@ with the share that have the classical form beside the corpus's own, and the sha
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .atomic import atomic_write_jsonl
 from .config import MODERN, GPTConfig
 from .data import TokenData, prepare
 from .engine import Engine, SamplingParams
@@ -90,13 +90,7 @@ def _sample(model: GPT, tokenizer: Tokenizer, tokens: int, seed: int, prompt: st
     return prompt + (Engine(model, tokenizer).complete(prompt, params).text or "")
 
 
-def _write_poems(path: Path, poems: list[Poem]) -> None:
-    """One JSONL record per poem, so each is a document closed by <|endoftext|> and val holds whole poems."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": p.text}, ensure_ascii=False) + "\n" for p in poems), encoding="utf-8")
-
-
-def _poem_report(model: GPT, tokenizer: Tokenizer, seed: int, corpus: list[Poem], train_text: str) -> None:
+def _poem_report(model: GPT, tokenizer: Tokenizer, seed: int, corpus: list[Poem]) -> None:
     """Poems written from 《 after training, and the form check beside the corpus's own share."""
     params = SamplingParams(max_new_tokens=model.config.block_size - 1, temperature=0.8, top_k=50, seed=seed)
     poems = [ZH_PROMPT + (c.text or "") for c in Engine(model, tokenizer).generate([ZH_PROMPT] * ZH_SAMPLES, params)]
@@ -106,7 +100,8 @@ def _poem_report(model: GPT, tokenizer: Tokenizer, seed: int, corpus: list[Poem]
     got, ref = form_shares(poems), form_shares(p.text for p in corpus)
     # verses of five characters or more: shorter ones recur across poems by chance
     written = [v.strip() for p in poems for v in verses(p.split("\n", 1)[-1]) if len(v.strip()) >= 5]
-    copied = sum(v in train_text for v in written) / max(len(written), 1)
+    text = "\n".join(p.text for p in corpus)
+    copied = sum(v in text for v in written) / max(len(written), 1)
     print(f"form check ({len(poems)} poems): classical lines (every verse 5 or every verse 7 characters) "
           f"{got['classical_lines']:.0%}, classical form (and 4 or 8 verses) {got['classical_form']:.0%}; "
           f"the corpus: {ref['classical_lines']:.0%} and {ref['classical_form']:.0%}")
@@ -130,7 +125,8 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
         read, what = ZH_CORPORA[zh]
         poems = read()
         inputs = [str(run / "corpus" / f"{zh}.jsonl")]
-        _write_poems(Path(inputs[0]), poems)
+        # one record per poem, so each is a document closed by <|endoftext|> and val holds whole poems
+        atomic_write_jsonl(inputs[0], ({"text": p.text} for p in poems))
         print(f"[1/4] corpus: {len(poems):,} {what}, {sum(len(p.text) for p in poems):,} characters -> {inputs[0]}")
         print(f"[2/4] a vocabulary of the {ZH_VOCAB} most frequent characters and token shards in {run / 'data'}")
         meta = prepare(inputs, "char", run / "data", vocab_size=ZH_VOCAB, seed=seed, val_fraction=0.05)
@@ -170,7 +166,7 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, minutes: float = 10.0
     print(f"\n--- sample before training ---\n{before}\n--- sample after {result.step} steps "
           f"(val loss {result.val_loss:.3f}) ---\n{after}\n---")
     if zh is not None:
-        _poem_report(model, tokenizer, seed, poems, Path(inputs[0]).read_text(encoding="utf-8"))
+        _poem_report(model, tokenizer, seed, poems)
     print(f"\nrun directory   {run}")
     print(f"loss curve      {run / 'loss.png'}")
     print(f"metrics         {run / 'metrics.jsonl'}")

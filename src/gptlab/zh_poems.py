@@ -19,7 +19,6 @@ of one length, four verses (a 绝句) or eight (a 律诗); 241 of the 313 Tang p
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import DataError
+from .jsonsafe import parse_json
 
 __all__ = ["Poem", "fortunes_dir", "read_fortunes", "load_poems", "tang_dir", "load_tang_poems", "verses", "Form",
            "poem_form", "form_shares"]
@@ -118,8 +118,8 @@ def load_tang_poems(directory: Path | None = None) -> list[Poem]:
     poems: list[Poem] = []
     for path in files:
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            records = parse_json(path.read_bytes())
+        except ValueError as e:  # BadJSON, bad UTF-8 included
             raise DataError(f"{path}: not chinese-poetry's JSON ({e}); reinstall it ({TANG_INSTALL_HINT})") from None
         poems += [p for r in (records if isinstance(records, list) else []) if (p := _tang_poem(r))]
     if not poems:
