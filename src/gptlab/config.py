@@ -231,7 +231,8 @@ class GPTConfig(Config):
     """the preset or a label of this shape"""
 
     def validate(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_window"):
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "attn_window", "n_experts", "top_k",
+                    "moe_every"):
             value = getattr(self, key)
             self.need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                       f"config field {key}={value!r} must be a positive integer")
@@ -262,10 +263,6 @@ class GPTConfig(Config):
         self.need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r} must be 'layernorm' or 'rmsnorm'")
         self.need(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap!r} must be >= 0 (0: off)")
         self.need(self.ffn in ("dense", "moe"), f"ffn={self.ffn!r} must be 'dense' or 'moe'")
-        for key in ("n_experts", "top_k", "moe_every"):
-            value = getattr(self, key)
-            self.need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                      f"config field {key}={value!r} must be a positive integer")
         self.need(self.top_k <= self.n_experts,
                   f"top_k={self.top_k} exceeds n_experts={self.n_experts}: lower --top-k or raise --n-experts")
         self.need(self.ffn == "dense" or self.moe_every <= self.n_layer,

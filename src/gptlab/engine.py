@@ -355,6 +355,8 @@ class Engine:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise UserError("empty prompt: give at least one token (e.g. the end-of-text token)")
+        if images is not None and params.slide:
+            params = replace(params, slide=False)  # a window sliding past an image would cut it in two
         if max(lengths) >= cfg.block_size and not params.slide:
             raise UserError(f"prompt of {max(lengths)} tokens does not fit the model's context of "
                             f"{cfg.block_size} with room to generate: shorten it (or let the window slide)")
@@ -376,9 +378,6 @@ class Engine:
                 r.finish, r.text = "length", "" if track_text else None
             yield rows
             return
-        if images is not None and params.slide:
-            params = replace(params, slide=False)  # a window sliding past an image would cut it in two
-            max_new = min(params.max_new_tokens, room)
         logits, cache, next_pos = self.prefill(prompts, room=min(max_new, room), images=images)
         for step in range(max_new):
             tokens, chosen, tops = self.draw(logits, rows, params, generator)

@@ -37,7 +37,7 @@ from .jsonsafe import parse_json
 from .tokenizer import PaletteTokenizer
 
 __all__ = ["BUILTIN_SETS", "ImageSet", "load_images", "fit_palette", "prepare_images", "image_split",
-           "save_grid", "png_data_url", "square_image", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR",
+           "save_grid", "png_data_url", "square_image", "read_rgb", "questions_for", "QUESTIONS", "LABELS_FILE", "CLASSIFY_DIR",
            "CHAT_DIR"]
 
 LABELS_FILE = "labels.json"
@@ -111,6 +111,16 @@ def square_image(img: Image.Image, size: int) -> Image.Image:
     return img if side == size else img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def read_rgb(source: Path | bytes, size: int, where: object, fix: str) -> np.ndarray:
+    """An image file (or its bytes) as RGB pixels (size, size, 3): the centred square crop; an unreadable one is
+    a one-line error naming ``where`` and ending with ``fix``."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return np.asarray(square_image(img.convert("RGB"), size))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image ({e}); {fix}") from None
+
+
 def _builtin(name: str, image_size: int | None) -> ImageSet:
     spec = BUILTIN_SETS[name]
     path = _package_file(spec)
@@ -130,11 +140,7 @@ def _folder(root: Path, image_size: int) -> ImageSet:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}); point --input at a folder of images")
     pixels, names = [], []
     for p in files:
-        try:
-            with Image.open(p) as img:
-                pixels.append(np.asarray(square_image(img.convert("RGB"), image_size)))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{p}: not a readable image ({e}); remove or replace it") from None
+        pixels.append(read_rgb(p, image_size, p, "remove or replace it"))
         rel = p.relative_to(root).parts
         names.append(rel[0] if len(rel) > 1 else None)
     labelled = [n is not None for n in names]

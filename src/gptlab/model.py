@@ -581,16 +581,17 @@ class GPT(nn.Module):
         rope = rotary_angles(positions, cfg.head_dim, cfg.rope_base) if cfg.pos_embedding == "rotary" else None
         return Context(masks, rope)
 
-    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the token embeddings, the learned position embeddings or None with rotary positions)."""
-        return self.wte(idx), self.wpe(positions) if self.wpe is not None else None
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor, token_embeds: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the token embeddings (``token_embeds`` when given), the learned position embeddings or None with
+        rotary positions)."""
+        tok = self.wte(idx) if token_embeds is None else token_embeds
+        return tok, self.wpe(positions) if self.wpe is not None else None
 
     def _input(self, idx: torch.Tensor, positions: torch.Tensor,
                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks' input; ``token_embeds`` (B, T, n_embd) stands in for ``wte(idx)`` (an image's positions)."""
-        tok, pos = self._embed(idx, positions)
-        if token_embeds is not None:
-            tok = token_embeds
+        tok, pos = self._embed(idx, positions, token_embeds)
         return self.drop(tok if pos is None else tok + pos)
 
     def _check_length(self, length: int) -> None:

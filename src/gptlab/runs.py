@@ -109,7 +109,7 @@ def save_model(run_dir: PathLike, model: nn.Module, tokenizer: Tokenizer | None 
     if has_lora(gpt):
         if not isinstance(extra.get(LoRAConfig.section), dict):
             raise ValueError(f"save_model: a model with LoRA adapters needs extra[{LoRAConfig.section!r}] (its LoRAConfig)")
-        lora = LoRAConfig.from_dict({k: v for k, v in extra[LoRAConfig.section].items() if k != "adapter"})
+        lora = _lora_settings(extra[LoRAConfig.section])
         files[ADAPTER_FILE] = adapter_tensors(gpt)
         recorded[ADAPTER_FILE] = (LoRAConfig.section, "adapter")
         atomic_write_json(run_dir / ADAPTER_CONFIG, peft_config(lora, gpt))
@@ -169,6 +169,11 @@ def read_run_config(run_dir: PathLike) -> dict[str, Any]:
     return config
 
 
+def _lora_settings(section: dict[str, Any], source: str | None = None) -> LoRAConfig:
+    """The LoRA settings of a run config's lora section, without the adapter file's record beside them."""
+    return LoRAConfig.from_dict({k: v for k, v in section.items() if k != "adapter"}, source=source)
+
+
 def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.device, merge: bool = True) -> GPT:
     model_cfg = GPTConfig.from_dict(config["model"], source=str(run_dir / CONFIG_FILE))
     weights = config.get("weights")
@@ -198,7 +203,7 @@ def _load_weights(run_dir: Path, config: dict[str, Any], device: str | torch.dev
     if not isinstance(lora, dict) or "adapter" not in lora:
         return gpt
     where = str(run_dir / CONFIG_FILE)
-    settings = LoRAConfig.from_dict({k: v for k, v in lora.items() if k != "adapter"}, source=f"{where}: lora")
+    settings = _lora_settings(lora, source=f"{where}: lora")
     load_adapter_tensors(gpt, settings, _recorded_tensors(run_dir, lora["adapter"], "LoRA adapter"),
                          str(run_dir / ADAPTER_FILE))
     return merge_lora(gpt) if merge else gpt

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,14 +24,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from .chat import Message, render
 from .config import Config
 from .errors import CheckpointError, DataError, UserError
 from .heads import GPTWrapper
 from .igpt import palette_of, pixel_states
-from .images import square_image
+from .images import read_rgb
 from .model import GPT
 from .runs import load_head, load_run
 from .tokenizer import Tokenizer
@@ -124,12 +122,8 @@ def image_tensor(pixels: np.ndarray, cfg: VisionConfig) -> torch.Tensor:
 def read_image(source: bytes | str | os.PathLike[str], cfg: VisionConfig) -> torch.Tensor:
     """A PNG/JPEG (its bytes or its path) as the encoder's input: the centred square crop at the encoder's size."""
     where = "the image" if isinstance(source, bytes) else os.fspath(source)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source).expanduser()) as img:
-            rgb = img.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{where}: not a readable image ({e}); give a PNG or JPEG") from None
-    return image_tensor(np.asarray(square_image(rgb, cfg.image_size)), cfg)
+    file = source if isinstance(source, bytes) else Path(source).expanduser()
+    return image_tensor(read_rgb(file, cfg.image_size, where, "give a PNG or JPEG"), cfg)
 
 
 def read_image_ref(ref: str, cfg: VisionConfig, base: Path | None = None) -> torch.Tensor:

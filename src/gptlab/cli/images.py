@@ -9,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..data import TokenData
-from ..errors import DataError, UserError
+from ..errors import UserError
 from ..igpt import complete_images, completion_rows, palette_of, probe, write_probe
-from ..images import BUILTIN_SETS, image_split, prepare_images, save_grid, square_image
+from ..images import BUILTIN_SETS, image_split, prepare_images, read_rgb, save_grid
 from ..images_demo import run_images_demo
 from ..runs import load_run
 from ..stages.vision_chat import run_vision_chat
@@ -71,12 +70,7 @@ def _image_data(args: argparse.Namespace, config: dict[str, Any], tok: PaletteTo
 
 def _read_image(path: str, tok: PaletteTokenizer) -> np.ndarray:
     """A user's image file as palette ids (H*W,): centred square crop, resized to the model's images."""
-    try:
-        with Image.open(path) as img:
-            rgb = square_image(img.convert("RGB"), tok.image_size[0])
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image ({e}); pass a PNG or JPEG file") from None
-    return tok.quantize(np.asarray(rgb)).reshape(-1)
+    return tok.quantize(read_rgb(Path(path), tok.image_size[0], path, "pass a PNG or JPEG file")).reshape(-1)
 
 
 def cmd_complete(args: argparse.Namespace) -> None:

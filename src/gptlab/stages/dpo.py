@@ -16,7 +16,6 @@ implicit reward β·log π/π_ref ranks the pair right) and ``reward_margin``;
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +178,8 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
                                               train_cfg.seed)
         unk = count_unknown(tokenizer, (seq for p in [*train_pairs, *val] for seq in (p[0], p[2])), data_file,
                             env.is_main and progress)
-        # the reference's log-probs are computed once, below: with LoRA from the model before its adapters
-        reference = PolicyModel(gpt if lora_cfg.enabled else copy.deepcopy(gpt)).eval().to(env.device)
+        # the reference's log-probs are computed once, in DPOStage, before training (and before any adapters)
+        reference = PolicyModel(gpt).eval().to(env.device)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
                  "dpo": {**settings.to_dict(), "train_pairs": len(train_pairs), "val_pairs": len(val)},
                  "data": data_record(model_spec, data_file, val_file, unk), **lora_cfg.record()}

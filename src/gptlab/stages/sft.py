@@ -183,12 +183,13 @@ def run_sft(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
     ``sft.val_fraction`` (identical prompts stay on one side). An image-input model, or rows whose user
     messages hold images, go to ``vision_chat.run_image_sft`` (the encoder is trained too).
     """
-    if takes_images(model_spec) or any(ex.images for ex in load_sft(data_file)):
+    examples = None if takes_images(model_spec) else load_sft(data_file)
+    if examples is None or any(ex.images for ex in examples):
         return run_image_sft(model_spec, data_file, out_dir, train, resolve(SFTConfig, sft).val_fraction,
                              val_file=val_file, resume=resume, progress=progress, env=env)
     run = StageRun(SFTStage.name, out_dir, resume=resume, config_file=config_file, sections=(SFTConfig.section,))
     settings = run.settings(SFTConfig, sft)
-    n_rows = len(load_sft(data_file))
+    n_rows = len(examples)
     train_cfg = run.train(train, SFT_TRAIN.values, SFT_TRAIN.derive(n_rows))
     lora_cfg = run.lora(lora, train_cfg)
     with run.joined(env, train_cfg) as env:
