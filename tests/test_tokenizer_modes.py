@@ -169,7 +169,7 @@ def test_prepare_counts_and_reports_unknown_characters(tmp_path, capsys):
     assert meta["splits"]["train"]["unk_tokens"] == meta["splits"]["val"]["unk_tokens"] == 0
 
 
-def test_sft_and_rm_count_the_characters_their_vocabulary_lacks(tmp_path, capsys):
+def test_sft_rm_and_dpo_count_the_characters_their_vocabulary_lacks(tmp_path, capsys):
     """Chat rows with characters a char vocabulary never saw train through <|unk|>: counted, said once and
     recorded in the run config, as prepare counts them."""
     import torch
@@ -177,6 +177,7 @@ def test_sft_and_rm_count_the_characters_their_vocabulary_lacks(tmp_path, capsys
     from gptlab.config import GPTConfig
     from gptlab.model import GPT
     from gptlab.runs import save_model
+    from gptlab.stages.dpo import run_dpo
     from gptlab.stages.reward import run_rm
     from gptlab.stages.sft import run_sft
     from gptlab.train.config import TrainConfig
@@ -198,3 +199,9 @@ def test_sft_and_rm_count_the_characters_their_vocabulary_lacks(tmp_path, capsys
     run_rm(str(tmp_path / "sft"), tmp_path / "rank.jsonl", tmp_path / "rm", cfg, {"val_fraction": 0.0},
            progress=False)
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["data"]["unk_tokens"] == 5
+    # DPO: three responses make three pairs; the unseen response counts once, not once per pair it stands in
+    ranked3 = {"prompt": "床前明月光", "responses": ["疑是地上霜", "处处闻啼鸟", "低头思故乡"], "ranking": [0, 2, 1]}
+    (tmp_path / "rank3.jsonl").write_text(json.dumps(ranked3, ensure_ascii=False) + "\n", encoding="utf-8")
+    run_dpo(str(tmp_path / "sft"), tmp_path / "rank3.jsonl", tmp_path / "dpo", cfg, {"val_fraction": 0.0},
+            progress=False)
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["data"]["unk_tokens"] == 5

@@ -176,8 +176,9 @@ def run_dpo(model_spec: str, data_file: str | os.PathLike[str], out_dir: str | o
         else:
             train_pairs, val = split_held_out([prompt for prompt, _ in rows], pairs, settings.val_fraction,
                                               train_cfg.seed)
-        unk = count_unknown(tokenizer, (seq for p in [*train_pairs, *val] for seq in (p[0], p[2])), data_file,
-                            env.is_main and progress)
+        # each sequence once: a response ranked among k stands in k - 1 pairs
+        sequences = {tuple(seq) for p in [*train_pairs, *val] for seq in (p[0], p[2])}
+        unk = count_unknown(tokenizer, sequences, data_file, env.is_main and progress)
         # the reference's log-probs are computed once, in DPOStage, before training (and before any adapters)
         reference = PolicyModel(gpt).eval().to(env.device)
         extra = {"chat_format": CHAT_FORMAT, "train": train_cfg.to_dict(),
